@@ -1,0 +1,133 @@
+"""
+Tokens/s of one training step (forward, backward, AdamW) of our model against the Hugging Face
+transformers model holding identical weights, in one process, as a ratio.
+
+    python bench/model_step.py config/tiny_llama3.py --n_layer=8 --n_embd=512 --vocab_size=32000 \
+        --batch_size=4 --block_size=256
+    python bench/model_step.py config/full_llama3_1.5b_optimal.py --n_layer=4 --device=cuda \
+        --dtype=bfloat16 --compile=True        # on a GPU
+
+Bench-only flags: --steps (timed steps per round, default 5), --rounds (default 3), --warmup (2).
+The two models are timed in alternating rounds and the median round is reported, so drift in the
+machine's speed hits both. The HF model uses attn_implementation="sdpa"; --compile compiles both.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import configurator  # noqa: E402
+import hf_checkpoint  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+from train import TrainConfig  # noqa: E402
+
+BENCH_FLAGS = {"steps": 5, "rounds": 3, "warmup": 2}
+
+
+def hf_twin(model: GPT):
+    """A transformers model with the same weights as ours."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = hf_checkpoint.config_to_hf(model.config, torch.float32)
+    model_type = hf_cfg.pop("model_type")
+    hf_cfg.pop("architectures")
+    config = AutoConfig.for_model(model_type, **hf_cfg)
+    config._attn_implementation = "sdpa"
+    hf = AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(hf_checkpoint.state_dict_to_hf(model), strict=False)
+    return hf
+
+
+def make_step(model: torch.nn.Module, is_ours: bool, device: str, dtype: torch.dtype, compile: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+    fwd = torch.compile(model) if compile else model
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast:
+            if is_ours:
+                _, loss = fwd(x, y)
+            else:
+                loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str]) -> None:
+    bench = dict(BENCH_FLAGS)
+    rest = []
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in bench:
+            bench[key] = int(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    (tc, mc), _ = configurator.load(rest, [TrainConfig, ModelConfig])
+    device = (
+        "cuda"
+        if tc.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if tc.device == "auto" else tc.device)
+    )
+    dtype = {
+        "auto": torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[tc.dtype]
+    torch.manual_seed(0)
+    ours = GPT(mc).to(device)
+    hf = hf_twin(ours).to(device)
+    B, T = tc.batch_size, tc.block_size
+    x = torch.randint(0, mc.vocab_size, (B, T), device=device)
+    y = torch.randint(0, mc.vocab_size, (B, T), device=device)
+
+    with torch.no_grad():  # same function before we time anything
+        diff = (ours(x)[0] - hf(input_ids=x).logits).abs().max().item()
+    steps = {
+        "ours": make_step(ours, True, device, dtype, tc.compile),
+        "hf": make_step(hf, False, device, dtype, tc.compile),
+    }
+    for step in steps.values():
+        for _ in range(bench["warmup"]):
+            step(x, y)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(bench["rounds"]):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(bench["steps"]):
+                step(x, y)
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / bench["steps"])
+
+    tok = {k: B * T / statistics.median(v) for k, v in times.items()}
+    print(f"model: {mc.arch_string}, {ours.num_params():,} params, vocab {mc.vocab_size}")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads), dtype: {tc.dtype}, compile: {tc.compile}, "
+        f"batch {B} x seq {T}, torch {torch.__version__}"
+    )
+    print(f"max |logits diff| before timing: {diff:.2e}")
+    for name in steps:
+        print(
+            f"{name:>5}: {tok[name]:10,.0f} tokens/s  ({1000 * statistics.median(times[name]):.1f} ms/step)"
+        )
+    print(f"ratio ours/hf: {tok['ours'] / tok['hf']:.2f}x")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

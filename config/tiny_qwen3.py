@@ -1,0 +1,21 @@
+# Tiny Qwen3-style model for CPU tests and smoke runs: 4L-4H-128D-384ff, GQA 2 KV heads, head_dim 48
+# (not 128/4 = 32), QK-norm, RoPE 1e6, tied.
+out_dir = "out-tiny-qwen3"
+dataset = "shakespeare_char"
+vocab_size = 128
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 128
+head_dim = 48
+intermediate_size = 384
+norm = "rmsnorm"
+norm_eps = 1e-6
+mlp = "swiglu"
+position_embedding = "rope"
+rope_theta = 1000000.0
+qk_norm = True
+bias = False
+tie_embeddings = True
+block_size = 128
+batch_size = 8

@@ -1,0 +1,160 @@
+"""
+Typed configuration from nanoGPT-style config files and --key=value overrides.
+
+    python train.py config/full_llama3_1.5b_optimal.py --batch_size=8 --compile=True
+
+A config file is Python assignments. It runs in a private namespace (never the caller's globals),
+and its public names, then the overrides, are checked against the fields of the given dataclasses:
+an unknown key is rejected with the closest known key, a value of the wrong type is rejected with
+the expected type. A key that several dataclasses share (e.g. block_size) is given to each.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+import os
+import runpy
+import types
+import typing
+from dataclasses import fields
+
+# Legacy seed flags and what they mean now.
+LEGACY_KEYS = {"flash_attn"}
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message is one line naming the key and the fix."""
+
+
+def read_config_file(path: str) -> dict:
+    """Run a config file in a fresh namespace and return its public assignments."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        namespace = runpy.run_path(path, init_globals={})
+    except Exception as e:
+        raise ConfigError(f"could not execute config file {path}: {type(e).__name__}: {e}") from e
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not isinstance(v, types.ModuleType | types.FunctionType | type)
+    }
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--lr=3e-4', ...] -> {'lr': '3e-4'}; values stay strings until their field's type is known."""
+    out: dict[str, str] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot parse argument {arg!r}; overrides are written --key=value")
+        key, value = arg[2:].split("=", 1)
+        out[key] = value
+    return out
+
+
+def _field_types(schemas: list[type]) -> dict[str, list[tuple[type, typing.Any]]]:
+    """key -> [(schema, annotated type)] for every field of every schema."""
+    out: dict[str, list[tuple[type, typing.Any]]] = {}
+    for schema in schemas:
+        hints = typing.get_type_hints(schema)
+        for f in fields(schema):
+            out.setdefault(f.name, []).append((schema, hints[f.name]))
+    return out
+
+
+def coerce(key: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
+    """Convert value (a CLI string or a config-file object) to the annotated type, or raise ConfigError."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value in ("None", "none", "null")):
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}={value!r} is not a boolean; use True or False")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed = None
+            if isinstance(parsed, float) and parsed.is_integer():
+                parsed = int(parsed)  # allows 1e6 for counts
+            if isinstance(parsed, int) and not isinstance(parsed, bool):
+                return parsed
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            result = float(value)
+        elif isinstance(value, str):
+            try:
+                result = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a number") from None
+        else:
+            raise ConfigError(f"{key}={value!r} is not a number")
+        if not math.isfinite(result):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return result
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} is not a string")
+    raise AssertionError(f"unsupported annotation {annotation} for {key}")
+
+
+def suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def resolve(values: dict[str, typing.Any], schemas: list[type]) -> list[typing.Any]:
+    """Route flat key/values to instances of each schema, with type checks and legacy keys.
+
+    Returns one instance per schema, in order; each schema's own __post_init__ checks its values.
+    """
+    types_by_key = _field_types(schemas)
+    values = dict(values)
+    if "flash_attn" in values:
+        # The seed's --flash_attn=True means attention_backend=flash_attn_2.
+        use_flash = coerce("flash_attn", values.pop("flash_attn"), bool)
+        if use_flash:
+            values["attention_backend"] = "flash_attn_2"
+        elif values.get("attention_backend", "flash_attn_2") == "flash_attn_2":
+            values["attention_backend"] = "sdpa"
+    kwargs: list[dict[str, typing.Any]] = [{} for _ in schemas]
+    for key, value in values.items():
+        if key not in types_by_key:
+            raise ConfigError(
+                f"unknown config key '{key}'{suggest(key, list(types_by_key) + list(LEGACY_KEYS))}"
+            )
+        for schema, annotation in types_by_key[key]:
+            kwargs[schemas.index(schema)][key] = coerce(key, value, annotation)
+    out = []
+    for schema, kw in zip(schemas, kwargs):
+        try:
+            out.append(schema(**kw))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return out
+
+
+def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], str | None]:
+    """Parse `[CONFIG.py] [--key=value ...]` into schema instances; returns (instances, config path)."""
+    config_path = None
+    if args and not args[0].startswith("--"):
+        config_path, args = args[0], args[1:]
+    values = read_config_file(config_path) if config_path else {}
+    values.update(parse_overrides(args))
+    return resolve(values, schemas), config_path
