@@ -37,6 +37,10 @@ import json
 import os
 import unicodedata
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
+
+import numpy as np
 
 NAMES = ("gpt2", "llama2", "llama3", "qwen3", "char")
 
@@ -122,6 +126,13 @@ class Tokenizer:
         out = self._encode_batch(list(texts), num_threads or _default_threads())
         return [self._wrap(ids) for ids in out] if document else out
 
+    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None,
+                          document: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """encode_batch as one flat int array of all ids (N,) plus each text's id count (len(texts),)."""
+        lists = self.encode_batch(texts, num_threads, document)
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum())), lengths
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids; boundary tokens decode to their surface strings."""
         raise NotImplementedError
@@ -183,6 +194,34 @@ class TiktokenTokenizer(Tokenizer):
         if self.nfc:
             texts = [self._normalize(t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None,
+                          document: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        # encode_to_numpy keeps ids in a Rust buffer: no Python int per token, and the GIL stays
+        # released, so this scales with threads where encode_ordinary_batch's list building does not.
+        # allowed_special is empty, so special-token text is plain text exactly as in encode().
+        texts = list(texts)
+        num_threads = num_threads or _default_threads()
+        n_groups = min(len(texts), 8 * num_threads)  # a few texts per task keeps the pool overhead small
+        bounds = [len(texts) * g // n_groups for g in range(n_groups + 1)]
+
+        def work(g: int) -> list[np.ndarray]:
+            return [self.enc.encode_to_numpy(self._normalize(t), disallowed_special=())
+                    for t in texts[bounds[g]:bounds[g + 1]]]
+
+        with ThreadPoolExecutor(num_threads) as pool:
+            arrays = [a for group in pool.map(work, range(n_groups)) for a in group]
+        extra = 0
+        if document:
+            bos = [np.array([self.bos_id], np.uint32)] if self.bos_id is not None else []
+            eos = [np.array([self.eos_id], np.uint32)] if self.eos_id is not None else []
+            extra = len(bos) + len(eos)
+            arrays = [p for a in arrays for p in (*bos, a, *eos)]
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        if document:  # per-text counts, boundaries included
+            lengths = lengths.reshape(-1, extra + 1).sum(1)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+        return flat, lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.enc.decode([int(i) for i in ids])
