@@ -476,7 +476,7 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
     docs = itertools.islice((d for d in source.documents() if d), next_doc, None)
     total_tokens = sum(w.state["tokens"] for w in writers.values())
     bar = tqdm(total=source.total, initial=next_doc, unit="doc", unit_scale=True, dynamic_ncols=True,
-               mininterval=1.0, disable=not progress, desc=settings["dataset"], file=sys.stderr)
+               mininterval=1.0, disable=None if progress else True, desc=settings["dataset"], file=sys.stderr)
     t0, tokens_at_start = time.time(), total_tokens
     done = max_tokens is not None and total_tokens >= max_tokens
 
@@ -488,34 +488,36 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
 
     checkpoint()
     # Two chunks in flight: the pool tokenizes chunk k+1 while this thread routes and writes chunk k.
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        chunks = _chunks(docs, chunk_chars)
-        while not done:
-            chunk = next(chunks, None)
-            future = pool.submit(tok.encode_batch_flat, chunk, num_proc, True) if chunk else None
-            if pending is not None:
-                flat, lengths = pending.result()  # (N,) ids of the chunk, (docs,) ids per document
-                if max_tokens is not None:  # keep documents that start below max_tokens
-                    starts = total_tokens + np.cumsum(lengths) - lengths
-                    keep = int(np.searchsorted(starts, max_tokens, side="left"))
-                    done = keep < len(lengths)
-                    lengths = lengths[:keep]
-                    flat = flat[:int(lengths.sum())]
-                is_val_doc = val_mask(next_doc, len(lengths), val_fraction)
-                is_val_tok = np.repeat(is_val_doc, lengths)
-                for s, doc_sel, tok_sel in (("train", ~is_val_doc, ~is_val_tok), ("val", is_val_doc, is_val_tok)):
-                    _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
-                total_tokens += int(lengths.sum())
-                next_doc += len(lengths)
-                checkpoint()
-                bar.update(len(lengths))
-                bar.set_postfix_str(f"{(total_tokens - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f} tok/s, "
-                                    f"{total_tokens:,} tokens", refresh=False)
-            if future is None:
-                break
-            pending = future
-    bar.close()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            chunks = _chunks(docs, chunk_chars)
+            while not done:
+                chunk = next(chunks, None)
+                future = pool.submit(tok.encode_batch_flat, chunk, num_proc, True) if chunk else None
+                if pending is not None:
+                    flat, lengths = pending.result()  # (N,) ids of the chunk, (docs,) ids per document
+                    if max_tokens is not None:  # keep documents that start below max_tokens
+                        starts = total_tokens + np.cumsum(lengths) - lengths
+                        keep = int(np.searchsorted(starts, max_tokens, side="left"))
+                        done = keep < len(lengths)
+                        lengths = lengths[:keep]
+                        flat = flat[:int(lengths.sum())]
+                    is_val_doc = val_mask(next_doc, len(lengths), val_fraction)
+                    is_val_tok = np.repeat(is_val_doc, lengths)
+                    for s, doc_sel, tok_sel in (("train", ~is_val_doc, ~is_val_tok), ("val", is_val_doc, is_val_tok)):
+                        _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
+                    total_tokens += int(lengths.sum())
+                    next_doc += len(lengths)
+                    checkpoint()
+                    bar.update(len(lengths))
+                    bar.set_postfix_str(f"{(total_tokens - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f} tok/s, "
+                                        f"{total_tokens:,} tokens", refresh=False)
+                if future is None:
+                    break
+                pending = future
+    finally:
+        bar.close()  # so an error message starts on its own line
 
 
 def _write_docs(w: SplitWriter, ids: np.ndarray, n_docs: int, tok: Tokenizer) -> None:
