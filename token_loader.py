@@ -121,7 +121,7 @@ def _prepare_command(data_dir: str) -> str:
     if os.path.isfile(script):
         rel = os.path.relpath(script)
         return f"python {rel if not rel.startswith('..') else script}"
-    return "the dataset's data/<name>/prepare.py"
+    return f"python data/<name>/prepare.py --out_dir {data_dir}"
 
 
 def read_meta(data_dir: str, split: str = "train") -> dict:
