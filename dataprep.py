@@ -23,8 +23,9 @@ settings, truncates the .tmp files back to that checkpoint (renaming back a shar
 it) and continues from the next document, which reproduces the uninterrupted bytes exactly. On
 bad input the run stops with a one-line error and removes everything it wrote.
 
-Memory is bounded by two chunks in flight (one being read, one being tokenized), independent of
-the input size; a single .txt file is one document and is read whole.
+Memory is bounded by three chunks in flight (one being read or written, two being tokenized on a
+shared thread pool), independent of the input size; a single .txt file is one document and is
+read whole.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -487,35 +489,39 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
                                           "splits": {s: w.state for s, w in writers.items()}})
 
     checkpoint()
-    # Two chunks in flight: the pool tokenizes chunk k+1 while this thread routes and writes chunk k.
+    # Up to two chunks are tokenized at once, their groups queued on one shared pool of num_proc
+    # threads so no core idles between chunks, while this thread reads the next chunk and writes.
     try:
-        with ThreadPoolExecutor(1) as pool:
-            pending = None
+        with ThreadPoolExecutor(num_proc) as inner, ThreadPoolExecutor(2) as outer:
+            pending: deque = deque()
             chunks = _chunks(docs, chunk_chars)
+            exhausted = False
             while not done:
-                chunk = next(chunks, None)
-                future = pool.submit(tok.encode_batch_flat, chunk, num_proc, True) if chunk else None
-                if pending is not None:
-                    flat, lengths = pending.result()  # (N,) ids of the chunk, (docs,) ids per document
-                    if max_tokens is not None:  # keep documents that start below max_tokens
-                        starts = total_tokens + np.cumsum(lengths) - lengths
-                        keep = int(np.searchsorted(starts, max_tokens, side="left"))
-                        done = keep < len(lengths)
-                        lengths = lengths[:keep]
-                        flat = flat[:int(lengths.sum())]
-                    is_val_doc = val_mask(next_doc, len(lengths), val_fraction)
-                    is_val_tok = np.repeat(is_val_doc, lengths)
-                    for s, doc_sel, tok_sel in (("train", ~is_val_doc, ~is_val_tok), ("val", is_val_doc, is_val_tok)):
-                        _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
-                    total_tokens += int(lengths.sum())
-                    next_doc += len(lengths)
-                    checkpoint()
-                    bar.update(len(lengths))
-                    bar.set_postfix_str(f"{(total_tokens - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f} tok/s, "
-                                        f"{total_tokens:,} tokens", refresh=False)
-                if future is None:
+                while not exhausted and len(pending) < 2:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        exhausted = True
+                    else:
+                        pending.append(outer.submit(tok.encode_batch_flat, chunk, num_proc, True, inner))
+                if not pending:
                     break
-                pending = future
+                flat, lengths = pending.popleft().result()  # (N,) ids of the chunk, (docs,) ids per document
+                if max_tokens is not None:  # keep documents that start below max_tokens
+                    starts = total_tokens + np.cumsum(lengths) - lengths
+                    keep = int(np.searchsorted(starts, max_tokens, side="left"))
+                    done = keep < len(lengths)
+                    lengths = lengths[:keep]
+                    flat = flat[:int(lengths.sum())]
+                is_val_doc = val_mask(next_doc, len(lengths), val_fraction)
+                is_val_tok = np.repeat(is_val_doc, lengths)
+                for s, doc_sel, tok_sel in (("train", ~is_val_doc, ~is_val_tok), ("val", is_val_doc, is_val_tok)):
+                    _write_docs(writers[s], flat[tok_sel], int(doc_sel.sum()), tok)
+                total_tokens += int(lengths.sum())
+                next_doc += len(lengths)
+                checkpoint()
+                bar.update(len(lengths))
+                bar.set_postfix_str(f"{(total_tokens - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f} tok/s, "
+                                    f"{total_tokens:,} tokens", refresh=False)
     finally:
         bar.close()  # so an error message starts on its own line
 

@@ -126,9 +126,11 @@ class Tokenizer:
         out = self._encode_batch(list(texts), num_threads or _default_threads())
         return [self._wrap(ids) for ids in out] if document else out
 
-    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None,
-                          document: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """encode_batch as one flat int array of all ids (N,) plus each text's id count (len(texts),)."""
+    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None, document: bool = False,
+                          pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """encode_batch as one flat int array of all ids (N,) plus each text's id count (len(texts),).
+
+        pool: a thread pool to share between concurrent calls (used by the tiktoken backend)."""
         lists = self.encode_batch(texts, num_threads, document)
         lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum())), lengths
@@ -195,8 +197,8 @@ class TiktokenTokenizer(Tokenizer):
             texts = [self._normalize(t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
-    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None,
-                          document: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch_flat(self, texts: Sequence[str], num_threads: int | None = None, document: bool = False,
+                          pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, np.ndarray]:
         # encode_to_numpy keeps ids in a Rust buffer: no Python int per token, and the GIL stays
         # released, so this scales with threads where encode_ordinary_batch's list building does not.
         # allowed_special is empty, so special-token text is plain text exactly as in encode().
@@ -209,7 +211,10 @@ class TiktokenTokenizer(Tokenizer):
             return [self.enc.encode_to_numpy(self._normalize(t), disallowed_special=())
                     for t in texts[bounds[g]:bounds[g + 1]]]
 
-        with ThreadPoolExecutor(num_threads) as pool:
+        if pool is None:
+            with ThreadPoolExecutor(num_threads) as own:
+                arrays = [a for group in own.map(work, range(n_groups)) for a in group]
+        else:
             arrays = [a for group in pool.map(work, range(n_groups)) for a in group]
         extra = 0
         if document:
