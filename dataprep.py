@@ -7,7 +7,7 @@ Each data/<name>/prepare.py is a thin declaration (a Spec) that calls main(). Pi
       -> chunks of ~4M characters
       -> Tokenizer.encode_batch(document=True) on --num_proc threads (BOS/EOS per family)
       -> each document goes whole to train or val (a fixed stride: document i is val iff
-         ceil((i+1)*f) > ceil(i*f), so exactly ceil(n*f) of the first n documents are val)
+         floor((i+1)*f) > floor(i*f), so exactly floor(n*f) of the first n documents are val)
       -> appended to <split>.bin, or to numbered shards <split>_000000.bin of exactly
          shard_tokens tokens (a document may continue into the next shard)
       -> meta.json, written last: the source of truth for dtype, vocabulary and shard sizes.
@@ -83,9 +83,9 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 
 def val_mask(first: int, n: int, val_fraction: float) -> np.ndarray:
-    """Which of documents first..first+n-1 (0-based, stream order) go to val: ceil((i+1)f) > ceil(if)."""
+    """Which of documents first..first+n-1 (0-based, stream order) go to val: floor((i+1)f) > floor(if)."""
     i = np.arange(first, first + n, dtype=np.float64)
-    return np.ceil((i + 1) * val_fraction) > np.ceil(i * val_fraction)
+    return np.floor((i + 1) * val_fraction) > np.floor(i * val_fraction)
 
 
 def atomic_write_json(path: str, obj: dict) -> None:
@@ -441,8 +441,13 @@ def prepare(source: Source, tok: Tokenizer, out_dir: str, *, dataset: str, shard
                   f"({sum(w.state['tokens'] for w in writers.values()):,} tokens written)", file=sys.stderr)
         _run(source, tok, writers, settings, progress_path, next_doc, num_proc, chunk_chars, max_tokens,
              val_fraction, progress)
-        if writers["train"].state["tokens"] == 0 and writers["val"].state["tokens"] == 0:
+        n_train, n_val = writers["train"].state["documents"], writers["val"].state["documents"]
+        if n_train + n_val == 0:
             raise PrepareError(f"no documents in {source.description}: the input is empty")
+        if n_train == 0 or (n_val == 0 and val_fraction > 0):
+            raise PrepareError(f"the {'train' if n_train == 0 else 'val'} split is empty: {n_train + n_val} "
+                               f"document(s) with --val_fraction {val_fraction} (val takes every {1 / val_fraction:g}"
+                               "-th document); give more documents (a .txt file is one) or change --val_fraction")
         for w in writers.values():
             w.finish()
     except PrepareError:

@@ -58,7 +58,7 @@ def split_documents(ids: np.ndarray, bos: int | None, eos: int) -> list[list[int
 
 
 def expected_split(n: int, f: float) -> list[bool]:
-    return [math.ceil((i + 1) * f) > math.ceil(i * f) for i in range(n)]
+    return [math.floor((i + 1) * f) > math.floor(i * f) for i in range(n)]
 
 
 def bins(out_dir: str) -> dict[str, bytes]:
@@ -123,9 +123,9 @@ def test_same_input_gives_identical_bytes(tmp_path) -> None:
 def test_shards_have_fixed_size_and_concatenate_to_the_single_file(tmp_path) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", make_docs(80, seed=4))
     single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
-    main(Spec(name="t", tokenizer="llama3"), ["--input", src, "--out_dir", single])
-    main(Spec(name="t", tokenizer="llama3", shard_tokens=997), ["--input", src, "--out_dir", sharded,
-                                                                "--chunk_chars", "2000"])
+    main(Spec(name="t", tokenizer="llama3", val_fraction=0.1), ["--input", src, "--out_dir", single])
+    main(Spec(name="t", tokenizer="llama3", shard_tokens=997, val_fraction=0.1),
+         ["--input", src, "--out_dir", sharded, "--chunk_chars", "2000"])
     meta = json.load(open(os.path.join(sharded, "meta.json")))
     shards = meta["splits"]["train"]["shards"]
     assert [s["file"] for s in shards] == [f"train_{k:06d}.bin" for k in range(len(shards))]
@@ -194,14 +194,14 @@ def test_local_formats_give_the_same_tokens(tmp_path) -> None:
 def test_rerun_of_a_finished_preparation(tmp_path, capsys: pytest.CaptureFixture) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", make_docs(10))
     out = str(tmp_path / "o")
-    main(Spec(name="t", tokenizer="gpt2"), ["--input", src, "--out_dir", out])
+    main(Spec(name="t", tokenizer="gpt2", val_fraction=0.2), ["--input", src, "--out_dir", out])
     before = bins(out)
-    main(Spec(name="t", tokenizer="gpt2"), ["--input", src, "--out_dir", out])
+    main(Spec(name="t", tokenizer="gpt2", val_fraction=0.2), ["--input", src, "--out_dir", out])
     assert "already prepared" in capsys.readouterr().err and bins(out) == before
     with pytest.raises(SystemExit):
-        main(Spec(name="t", tokenizer="qwen3"), ["--input", src, "--out_dir", out])
+        main(Spec(name="t", tokenizer="qwen3", val_fraction=0.2), ["--input", src, "--out_dir", out])
     assert "--overwrite" in capsys.readouterr().err
-    main(Spec(name="t", tokenizer="qwen3"), ["--input", src, "--out_dir", out, "--overwrite"])
+    main(Spec(name="t", tokenizer="qwen3", val_fraction=0.2), ["--input", src, "--out_dir", out, "--overwrite"])
     assert json.load(open(os.path.join(out, "meta.json")))["dtype"] == "uint32"
 
 
@@ -230,6 +230,8 @@ def test_bad_input_one_line_error_and_no_output(tmp_path, capsys: pytest.Capture
     assert "not found" in _bad_run(["--input", str(tmp_path / "nowhere.jsonl")], out, capsys)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     assert "cannot read" in _bad_run(["--input", str(tmp_path / "latin1.txt")], out, capsys)
+    (tmp_path / "one.txt").write_text("a single document")
+    assert "val split is empty: 1 document(s)" in _bad_run(["--input", str(tmp_path / "one.txt")], out, capsys)
     (tmp_path / "x.csv").write_text("a,b")
     assert "unsupported file type" in _bad_run(["--input", str(tmp_path / "x.csv")], out, capsys)
     # A .jsonl whose line 300 has no "text": found after shards were already written, which are removed.
@@ -254,10 +256,12 @@ def test_hub_unreachable_points_to_input(tmp_path, capsys: pytest.CaptureFixture
 def test_prepare_runs_from_its_folder_and_from_the_root(tmp_path) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", make_docs(20))
     folder = os.path.join(ROOT, "data", "slimpajama_6b_gpt2")
-    a = subprocess.run([sys.executable, "prepare.py", "--input", src, "--out_dir", str(tmp_path / "a")],
+    a = subprocess.run([sys.executable, "prepare.py", "--input", src, "--val_fraction", "0.1", "--out_dir",
+                        str(tmp_path / "a")],
                        cwd=folder, capture_output=True, text=True)
     b = subprocess.run([sys.executable, os.path.join("data", "slimpajama_6b_gpt2", "prepare.py"), "--input", src,
-                        "--out_dir", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
+                        "--val_fraction", "0.1", "--out_dir", str(tmp_path / "b")], cwd=ROOT, capture_output=True,
+                       text=True)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert bins(str(tmp_path / "a")) == bins(str(tmp_path / "b")) != {}
     c = subprocess.run([sys.executable, "prepare.py", "--input", str(tmp_path / "none.jsonl")], cwd=folder,

