@@ -181,6 +181,9 @@ class Shards:
         self.shard_windows = np.array([max(0, (n - 1) // block_size) for n in self.lengths], dtype=np.int64)
         self.window_ends = np.cumsum(self.shard_windows)
         self.n_windows = int(self.window_ends[-1]) if len(self.window_ends) else 0
+        if sum(self.lengths) == 0:
+            raise DataError(f"the {split} split of {data_dir} is empty; re-run prepare.py with a --val_fraction "
+                            "that gives it documents")
         if self.n_windows == 0:
             raise DataError(f"the {split} split of {data_dir} has no window of block_size + 1 = {block_size + 1} "
                             f"tokens in any shard; use a smaller block_size or more data")
