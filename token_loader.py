@@ -147,7 +147,7 @@ def read_meta(data_dir: str, split: str = "train") -> dict:
 class Shards:
     """One split's shards, memory-mapped lazily (per process, so DataLoader workers open their own)."""
 
-    def __init__(self, data_dir: str, split: str, block_size: int, vocab_size: int | None = None):
+    def __init__(self, data_dir: str, split: str, block_size: int, vocab_size: int | None = None) -> None:
         data_dir = resolve_data_dir(data_dir)
         self.meta = meta = read_meta(data_dir, split)
         if split not in meta["splits"]:
@@ -181,6 +181,9 @@ class Shards:
         self.shard_windows = np.array([max(0, (n - 1) // block_size) for n in self.lengths], dtype=np.int64)
         self.window_ends = np.cumsum(self.shard_windows)
         self.n_windows = int(self.window_ends[-1]) if len(self.window_ends) else 0
+        if sum(self.lengths) == 0:
+            raise DataError(f"the {split} split of {data_dir} is empty; re-run prepare.py with a --val_fraction "
+                            "that gives it documents")
         if self.n_windows == 0:
             raise DataError(f"the {split} split of {data_dir} has no window of block_size + 1 = {block_size + 1} "
                             f"tokens in any shard; use a smaller block_size or more data")
@@ -210,7 +213,8 @@ class Shards:
 class MicroBatches(torch.utils.data.Dataset):
     """Rank `rank`'s micro-batch number k of the global stream, as contiguous int64 (x, y) of (B, T)."""
 
-    def __init__(self, shards: Shards, batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int):
+    def __init__(self, shards: Shards, batch_size: int, grad_accum: int, rank: int, world_size: int,
+                 seed: int) -> None:
         self.shards, self.B, self.grad_accum = shards, batch_size, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
@@ -229,7 +233,7 @@ class MicroBatches(torch.utils.data.Dataset):
 class _CountFrom(torch.utils.data.Sampler):
     """k, k+1, k+2, ... forever: the DataLoader's micro-step indices."""
 
-    def __init__(self, start: int):
+    def __init__(self, start: int) -> None:
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
@@ -246,7 +250,7 @@ class TokenLoader:
     def __init__(self, data_dir: str, split: str, block_size: int, batch_size: int, grad_accum: int = 1,
                  rank: int = 0, world_size: int = 1, seed: int = 1337, vocab_size: int | None = None,
                  device: str | torch.device = "cpu", use_dataloader: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False) -> None:
         if batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size; got "
                             f"{batch_size}, {grad_accum}, rank {rank} of {world_size}")

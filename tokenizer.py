@@ -165,7 +165,7 @@ class TiktokenTokenizer(Tokenizer):
     """A tiktoken BPE from a base64 ranks file; tiktoken releases the GIL, so threads use all cores."""
 
     def __init__(self, name: str, path: str, pat_str: str, specials: list[str], first_special: int | None = None,
-                 nfc: bool = False):
+                 nfc: bool = False) -> None:
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
@@ -235,7 +235,7 @@ class TiktokenTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (LLaMA-2 family); its C++ batch encode runs on num_threads threads."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str) -> None:
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor()
@@ -263,7 +263,7 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json read with the `tokenizers` library (no hub, no remote code)."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
@@ -299,7 +299,7 @@ class HFTokenizer(Tokenizer):
 class CharTokenizer(Tokenizer):
     """nanoGPT's character-level tokenizer: id = index of the character in the sorted vocabulary."""
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str) -> None:
         self.name, self.path = "char", None
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}

@@ -194,3 +194,10 @@ def test_token_ids_at_or_above_vocab_size(tmp_path, data: str) -> None:
 def test_block_size_larger_than_every_shard(data: str) -> None:
     with pytest.raises(DataError, match="no window of block_size"):
         TokenLoader(data, "train", 1000, 2)
+
+
+def test_empty_split_says_how_to_fill_it(tmp_path) -> None:
+    d = make_dataset(tmp_path / "noval", [300], val_lengths=[])
+    assert TokenLoader(d, "train", 16, 2).next_batch()[0].shape == (2, 16)
+    with pytest.raises(DataError, match="val split of .* is empty; re-run prepare.py with a --val_fraction"):
+        eval_batches(d, "val", 16, 2, 1)
