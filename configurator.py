@@ -150,11 +150,18 @@ def resolve(values: dict[str, typing.Any], schemas: list[type]) -> list[typing.A
     return out
 
 
-def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], str | None]:
-    """Parse `[CONFIG.py] [--key=value ...]` into schema instances; returns (instances, config path)."""
+def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], set[str]]:
+    """Parse `[CONFIG.py] [--key=value ...]` into schema instances.
+
+    Returns (instances, explicit keys): the keys set by the file or the command line, as opposed
+    to defaults, so callers can tell "n_layer=12 because the user said so" from a default.
+    """
     config_path = None
     if args and not args[0].startswith("--"):
         config_path, args = args[0], args[1:]
     values = read_config_file(config_path) if config_path else {}
     values.update(parse_overrides(args))
-    return resolve(values, schemas), config_path
+    explicit = set(values) - LEGACY_KEYS
+    if "flash_attn" in values:
+        explicit.add("attention_backend")
+    return resolve(values, schemas), explicit

@@ -30,7 +30,7 @@ class HFCheckpointError(ValueError):
     """A Hugging Face folder we cannot read or a model we cannot express as one."""
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise HFCheckpointError(
@@ -147,7 +147,7 @@ def hf_to_config(hf: dict, overrides: dict | None = None) -> ModelConfig:
 
 def load(path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a local Hugging Face folder into (ModelConfig, state dict with model.py's names)."""
-    hf = _read_config(path)
+    hf = read_config(path)
     config = hf_to_config(hf, overrides)
     w = _read_weights(path)
     sd = _gpt2_to_ours(w, config) if hf["model_type"] == "gpt2" else _llama_to_ours(w, config)

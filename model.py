@@ -522,15 +522,17 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         eos_id: int | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy.
 
-        No KV cache: each step re-runs the (cropped) context, as nanoGPT does.
+        vocab_limit: only ids below it are sampled (a vocabulary padded past the tokenizer's has
+        ids no tokenizer can decode). No KV cache: each step re-runs the (cropped) context, as nanoGPT.
         """
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :vocab_limit].float()  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

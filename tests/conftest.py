@@ -22,3 +22,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
         if "multigpu" in item.keywords and n_gpu < 2:
             item.add_marker(pytest.mark.skip(reason=f"needs >= 2 CUDA GPUs; found {n_gpu}"))
+
+
+def write_char_dataset(out_dir, n_chars: int = 60_000, seed: int = 0) -> str:
+    """A small character-level dataset with learnable structure (a random word-level Markov chain)."""
+    import numpy as np
+
+    from dataprep import write_tokens
+    from tokenizer import CharTokenizer
+
+    rng = np.random.default_rng(seed)
+    words = ["the", "king", "queen", "speaks", "to", "his", "her", "lord", "and", "fair", "night", "day", "o", "thou"]
+    nxt = rng.integers(0, len(words), size=(len(words), 3))  # each word is followed by one of 3 words
+    out, w = [], 0
+    while sum(len(x) + 1 for x in out) < n_chars:
+        out.append(words[w])
+        w = int(nxt[w, rng.integers(0, 3)])
+    text = " ".join(out)
+    if len(text) > n_chars:
+        text = text[:n_chars]
+    tok = CharTokenizer("".join(sorted(set(text))))
+    ids = np.array(tok.encode(text), dtype=np.int64)
+    split = int(len(ids) * 0.9)
+    write_tokens(str(out_dir), "synthetic_char", tok, {"train": ids[:split], "val": ids[split:]},
+                 source="tests/conftest.py synthetic Markov text", documents={"train": 1, "val": 1})
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory) -> str:
+    return write_char_dataset(tmp_path_factory.mktemp("data") / "synthetic_char")

@@ -1,0 +1,55 @@
+"""
+Export a train.py checkpoint to a Hugging Face folder that transformers loads as is.
+
+    python export_hf.py --out_dir=out-llama3-1.5b-optimal --hf_dir=exports/llama3-1.5b [--dtype=bfloat16]
+
+The folder holds config.json and model.safetensors (sharded above 5 GB); load it with
+transformers.AutoModelForCausalLM.from_pretrained(hf_dir). Tokenizer files are not written.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import checkpoint
+import configurator
+import hf_checkpoint
+from model import GPT, ModelConfig
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"  # where train.py wrote ckpt/
+    hf_dir: str = ""  # the folder to write
+    dtype: str = "float32"  # float32, bfloat16 or float16
+
+    def __post_init__(self) -> None:
+        if not self.hf_dir:
+            raise ValueError("pass --hf_dir=PATH, the Hugging Face folder to write")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        (cfg,), _ = configurator.load(argv, [ExportConfig])
+        path = checkpoint.find(cfg.out_dir)
+        if path is None:
+            raise checkpoint.CheckpointError(f"no checkpoint in {cfg.out_dir}/ckpt; train first or pass --out_dir")
+        state = checkpoint.read_state(path)
+        with torch.device("meta"):
+            model = GPT(ModelConfig(**state["model_config"]))
+        model.load_state_dict(checkpoint.load_model_weights(path), assign=True)
+        model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
+    except (configurator.ConfigError, checkpoint.CheckpointError, hf_checkpoint.HFCheckpointError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {cfg.hf_dir} ({hf_checkpoint.hf_architecture(model.config)}, iter {state['iter_num']}, {cfg.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

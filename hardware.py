@@ -1,0 +1,122 @@
+"""
+What the hardware can do: peak FLOP/s by GPU and dtype, model FLOPs utilisation (MFU), and an
+estimate of training memory per GPU.
+
+MFU = flops_per_token x tokens/s / (n_gpus x peak). The peaks are NVIDIA's dense (no sparsity)
+tensor-core figures from each product's datasheet. float32 runs use TF32 tensor cores (train.py
+enables them), so their peak is the TF32 one. An unknown GPU or a CPU has no peak: MFU is None,
+never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# (pattern on the lower-cased device name, label, {dtype: dense peak TFLOP/s}).
+# Order matters: the first match wins, so specific variants come before generic names.
+_BF16, _TF32 = "bfloat16", "float32"
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    (r"h100.*pcie", "H100 PCIe", {_BF16: 756.5, _TF32: 378.0}),
+    (r"h100.*nvl", "H100 NVL", {_BF16: 835.5, _TF32: 417.5}),
+    (r"h100.*(sxm|hbm3)|h800|gh200", "H100 SXM", {_BF16: 989.4, _TF32: 494.7}),
+    (r"h200.*nvl", "H200 NVL", {_BF16: 835.5, _TF32: 417.5}),
+    (r"h200", "H200 SXM", {_BF16: 989.4, _TF32: 494.7}),
+    (r"b200", "B200", {_BF16: 2250.0, _TF32: 1100.0}),
+    (r"a100|a800", "A100", {_BF16: 312.0, _TF32: 156.0}),
+    (r"rtx a6000", "RTX A6000", {_BF16: 154.8, _TF32: 77.4}),
+    (r"l40s", "L40S", {_BF16: 362.05, _TF32: 183.0}),
+    (r"\bl40\b", "L40", {_BF16: 181.05, _TF32: 90.5}),
+    (r"rtx 4090", "RTX 4090", {_BF16: 165.2, _TF32: 82.6}),  # fp32 accumulate (as PyTorch uses)
+    (r"\ba10g?\b", "A10", {_BF16: 125.0, _TF32: 62.5}),
+    (r"\bl4\b", "L4", {_BF16: 121.0, _TF32: 60.0}),
+]
+
+
+def peak_flops(device_name: str | None, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s per GPU, note) for a CUDA device name and a training dtype; (None, why) if unknown."""
+    if device_name is None:
+        return None, "MFU not computed on CPU: there is no reliable peak FLOP/s"
+    key = _TF32 if dtype == "float32" else _BF16  # float16 tensor cores run at the bfloat16 rate
+    name = device_name.lower()
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peaks[key] * 1e12, f"{label} dense {key.replace('float32', 'tf32')} peak {peaks[key]} TFLOP/s"
+    return None, f"MFU not computed: no peak FLOP/s known for '{device_name}' (add it to hardware.PEAK_TFLOPS)"
+
+
+def mfu(flops_per_token: int, tokens_per_sec: float, n_gpus: int, peak: float | None) -> float | None:
+    """Fraction of the GPUs' peak achieved; None when the peak is unknown."""
+    if peak is None or tokens_per_sec <= 0:
+        return None
+    return flops_per_token * tokens_per_sec / (n_gpus * peak)
+
+
+def device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+# -----------------------------------------------------------------------------
+# Memory estimate
+
+
+def activation_bytes_per_token(model: torch.nn.Module, act_bytes: int, compiled: bool) -> int:
+    """Bytes saved for backward per token by all blocks (flash/SDPA attention: no T x T scores).
+
+    Eager keeps every intermediate autograd needs; torch.compile's partitioner recomputes the cheap
+    elementwise ones (norms, activations, RoPE) and keeps roughly the matmul inputs. The residual
+    stream is float32 under autocast.
+    """
+    c = model.config
+    d, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    hidden = c.intermediate_size
+    mlp_in = 2 * hidden if c.mlp == "swiglu" else hidden
+    attention = act_bytes * (q + 2 * kv + q)  # q, k, v and the attention output (+ tiny logsumexp)
+    if compiled:
+        per_layer = 4 * 2 * d + act_bytes * (2 * d) + attention + act_bytes * (mlp_in + hidden)
+    else:
+        residual_and_norms = 4 * 2 * d + 4 * 2 * d + act_bytes * 2 * d  # fp32 inputs/outputs, bf16 casts
+        mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else 2 * hidden)
+        per_layer = residual_and_norms + attention + mlp
+    return c.n_layer * per_layer + 4 * d  # + the final norm's input
+
+
+def estimate_memory(
+    model: torch.nn.Module,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    world_size: int,
+    zero1: bool,
+    fsdp: bool,
+    compiled: bool,
+) -> dict[str, float]:
+    """Estimated GiB per GPU: fp32 weights, gradients, AdamW state (sharded under ZeRO-1/FSDP),
+    activations of one micro-batch, and the fused loss's buffers. CUDA context not included."""
+    n = model.num_params()
+    gib = 1024**3
+    act_bytes = 4 if dtype == "float32" else 2
+    shard = world_size if fsdp else 1
+    weights = 4 * n / shard
+    grads = 4 * n / shard
+    optimizer = 8 * n / (world_size if (zero1 or fsdp) else 1)  # exp_avg + exp_avg_sq in fp32
+    if fsdp:  # the largest block is gathered (and the next one prefetched) in the compute dtype
+        block = sum(p.numel() for p in model.h[0].parameters())
+        weights += 2 * act_bytes * block
+    tokens = batch_size * seq_len
+    activations = tokens * activation_bytes_per_token(model, act_bytes, compiled)
+    vocab, d = model.config.vocab_size, model.config.n_embd
+    chunk = min(tokens, model.loss_chunk)
+    # the fused loss keeps grad_x (N, d) and grad_w (V, d, fp32) from forward to backward,
+    # plus one chunk of fp32 log-probabilities and the chunk's logits at a time
+    loss = tokens * d * act_bytes + 4 * vocab * d + chunk * vocab * (4 + act_bytes)
+    total = weights + grads + optimizer + activations + loss
+    return {
+        "weights_gb": weights / gib,
+        "grads_gb": grads / gib,
+        "optimizer_gb": optimizer / gib,
+        "activations_gb": activations / gib,
+        "loss_buffers_gb": loss / gib,
+        "total_gb": total / gib,
+    }

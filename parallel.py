@@ -1,0 +1,205 @@
+"""
+Everything distributed: process-group setup from torchrun's variables, and the wrapping of the
+raw model for training (torch.compile, DDP, ZeRO-1, FSDP2). model.py never imports this module;
+a single process is world size 1 and goes through the same calls.
+
+- DDP:    train_model = torch.compile(DDP(model)), the order PyTorch recommends: compile's
+          DDPOptimizer splits the graph at bucket boundaries so all-reduces overlap the backward.
+          Gradient sync only on the last micro-step.
+- ZeRO-1: DDP as above, with torch's ZeroRedundancyOptimizer sharding the AdamW state.
+- FSDP2:  (torchtitan's order) each block is compiled in place, then fully_shard per block, then the root; bf16
+          parameters with fp32 gradient reduction on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class LaunchError(ValueError):
+    """A device or launch setting that cannot work here; one line naming the fix."""
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:local_rank when a GPU is present, else cpu."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LaunchError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"device={device!r} but CUDA is not available; use --device=cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise LaunchError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def setup(device: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(0, 0, 1, resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of t over ranks (in place for world size > 1)."""
+    if d.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= d.world_size
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj: object, d: Dist) -> object:
+    """Rank 0's obj on every rank."""
+    if d.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap(model: nn.Module, d: Dist, *, fsdp: bool, compile: bool, cuda_graphs: bool, dtype: torch.dtype) -> nn.Module:
+    """The module to train. `model` stays the raw module (FSDP shards it in place)."""
+    compile_kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        mp = None
+        if d.device.type == "cuda" and dtype != torch.float32:
+            mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
+        for block in model.h:
+            if compile:
+                block.compile(**compile_kwargs)
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    train_model = model
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        train_model = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    return torch.compile(train_model, **compile_kwargs) if compile else train_model
+
+
+def no_sync(train_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce/reduce-scatter unless sync (the last micro-step)."""
+    module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP) reduced to a plain tensor; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all ranks' shards, clipping to max_norm when it is > 0. No host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = _full(torch.nn.utils.get_total_norm(grads, foreach=True))
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def grad_norms_by_module(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
+    """Gradient norm of each top-level part (wte, h.0, h.1, ..., ln_f, lm_head); syncs the host."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            parts = name.split(".")
+            key = ".".join(parts[:2]) if parts[0] == "h" else parts[0]
+            groups.setdefault(key, []).append(_full(p.grad.norm()) / scale)
+    names = list(groups)
+    norms = torch.stack([torch.linalg.vector_norm(torch.stack(groups[k])) for k in names]).tolist()
+    return dict(zip(names, norms))
+
+
+def build_optimizer(
+    model: nn.Module, d: Dist, *, zero1: bool, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW, fused on GPU; weight decay on 2-D weights only (not biases, norms). ZeRO-1 shards its state.
+
+    On CPU torch's default implementation is used: its fused kernel is ~15x slower there.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=lr, betas=betas, fused=d.device.type == "cuda")
+    if zero1 and d.world_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The AdamW that steps this rank's parameters (ZeRO-1 wraps one)."""
+    return getattr(opt, "optim", opt)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Step unless found_inf (a 0/1 tensor, equal on every rank) is set.
+
+    The fused GPU AdamW reads found_inf on device and skips there, with no host sync; on CPU,
+    reading the flag costs nothing, so the step is skipped in Python.
+    """
+    inner = local_optimizer(opt)
+    if inner.defaults.get("fused"):
+        inner.found_inf = found_inf
+        opt.step()
+    elif not found_inf.item():
+        opt.step()

@@ -1,0 +1,160 @@
+"""
+The JSON run log, out_dir/run_YYYYMMDD_HHMMSS.json, rewritten atomically at every log interval so
+that it is always valid JSON (tail it, plot it, or json.load it mid-run):
+
+    config               the resolved train and model configs
+    environment          git SHA and dirty flag, torch/CUDA versions, GPU name and count, world size
+    model                architecture, parameters, FLOPs per token
+    training_iterations  [{iter, loss, lr, grad_norm, dt_ms, tokens_per_sec, mfu,
+                           memory_allocated_gb, memory_peak_gb, tokens_seen}]
+    evaluations          [{iter, train_loss, val_loss}]
+    gradient_norms       [{iter, norms: {module: norm}}] every gradient_log_interval
+    events               [{iter, event, ...}]: skipped non-finite steps, checkpoints, resume
+
+RunLog has the same methods on every rank; off the master rank they do nothing, so the training
+loop never branches on who logs. wandb and tensorboard are optional extra sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+
+class RunLogError(ValueError):
+    """An optional sink that cannot start; one line naming the fix."""
+
+
+def git_info(repo_dir: str) -> dict:
+    """Commit SHA and whether tracked files differ from it (None outside a git checkout)."""
+    def run(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    sha = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
+
+
+def environment(world_size: int, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        **git_info(os.path.dirname(os.path.abspath(__file__))),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "world_size": world_size,
+        "device": str(device),
+        "hostname": socket.gethostname(),
+        "python_version": platform.python_version(),
+        "argv": sys.argv,
+    }
+
+
+def atomic_write_json(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    def __init__(self, out_dir: str, enabled: bool, header: dict, wandb: dict | None = None,
+                 tensorboard: bool = False):
+        """header: config, environment and model sections. wandb: {'project', 'name'} to also log there."""
+        self.enabled = enabled
+        self.path = None
+        self.data = {**header, "training_iterations": [], "evaluations": [], "gradient_norms": [], "events": []}
+        self.sinks: list = []
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        path, n = os.path.join(out_dir, f"run_{stamp}.json"), 1
+        while os.path.exists(path):  # two runs in the same second
+            path, n = os.path.join(out_dir, f"run_{stamp}_{n}.json"), n + 1
+        self.path = path
+        self.data["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if wandb is not None:
+            self.sinks.append(_WandbSink(wandb, header))
+        if tensorboard:
+            self.sinks.append(_TensorboardSink(out_dir))
+        self.flush()
+
+    def iteration(self, record: dict) -> None:
+        self._append("training_iterations", record)
+
+    def evaluation(self, record: dict) -> None:
+        self._append("evaluations", record)
+        self.flush()
+
+    def gradient_norms(self, record: dict) -> None:
+        self._append("gradient_norms", record)
+
+    def event(self, record: dict) -> None:
+        self._append("events", record)
+
+    def _append(self, key: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.data[key].append(record)
+        for sink in self.sinks:
+            sink.log(key, record)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            atomic_write_json(self.path, self.data)
+
+    def close(self) -> None:
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+
+
+class _WandbSink:
+    def __init__(self, opts: dict, header: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise RunLogError("wandb_log=True needs the wandb package: pip install wandb") from None
+        self.run = wandb.init(project=opts["project"], name=opts["name"], config=header.get("config"))
+
+    def log(self, key: str, record: dict) -> None:
+        if key in ("training_iterations", "evaluations"):
+            self.run.log({k: v for k, v in record.items() if isinstance(v, int | float) and k != "iter"},
+                         step=record["iter"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _TensorboardSink:
+    def __init__(self, out_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RunLogError("tensorboard_log=True needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def log(self, key: str, record: dict) -> None:
+        if key in ("training_iterations", "evaluations"):
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "iter":
+                    self.writer.add_scalar(f"{key}/{k}", v, record["iter"])
+
+    def close(self) -> None:
+        self.writer.close()

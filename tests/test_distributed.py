@@ -1,0 +1,62 @@
+"""DDP, ZeRO-1 and FSDP on CPU (torchrun, 2 gloo processes) against one process at the same global batch."""
+
+import pytest
+import torch
+from test_train import _same_weights, _straight_and_resumed, losses, ok, read_log, run_train, tiny_args
+
+pytestmark = pytest.mark.slow
+
+MODES = {"ddp": [], "zero1": ["--use_zero1=True"], "fsdp": ["--use_fsdp=True"]}
+# global batch: 2 sequences x 4 micro-steps (1 process) = 2 x 2 micro-steps x 2 processes
+COMMON = ["--batch_size=2", "--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=3",
+          "--lr_decay_iters=6"]
+
+
+@pytest.fixture(scope="module")
+def single_process(char_dataset, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single")
+    ok(run_train(tiny_args(char_dataset, out, *COMMON)))
+    return read_log(out)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_parallel_matches_single_process(mode, single_process, char_dataset, tmp_path):
+    out = tmp_path / mode
+    p = ok(run_train(tiny_args(char_dataset, out, *COMMON, *MODES[mode]), nproc=2))
+    log = read_log(out)
+    assert log["environment"]["world_size"] == 2
+    assert "(2 per rank)" in p.stdout  # gradient accumulation 4 over 2 ranks
+    ref, got = losses(single_process), losses(log)
+    assert sorted(got) == list(range(6))
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-5), (it, got[it], ref[it])
+    for a, b in zip(single_process["evaluations"], log["evaluations"]):
+        assert a["iter"] == b["iter"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+    # the saved weights are the full, unsharded, prefix-free state dict either way
+    mine = torch.load(out / "ckpt" / "model.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod", "module")) for k in mine)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_exact_resume_distributed(mode, char_dataset, tmp_path):
+    straight, resumed, a, b = _straight_and_resumed(char_dataset, tmp_path, ["--batch_size=2",
+                                                    "--gradient_accumulation_steps=2", *MODES[mode]], nproc=2)
+    assert sorted(resumed) == list(range(8))
+    assert resumed == straight
+    assert _same_weights(a, b)
+
+
+def test_zero1_resume_needs_same_world_size(char_dataset, tmp_path):
+    out = tmp_path / "z"
+    ok(run_train(tiny_args(char_dataset, out, "--max_iters=2", "--eval_interval=2", "--use_zero1=True",
+                           "--gradient_accumulation_steps=2"), nproc=2))
+    p = run_train(tiny_args(char_dataset, out, "--max_iters=4", "--eval_interval=2", "--use_zero1=True",
+                            "--gradient_accumulation_steps=2", "--init_from=resume"))
+    assert p.returncode != 0 and "saved by 2 processes" in p.stderr
+
+
+def test_accumulation_must_divide_world_size(char_dataset, tmp_path):
+    p = run_train(tiny_args(char_dataset, tmp_path / "o", "--max_iters=2", "--gradient_accumulation_steps=3"),
+                  nproc=2)
+    assert p.returncode != 0 and "gradient_accumulation_steps=3 must be divisible" in p.stderr
