@@ -47,7 +47,7 @@ class Fit:
 FITS = {
     # Approach 3, the constants as printed in the paper; the seed's predicted losses use these.
     "hoffmann": Fit(1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022"),
-    # Refit to data read off Hoffmann's Figure 4: higher losses, and a compute-optimal D/N near 20.
+    # Refit to data read off Hoffmann's Figure 4; its compute-optimal D/N is near 20 (Hoffmann's: ~50 at 1e21).
     "besiroglu": Fit(1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024"),
 }
 
@@ -73,7 +73,7 @@ def predicted_loss(n_params: float, n_tokens: float, fit: Fit = FITS["hoffmann"]
 class Family:
     """A preset family: the ModelConfig fields all its shapes share, and the rules its shapes follow."""
 
-    features: dict  # ModelConfig fields, the same as the family's presets in config/
+    features: dict[str, object]  # ModelConfig fields, the same as the family's presets in config/
     dataset: str  # the presets' dataset (tokenized with the family's tokenizer)
     head_dim: int
     width_multiple: int  # n_embd is a multiple of this
@@ -304,7 +304,9 @@ def plan(
                 count += 1
                 yield cand
 
-    best = heapq.nsmallest(top, considered(), key=lambda c: c.loss)
+    # Exact ties exist: 6 more KV heads add as many weights as 512 more FFN units (N and FLOPs equal);
+    # they go to more KV heads, as LLaMA-3 and Qwen3 use 8.
+    best = heapq.nsmallest(top, considered(), key=lambda c: (c.loss, -c.config.n_kv_head))
     return best, count
 
 
@@ -495,6 +497,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The loss, plan and plot commands and their options."""
     parser = _ArgumentParser(prog="scaling_laws.py", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
@@ -554,6 +557,7 @@ def grid_edges(c: ModelConfig, family: Family, grid: Grid) -> list[str]:
 
 
 def run_plan(args: argparse.Namespace) -> None:
+    """Search, print the top shapes and write the best one as a config file."""
     family, grid = FAMILIES[args.family], GRIDS[args.grid]
     out = args.out
     if out is None:
@@ -580,6 +584,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Run one command; returns the exit status (2 and one `error:` line for bad input)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "loss":
