@@ -1,0 +1,93 @@
+"""GPU-only paths: flash-attn, bf16 autocast, compile + CUDA graphs, MFU. Skipped on CPU with a reason.
+
+The CPU twins of each path are in test_model.py (backends, fused loss, compile) and test_train.py.
+"""
+
+import json
+
+import pytest
+import torch
+from test_train import ok, read_log, run_train, tiny_args
+
+import configurator
+import model as model_module
+from model import GPT, ModelConfig
+from train import TrainConfig
+
+pytestmark = pytest.mark.gpu
+
+
+def _cfg(name: str, **overrides) -> ModelConfig:
+    argv = [f"config/{name}.py"] + [f"--{k}={v}" for k, v in overrides.items()]
+    (_, mc), _ = configurator.load(argv, [TrainConfig, ModelConfig])
+    return mc
+
+
+@pytest.mark.parametrize("name", ["tiny_llama3", "tiny_qwen3", "tiny_gpt2"])
+def test_flash_attn_matches_sdpa_in_bf16(name):
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional extra)")
+    torch.manual_seed(0)
+    flash = GPT(_cfg(name, attention_backend="flash_attn_2")).cuda()
+    sdpa = GPT(_cfg(name, attention_backend="sdpa")).cuda()
+    sdpa.load_state_dict(flash.state_dict())
+    assert all(b.attn.backend == "flash_attn_2" for b in flash.h)
+    idx = torch.randint(0, 128, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, _ = flash(idx)
+        b, _ = sdpa(idx)
+    torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_flash_attn_missing_falls_back(monkeypatch):
+    monkeypatch.setattr(model_module, "_flash_attn_func", None)
+    monkeypatch.setattr(model_module, "_flash_warned", False)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_flash(name, *args, **kwargs):
+        if name.startswith("flash_attn"):
+            raise ImportError("simulated")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flash)
+    with pytest.warns(UserWarning, match="flash_attn_2 unavailable"):
+        m = GPT(_cfg("tiny_llama3", attention_backend="flash_attn_2"))
+    assert all(b.attn.backend == "sdpa" for b in m.h)
+
+
+def test_fused_loss_bf16_cuda_matches_reference():
+    torch.manual_seed(0)
+    m = GPT(_cfg("tiny_qwen3")).cuda()
+    idx, tgt = torch.randint(0, 128, (4, 128), device="cuda"), torch.randint(0, 128, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = m(idx, tgt)
+        logits, _ = m(idx)
+    ref = torch.nn.functional.cross_entropy(logits.float().view(-1, 128), tgt.view(-1))
+    assert abs(loss.item() - ref.item()) < 1e-2
+
+
+@pytest.mark.parametrize("extra", [[], ["--use_cuda_graphs=True"]])
+def test_bf16_compiled_training_run_reports_mfu(extra, char_dataset, tmp_path):
+    out = tmp_path / "gpu"
+    args = tiny_args(char_dataset, out, "--device=cuda", "--dtype=bfloat16", "--compile=True", "--max_iters=30",
+                     "--eval_interval=30", *extra)
+    ok(run_train(args))
+    log = read_log(out)
+    timed = [r for r in log["training_iterations"] if r["tokens_per_sec"] is not None]
+    assert timed and all(r["memory_peak_gb"] > 0 for r in timed)
+    if log["environment"]["peak_flops"] is not None:  # a GPU in hardware.PEAK_TFLOPS
+        assert all(0 < r["mfu"] < 1 for r in timed)
+    evals = log["evaluations"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_dry_run_estimate_is_close_to_measured_peak(char_dataset, tmp_path):
+    """The dry run's memory estimate against torch.cuda.max_memory_allocated on a real step."""
+    args = tiny_args(char_dataset, tmp_path / "m", "--device=cuda", "--dtype=bfloat16", "--max_iters=3",
+                     "--eval_interval=3", "--n_layer=8", "--n_embd=768", "--n_head=12", "--n_kv_head=4",
+                     "--intermediate_size=2048", "--batch_size=8", "--block_size=512", config=None)
+    est = json.loads(ok(run_train(args + ["--dry_run=True"])).stdout.strip().splitlines()[-1])
+    ok(run_train(args))
+    peak = max(r["memory_peak_gb"] for r in read_log(tmp_path / "m")["training_iterations"])
+    assert 0.5 < peak / est["est_memory_gb_per_gpu"] < 1.5
