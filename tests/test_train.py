@@ -390,3 +390,101 @@ def _assert_clean_error(p: subprocess.CompletedProcess, message: str) -> None:
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------
+# Other paths of the loop: precisions, DataLoader workers, compile, Ctrl-C, sampling, export
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_runs_learn(dtype, char_dataset, tmp_path):
+    """bf16 autocast, and fp16 with its gradient scaler, on CPU."""
+    out = tmp_path / dtype
+    ok(run_train(tiny_args(char_dataset, out, f"--dtype={dtype}", "--max_iters=30", "--eval_interval=30")))
+    log = read_log(out)
+    assert log["environment"]["dtype"] == f"torch.{dtype}"
+    assert log["evaluations"][-1]["val_loss"] < log["evaluations"][0]["val_loss"] - 0.5
+
+
+def test_dataloader_workers_give_the_same_run(char_dataset, tmp_path):
+    common = ["--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=2"]
+    ok(run_train(tiny_args(char_dataset, tmp_path / "a", *common)))
+    ok(run_train(tiny_args(char_dataset, tmp_path / "b", *common, "--use_dataloader=True",
+                           "--dataloader_num_workers=2")))
+    assert losses(read_log(tmp_path / "a")) == losses(read_log(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(char_dataset, tmp_path):
+    common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2"]
+    ok(run_train(tiny_args(char_dataset, tmp_path / "eager", *common)))
+    p = ok(run_train(tiny_args(char_dataset, tmp_path / "compiled", *common, "--compile=True")))
+    eager, compiled = losses(read_log(tmp_path / "eager")), losses(read_log(tmp_path / "compiled"))
+    assert sorted(compiled) == sorted(eager)
+    for it in eager:
+        assert compiled[it] == pytest.approx(eager[it], abs=1e-4)
+    assert "compile=True" in p.stdout
+
+
+def test_ctrl_c_saves_and_exits_cleanly(char_dataset, tmp_path):
+    import signal
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "train.py", *tiny_args(char_dataset, out, "--max_iters=100000", "--eval_interval=100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("iter 3:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at iter" in stdout
+    from checkpoint import find, read_state
+
+    it = read_state(find(str(out)))["iter_num"]
+    assert it >= 4 and f"interrupted at iter {it}" in stdout
+    assert read_log(out)["training_iterations"][-1]["iter"] == it - 1
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    import checkpoint
+    import parallel
+
+    m = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():
+        m.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    opt = torch.optim.AdamW(m.parameters())
+    d = parallel.Dist(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to save non-finite weights"):
+        checkpoint.save(str(tmp_path), d, m, opt, "single", {"iter_num": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_and_export_from_a_checkpoint(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={trained_run}", "--start=the king",
+                        "--num_samples=2", "--max_new_tokens=20", "--temperature=0"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    samples = p.stdout.split("---------------\n")
+    first = samples[0].removesuffix("\n")
+    assert first.startswith("the king") and len(first) == len("the king") + 20  # one character per token
+    assert samples[1].removesuffix("\n") == first  # greedy: the same text twice
+    p = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={trained_run}", f"--hf_dir={tmp_path / 'hf'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    import checkpoint
+
+    state = checkpoint.read_state(checkpoint.find(trained_run))
+    ours = GPT(ModelConfig(**state["model_config"]))
+    ours.load_state_dict(torch.load(os.path.join(trained_run, "ckpt", "model.pt"), weights_only=True))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 19, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
+    for args, message in (([f"--hf_dir={tmp_path / 'x'}", "--out_dir=/nope"], "no checkpoint in /nope"),
+                          ([], "pass --hf_dir")):
+        p = subprocess.run([sys.executable, "export_hf.py", *args], cwd=ROOT, capture_output=True, text=True)
+        _assert_clean_error(p, message)
