@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from model import GPT, ModelConfig
 from parallel import Dist, barrier, local_optimizer
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
@@ -154,8 +155,25 @@ def _load_tensor_file(path: str) -> object:
         raise CheckpointError(f"corrupt checkpoint file {path} ({type(e).__name__}); delete it or use another out_dir") from e
 
 
-def load_model_weights(path: str) -> dict[str, torch.Tensor]:
-    return _load_tensor_file(os.path.join(path, "model.pt"))
+def latest(out_dir: str) -> tuple[str, dict]:
+    """(folder, state) of the last complete checkpoint in out_dir, or a CheckpointError."""
+    path = find(out_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {out_dir}/ckpt; train first, or check --out_dir")
+    return path, read_state(path)
+
+
+def load_model(path: str, config: ModelConfig | None = None) -> GPT:
+    """The raw model saved in a checkpoint folder, on CPU, built with config (default: the saved one)."""
+    if config is None:
+        config = ModelConfig(**read_state(path)["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        model.load_state_dict(_load_tensor_file(os.path.join(path, "model.pt")), strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})") from None
+    return model
 
 
 def load_into(

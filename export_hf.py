@@ -17,7 +17,6 @@ import torch
 import checkpoint
 import configurator
 import hf_checkpoint
-from model import GPT, ModelConfig
 
 
 @dataclass
@@ -36,13 +35,8 @@ class ExportConfig:
 def main(argv: list[str]) -> int:
     try:
         (cfg,), _ = configurator.load(argv, [ExportConfig])
-        path = checkpoint.find(cfg.out_dir)
-        if path is None:
-            raise checkpoint.CheckpointError(f"no checkpoint in {cfg.out_dir}/ckpt; train first or pass --out_dir")
-        state = checkpoint.read_state(path)
-        with torch.device("meta"):
-            model = GPT(ModelConfig(**state["model_config"]))
-        model.load_state_dict(checkpoint.load_model_weights(path), assign=True)
+        path, state = checkpoint.latest(cfg.out_dir)
+        model = checkpoint.load_model(path)
         model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
     except (configurator.ConfigError, checkpoint.CheckpointError, hf_checkpoint.HFCheckpointError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -17,7 +17,7 @@ import checkpoint
 import configurator
 import parallel
 import tokenizer as tokenizers
-from model import GPT, ModelConfig
+from model import GPT
 
 
 @dataclass
@@ -47,13 +47,8 @@ class SampleConfig:
 def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokenizer]:
     """The model and the tokenizer of a checkpoint or Hugging Face folder, on CPU in fp32."""
     if cfg.init_from == "resume":
-        path = checkpoint.find(cfg.out_dir)
-        if path is None:
-            raise checkpoint.CheckpointError(f"no checkpoint in {cfg.out_dir}/ckpt; train first or pass --out_dir")
-        state = checkpoint.read_state(path)
-        with torch.device("meta"):
-            model = GPT(ModelConfig(**state["model_config"]))
-        model.load_state_dict(checkpoint.load_model_weights(path), assign=True)
+        path, state = checkpoint.latest(cfg.out_dir)
+        model = checkpoint.load_model(path)
         data = state["dataset"]
         if cfg.tokenizer is not None:
             tok = tokenizers.load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)

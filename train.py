@@ -182,13 +182,7 @@ def resolve_model_config(tc: TrainConfig, mc: ModelConfig, explicit: set[str], m
 def build_model(tc: TrainConfig, mc: ModelConfig, device: torch.device, ckpt_path: str | None) -> GPT:
     """The raw model on device: initialised (scratch), or holding checkpoint / Hugging Face weights."""
     if ckpt_path is not None:
-        with torch.device("meta"):
-            model = GPT(mc)
-        try:
-            model.load_state_dict(checkpoint.load_model_weights(ckpt_path), strict=True, assign=True)
-        except RuntimeError as e:
-            raise TrainingError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})") from None
-        return model.to(device)
+        return checkpoint.load_model(ckpt_path, mc).to(device)
     if tc.init_from != "scratch":
         overrides = {k: getattr(mc, k) for k in RUNTIME_MODEL_KEYS}
         return GPT.from_hf(tc.init_from, dtype=torch.float32, **overrides).to(device)
@@ -287,11 +281,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     # -- what to train: data, architecture, weights --------------------------------------------
     ckpt_path, ckpt_state = None, None
     if tc.init_from == "resume":
-        ckpt_path = checkpoint.find(tc.out_dir)
-        if ckpt_path is None:
-            raise TrainingError(f"init_from=resume but there is no checkpoint in {tc.out_dir}/ckpt; "
-                                "train first, or check --out_dir")
-        ckpt_state = checkpoint.read_state(ckpt_path)
+        ckpt_path, ckpt_state = checkpoint.latest(tc.out_dir)
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
     ddir = token_loader.resolve_data_dir(tc.dataset)
