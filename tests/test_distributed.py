@@ -60,3 +60,14 @@ def test_accumulation_must_divide_world_size(char_dataset, tmp_path):
     p = run_train(tiny_args(char_dataset, tmp_path / "o", "--max_iters=2", "--gradient_accumulation_steps=3"),
                   nproc=2)
     assert p.returncode != 0 and "gradient_accumulation_steps=3 must be divisible" in p.stderr
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compiled_parallel_matches_single_process(mode, single_process, char_dataset, tmp_path):
+    """torch.compile(DDP(model)) with no_sync micro-steps, and FSDP2 over compiled blocks."""
+    out = tmp_path / mode
+    ok(run_train(tiny_args(char_dataset, out, *COMMON, *MODES[mode], "--compile=True"), nproc=2))
+    ref, got = losses(single_process), losses(read_log(out))
+    assert sorted(got) == sorted(ref)
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-4), (it, got[it], ref[it])
