@@ -66,11 +66,11 @@ def panel_loss(ax: Axes, runs: list[dict], colors: list[str], smooth: float) -> 
 
 
 def panel_series(ax: Axes, runs: list[dict], colors: list[str], key: str, scale: float, smooth: float,
-                 why_missing: Callable[[dict], str]) -> bool:
+                 why_missing: Callable[[dict], str], x: str = "iter") -> bool:
     """One smoothed series per run; a 'no data' note (why_missing(first run)) when no run has a value."""
     drawn = False
     for run, color in zip(runs, colors):
-        xs, ys = runlogs.series(run["training_iterations"], key, scale=scale)
+        xs, ys = runlogs.series(run["training_iterations"], key, x=x, scale=scale)
         if xs:
             draw_smoothed(ax, xs, ys, color, None, smooth)
             drawn = True
@@ -131,11 +131,11 @@ def panel_module_norms(ax: Axes, run: dict) -> None:
     ax.set_ylabel("L2 norm")
 
 
-def title(run: dict) -> str:
-    """What the run is and how far it got, from the log's header and last record."""
+def title(run: dict, name: str | None = None) -> str:
+    """What the run is (name: default its folder and file) and how far it got."""
     model, env = run["model"], run["environment"]
     max_iters = run["config"].get("train", {}).get("max_iters")
-    parts = [runlogs.label(run["path"])]
+    parts = [name or runlogs.label(run["path"])]
     if model.get("architecture"):
         parts.append(f"{model['architecture']}, {model.get('n_params', 0) / 1e6:.2f}M parameters")
     if env.get("device"):
@@ -160,9 +160,7 @@ def plot_runs(runs: list[dict], smooth: float = runlogs.SMOOTHING) -> Figure:
     axes = fig.subplots(rows, 2, squeeze=False, sharex="all").flatten()  # empty panels span the same iterations
     panel_loss(axes[0], runs, colors, smooth)
     panel_lr(axes[1], runs, colors)
-    if panel_series(axes[2], runs, colors, "tokens_per_sec", 1.0, smooth,
-                    lambda run: "no timed step logged yet" if run["training_iterations"]
-                    else "no training record logged yet"):
+    if panel_series(axes[2], runs, colors, "tokens_per_sec", 1.0, smooth, runlogs.speed_missing):
         axes[2].yaxis.set_major_formatter(EngFormatter())  # 20 k, 1.2 M
     axes[2].set_title("Throughput")
     axes[2].set_ylabel("tokens/s")

@@ -89,13 +89,14 @@ def series(records: list[dict], key: str, x: str = "iter", scale: float = 1.0) -
     xs, ys = [], []
     for r in records:
         a, b = r.get(x), r.get(key)
-        if _finite(a) and _finite(b):
+        if is_number(a) and is_number(b):
             xs.append(a)
             ys.append(b * scale)
     return xs, ys
 
 
-def _finite(v: object) -> bool:
+def is_number(v: object) -> bool:
+    """A finite int or float (not a bool, None or NaN)."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -108,13 +109,18 @@ def ema(values: list[float], factor: float = SMOOTHING) -> list[float]:
     return out
 
 
+def speed_missing(run: dict) -> str:
+    """Why a log has no dt_ms or tokens/s values: the first steps (compilation) are untimed."""
+    return "no timed step logged yet" if run["training_iterations"] else "no training record logged yet"
+
+
 def mfu_missing(run: dict) -> str:
     """Why a log has no MFU values: its mfu_note (e.g. CPU) or that no step was timed yet."""
     note = run["environment"].get("mfu_note")
     if run["environment"].get("peak_flops") is None and note:
         return note
     if not series(run["training_iterations"], "dt_ms")[0]:
-        return "no timed step logged yet"
+        return speed_missing(run)
     return note or "MFU is null in this log"
 
 
@@ -132,7 +138,7 @@ def tokens_per_iteration(run: dict) -> tuple[float | None, str]:
     """Tokens per optimizer step and where the figure came from: the config, else tokens_seen deltas."""
     tc = run["config"].get("train", {})
     keys = ("batch_size", "gradient_accumulation_steps", "block_size")
-    if all(_finite(tc.get(k)) for k in keys):
+    if all(is_number(tc.get(k)) for k in keys):
         b, g, t = (tc[k] for k in keys)
         return float(b * g * t), f"config: {b} batch x {g} accumulation x {t} block"
     xs, tokens = series(run["training_iterations"], "tokens_seen")
