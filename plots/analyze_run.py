@@ -73,72 +73,95 @@ def duration(hours: float) -> str:
     return f"{hours:,.2f} hours ({hours / 24:,.1f} days)"
 
 
-def report(run: dict, skip: int | None, tokens: float | None) -> list[str]:
-    """The summary's lines."""
-    records, evals = run["training_iterations"], run["evaluations"]
-    model, env = run["model"], run["environment"]
-    max_iters = run["config"].get("train", {}).get("max_iters")
+def row(name: str, text: str) -> str:
+    return f"{name:20}{text}"
+
+
+def progress_lines(run: dict) -> list[str]:
+    """What the run is, and its latest iteration, loss and best val loss."""
+    records, model, env = run["training_iterations"], run["model"], run["environment"]
     updated = f" (updated {run['updated_at'].replace('T', ' ')})" if run.get("updated_at") else ""
-    lines = [f"run                 {run['path']}{updated}"]
+    lines = [row("run", f"{run['path']}{updated}")]
     if model.get("architecture"):
-        lines.append(f"model               {model['architecture']}: {model.get('n_params', 0):,} parameters, "
-                     f"{model.get('flops_per_token', 0):.4g} FLOPs/token")
+        size = f"{model.get('n_params', 0):,} parameters, {model.get('flops_per_token', 0):.4g} FLOPs/token"
+        lines.append(row("model", f"{model['architecture']}: {size}"))
     if env.get("device"):
         sha = (env.get("git_sha") or "unknown")[:7] + (" (dirty)" if env.get("git_dirty") else "")
-        lines.append(f"setup               {env.get('gpu_name') or env['device']} x {env.get('world_size', 1)}, "
-                     f"{str(env.get('dtype', '?')).removeprefix('torch.')}, torch {env.get('torch_version', '?')}, "
-                     f"git {sha}")
+        dtype = str(env.get("dtype", "?")).removeprefix("torch.")
+        device = f"{env.get('gpu_name') or env['device']} x {env.get('world_size', 1)}"
+        lines.append(row("setup", f"{device}, {dtype}, torch {env.get('torch_version', '?')}, git {sha}"))
     if records:
-        last = records[-1]
-        seen = f", {last['tokens_seen']:,} tokens seen" if runlogs.is_number(last.get("tokens_seen")) else ""
+        last, max_iters = records[-1], run["config"].get("train", {}).get("max_iters")
         of = f" of {max_iters}" if max_iters else ""
+        seen = f", {last['tokens_seen']:,} tokens seen" if runlogs.is_number(last.get("tokens_seen")) else ""
         loss = f"{last['loss']:.4f}" if runlogs.is_number(last.get("loss")) else str(last.get("loss"))
-        lines.append(f"latest              iter {last['iter']}{of}{seen}, loss {loss}")
+        lines.append(row("latest", f"iter {last['iter']}{of}{seen}, loss {loss}"))
     else:
-        lines.append("latest              no training record logged yet")
-    scored = [r for r in evals if runlogs.is_number(r.get("val_loss"))]
+        lines.append(row("latest", "no training record logged yet"))
+    scored = [r for r in run["evaluations"] if runlogs.is_number(r.get("val_loss"))]
     if scored:
-        best = min(scored, key=lambda r: r["val_loss"])
-        lines.append(f"best val loss       {best['val_loss']:.4f} at iter {best['iter']} "
-                     f"(latest {scored[-1]['val_loss']:.4f} at iter {scored[-1]['iter']}; evaluations: {len(scored)})")
+        best, last = min(scored, key=lambda r: r["val_loss"]), scored[-1]
+        latest = f"latest {last['val_loss']:.4f} at iter {last['iter']}; evaluations: {len(scored)}"
+        lines.append(row("best val loss", f"{best['val_loss']:.4f} at iter {best['iter']} ({latest})"))
     else:
-        lines.append("best val loss       n/a (no evaluation logged yet)")
+        lines.append(row("best val loss", "n/a (no evaluation logged yet)"))
+    return lines
 
-    skip = warmup_skip(records) if skip is None else skip
-    kept = timed_records(records, skip)
+
+def speed_lines(run: dict, kept: list[dict], skip: int) -> list[str]:
+    """Mean, min and max of each speed field over the kept records, or why there is none."""
+    records = run["training_iterations"]
+    if not records:
+        return ["speed: n/a (no training record logged yet)"]
+    if not kept:
+        return [
+            f"speed: n/a (no timed record after skipping the first {skip} of {len(records)} records; "
+            "the first steps are untimed)"
+        ]
     untimed = len(records[skip:]) - len(kept)
-    lines.append("")
-    if kept:
-        lines.append(f"speed over {len(kept)} timed records, iters {kept[0]['iter']} to {kept[-1]['iter']} "
-                     f"(skipped the first {skip} of {len(records)} records as warm-up, {untimed} untimed)")
-        lines.append(f"{'':20}{'mean':>16}{'min':>16}{'max':>16}")
-    elif not records:
-        lines.append("speed: n/a (no training record logged yet)")
-    else:
-        lines.append(f"speed: n/a (no timed record after skipping the first {skip} of {len(records)} records; "
-                     "the first steps are untimed)")
-    missing = {"mfu": runlogs.mfu_missing(run), "memory_allocated_gb": runlogs.memory_missing(run),
-               "memory_peak_gb": runlogs.memory_missing(run)}
-    for key, name, scale, fmt in SPEED_ROWS if kept else []:
+    lines = [
+        f"speed over {len(kept)} timed records, iters {kept[0]['iter']} to {kept[-1]['iter']} "
+        f"(skipped the first {skip} of {len(records)} records as warm-up, {untimed} untimed)",
+        row("", f"{'mean':>16}{'min':>16}{'max':>16}"),
+    ]
+    missing = {
+        "mfu": runlogs.mfu_missing(run),
+        "memory_allocated_gb": runlogs.memory_missing(run),
+        "memory_peak_gb": runlogs.memory_missing(run),
+    }
+    for key, name, scale, fmt in SPEED_ROWS:
         s = stats(kept, key, scale)
         if s is None:
-            lines.append(f"{name:20}n/a ({missing.get(key, 'null in this log')})")
+            lines.append(row(name, f"n/a ({missing.get(key, 'null in this log')})"))
         else:
-            lines.append(f"{name:20}" + "".join(f"{fmt.format(v):>16}" for v in s))
+            lines.append(row(name, "".join(f"{fmt.format(v):>16}" for v in s)))
+    return lines
 
+
+def budget_lines(run: dict, kept: list[dict], tokens: float) -> list[str]:
+    """Iterations and hours to train on tokens at this run's tokens per iteration and mean dt."""
+    per_iter, source = runlogs.tokens_per_iteration(run)
+    lines = [row("tokens/iteration", f"{per_iter:,.0f} ({source})" if per_iter else f"n/a ({source})")]
+    dt = stats(kept, "dt_ms")
+    budget = f"to {tokens:.4g} tokens"
+    if per_iter and dt:
+        iters, hours = extrapolate(tokens, per_iter, dt[0])
+        lines.append(row(budget, f"{iters:,} iterations x {dt[0]:,.3f} ms = {duration(hours)}"))
+    elif per_iter:
+        lines.append(row(budget, "n/a (no timed record to take the time per iteration from)"))
+    else:
+        lines.append(row(budget, "n/a (no tokens per iteration)"))
+    return lines
+
+
+def report(run: dict, skip: int | None, tokens: float | None) -> list[str]:
+    """The summary's lines: progress, speed after warm-up and, given a token budget, the extrapolation."""
+    records = run["training_iterations"]
+    skip = warmup_skip(records) if skip is None else skip
+    kept = timed_records(records, skip)
+    lines = [*progress_lines(run), "", *speed_lines(run, kept, skip)]
     if tokens is not None:
-        per_iter, source = runlogs.tokens_per_iteration(run)
-        lines.append("")
-        lines.append(f"tokens/iteration    {per_iter:,.0f} ({source})" if per_iter else
-                     f"tokens/iteration    n/a ({source})")
-        dt = stats(kept, "dt_ms")
-        budget = f"to {tokens:.4g} tokens"
-        if per_iter and dt:
-            iters, hours = extrapolate(tokens, per_iter, dt[0])
-            lines.append(f"{budget:20}{iters:,} iterations x {dt[0]:,.3f} ms = {duration(hours)}")
-        else:
-            why = "no timed record to take the time per iteration from" if per_iter else "no tokens per iteration"
-            lines.append(f"{budget:20}n/a ({why})")
+        lines += ["", *budget_lines(run, kept, tokens)]
     return lines
 
 
@@ -163,11 +186,17 @@ def _token_budget(text: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="analyze_run.py", description=__doc__.strip().splitlines()[0])
+    parser = runlogs.ArgumentParser(prog="analyze_run.py", description=__doc__)
     parser.add_argument("log", metavar="RUN.json", help="a run log (out_dir/run_*.json)")
-    parser.add_argument("--tokens", type=_token_budget, help="token budget to extrapolate to, e.g. 85e9")
-    parser.add_argument("--skip", type=_non_negative_int,
-                        help="warm-up records to skip (default: min(10%% of records, records of the first 50 iters))")
+    parser.add_argument(
+        "--tokens", type=_token_budget, metavar="N", help="token budget to extrapolate to, e.g. 85e9"
+    )
+    parser.add_argument(
+        "--skip",
+        type=_non_negative_int,
+        metavar="N",
+        help="warm-up records to skip (default: min(10%% of records, records of the first 50 iters))",
+    )
     args = parser.parse_args(argv)
     try:
         run = runlogs.load(args.log)

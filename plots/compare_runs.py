@@ -33,10 +33,15 @@ def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: fl
         ax.plot(vx, vy, "o--", color=color, markersize=4)
         drawn = drawn or bool(xs or vx)
     if drawn:
-        ax.legend(handles=[
-            Line2D([], [], color="0.3", label="train loss (per step, EMA)"),
-            Line2D([], [], color="0.3", linestyle="--", marker="o", markersize=4, label="val loss (eval)"),
-        ], fontsize=8)
+        ax.legend(
+            handles=[
+                Line2D([], [], color="0.3", label="train loss (per step, EMA)"),
+                Line2D(
+                    [], [], color="0.3", linestyle="--", marker="o", markersize=4, label="val loss (eval)"
+                ),
+            ],
+            fontsize=8,
+        )
     else:
         single.no_data(ax, "no training record or evaluation logged yet")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -67,28 +72,49 @@ def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs
     mfu.set_xlabel("iteration")
     for ax in (loss_it, loss_tok, speed, mfu):
         ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], color=c, linewidth=1.8, label=single.title(run, name))
-               for run, name, c in zip(runs, labels, colors)]
-    fig.legend(handles=handles, loc="outside upper center", fontsize=8,
-               title=f"faint: raw logged values; solid: their EMA, factor {smooth:g} per logged record",
-               title_fontsize=9)
+    handles = [
+        Line2D([], [], color=c, linewidth=1.8, label=single.title(run, name))
+        for run, name, c in zip(runs, labels, colors)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        fontsize=8,
+        title=f"faint: raw logged values; solid: their EMA, factor {smooth:g} per logged record",
+        title_fontsize=9,
+    )
     return fig
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="compare_runs.py", description=__doc__.strip().splitlines()[0])
+    parser = runlogs.ArgumentParser(prog="compare_runs.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs to overlay")
-    parser.add_argument("--labels", help="comma-separated names, one per log (default: folder/file of each)")
-    parser.add_argument("--out", type=runlogs.image_path,
-                        help="image to write (default: compare_runs.png next to the first log)")
-    parser.add_argument("--smooth", type=runlogs.smoothing_factor, default=runlogs.SMOOTHING,
-                        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})")
+    parser.add_argument(
+        "--labels",
+        metavar="A,B,...",
+        help="comma-separated names, one per log (default: folder/file of each)",
+    )
+    parser.add_argument(
+        "--out",
+        type=runlogs.image_path,
+        metavar="PNG",
+        help="image to write (default: compare_runs.png next to the first log)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=runlogs.smoothing_factor,
+        default=runlogs.SMOOTHING,
+        metavar="FACTOR",
+        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
+    )
     args = parser.parse_args(argv)
     labels = [runlogs.label(path) for path in args.logs]
     if args.labels is not None:
         labels = [name.strip() for name in args.labels.split(",")]
         if len(labels) != len(args.logs) or not all(labels):
-            parser.error(f"--labels has {len(labels)} names for {len(args.logs)} logs; give one non-empty name each")
+            parser.error(
+                f"--labels has {len(labels)} names for {len(args.logs)} logs; give one non-empty name each"
+            )
     out = args.out or os.path.join(os.path.dirname(args.logs[0]), "compare_runs.png")
     try:
         runs = [runlogs.load(path) for path in args.logs]

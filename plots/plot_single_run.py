@@ -25,18 +25,26 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 
-def draw_smoothed(ax: Axes, xs: list[float], ys: list[float], color: str, label: str | None,
-                  smooth: float) -> None:
+def draw_smoothed(
+    ax: Axes, xs: list[float], ys: list[float], color: str, label: str | None, smooth: float
+) -> None:
     """The raw points, faint, and their EMA on top (the only one labelled)."""
     few = len(xs) < 50  # markers keep a run of 1 or 2 records visible
     ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8, marker="." if few else None)
-    ax.plot(xs, runlogs.ema(ys, smooth), color=color, linewidth=1.8, label=label,
-            marker="o" if len(xs) == 1 else None)
+    ax.plot(
+        xs,
+        runlogs.ema(ys, smooth),
+        color=color,
+        linewidth=1.8,
+        label=label,
+        marker="o" if len(xs) == 1 else None,
+    )
 
 
 def no_data(ax: Axes, why: str) -> None:
-    ax.text(0.5, 0.5, f"no data\n({why})", transform=ax.transAxes, ha="center", va="center", wrap=True,
-            fontsize=9, color="0.4")
+    """A note in the middle of an empty panel saying why it is empty."""
+    note = dict(ha="center", va="center", wrap=True, fontsize=9, color="0.4")
+    ax.text(0.5, 0.5, f"no data\n({why})", transform=ax.transAxes, **note)
     ax.set_yticks([])  # an empty axis's 0..1 scale would read as values
 
 
@@ -46,17 +54,36 @@ def panel_loss(ax: Axes, runs: list[dict], colors: list[str], smooth: float) -> 
         xs, ys = runlogs.series(run["training_iterations"], "loss")
         draw_smoothed(ax, xs, ys, color, "train loss (per step, EMA)" if one and xs else None, smooth)
         xs, ys = runlogs.series(run["evaluations"], "val_loss")
-        ax.plot(xs, ys, "o--", color="C1" if one else color, markersize=4,
-                label="val loss (eval)" if one and xs else None)
+        ax.plot(
+            xs,
+            ys,
+            "o--",
+            color="C1" if one else color,
+            markersize=4,
+            label="val loss (eval)" if one and xs else None,
+        )
         xs, ys = runlogs.series(run["evaluations"], "train_loss")
-        ax.plot(xs, ys, "s:", color="C2" if one else color, markersize=3,
-                label="train loss (eval)" if one and xs else None)
+        ax.plot(
+            xs,
+            ys,
+            "s:",
+            color="C2" if one else color,
+            markersize=3,
+            label="train loss (eval)" if one and xs else None,
+        )
     if not one:  # colours name the runs (figure legend); line styles name the series
-        ax.legend(handles=[
-            Line2D([], [], color="0.3", label="train loss (per step, EMA)"),
-            Line2D([], [], color="0.3", linestyle="--", marker="o", markersize=4, label="val loss (eval)"),
-            Line2D([], [], color="0.3", linestyle=":", marker="s", markersize=3, label="train loss (eval)"),
-        ], fontsize=8)
+        ax.legend(
+            handles=[
+                Line2D([], [], color="0.3", label="train loss (per step, EMA)"),
+                Line2D(
+                    [], [], color="0.3", linestyle="--", marker="o", markersize=4, label="val loss (eval)"
+                ),
+                Line2D(
+                    [], [], color="0.3", linestyle=":", marker="s", markersize=3, label="train loss (eval)"
+                ),
+            ],
+            fontsize=8,
+        )
     if not any(run["training_iterations"] or run["evaluations"] for run in runs):
         no_data(ax, "no training record or evaluation logged yet")
     elif one:
@@ -65,8 +92,16 @@ def panel_loss(ax: Axes, runs: list[dict], colors: list[str], smooth: float) -> 
     ax.set_ylabel("cross-entropy (nats/token)")
 
 
-def panel_series(ax: Axes, runs: list[dict], colors: list[str], key: str, scale: float, smooth: float,
-                 why_missing: Callable[[dict], str], x: str = "iter") -> bool:
+def panel_series(
+    ax: Axes,
+    runs: list[dict],
+    colors: list[str],
+    key: str,
+    scale: float,
+    smooth: float,
+    why_missing: Callable[[dict], str],
+    x: str = "iter",
+) -> bool:
     """One smoothed series per run; a 'no data' note (why_missing(first run)) when no run has a value."""
     drawn = False
     for run, color in zip(runs, colors):
@@ -122,8 +157,12 @@ def panel_module_norms(ax: Axes, run: dict) -> None:
     modules = list(dict.fromkeys(m for r in run["gradient_norms"] for m in r["norms"]))
     cmap = matplotlib.colormaps["viridis"]
     for i, module in enumerate(modules):
-        xs = [r["iter"] for r in run["gradient_norms"] if module in r["norms"]]
-        ys = [r["norms"][module] for r in run["gradient_norms"] if module in r["norms"]]
+        points = [
+            (r["iter"], r["norms"][module])
+            for r in run["gradient_norms"]
+            if runlogs.is_number(r["norms"].get(module))
+        ]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
         ax.plot(xs, ys, color=cmap(i / max(1, len(modules) - 1)), linewidth=1.0, label=module)
     ax.set_yscale("log")  # embeddings and deep blocks differ by orders of magnitude
     ax.legend(fontsize=6, ncol=2 if len(modules) > 8 else 1)
@@ -157,7 +196,8 @@ def plot_runs(runs: list[dict], smooth: float = runlogs.SMOOTHING) -> Figure:
     n_panels = 6 + (1 if with_modules else 0)
     rows = (n_panels + 1) // 2
     fig = Figure(figsize=(12, 3.3 * rows + 0.6), dpi=100, layout="constrained")
-    axes = fig.subplots(rows, 2, squeeze=False, sharex="all").flatten()  # empty panels span the same iterations
+    # shared x: a panel with no data still spans the iterations of the others
+    axes = fig.subplots(rows, 2, squeeze=False, sharex="all").flatten()
     panel_loss(axes[0], runs, colors, smooth)
     panel_lr(axes[1], runs, colors)
     if panel_series(axes[2], runs, colors, "tokens_per_sec", 1.0, smooth, runlogs.speed_missing):
@@ -198,12 +238,21 @@ def default_out(paths: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="plot_single_run.py", description=__doc__.strip().splitlines()[0])
+    parser = runlogs.ArgumentParser(prog="plot_single_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs (several: overlaid)")
-    parser.add_argument("--out", type=runlogs.image_path,
-                        help="image to write (default: next to the first log, run_X.png)")
-    parser.add_argument("--smooth", type=runlogs.smoothing_factor, default=runlogs.SMOOTHING,
-                        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})")
+    parser.add_argument(
+        "--out",
+        type=runlogs.image_path,
+        metavar="PNG",
+        help="image to write (default: next to the first log, run_X.png)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=runlogs.smoothing_factor,
+        default=runlogs.SMOOTHING,
+        metavar="FACTOR",
+        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
+    )
     args = parser.parse_args(argv)
     try:
         runs = [runlogs.load(path) for path in args.logs]

@@ -29,7 +29,15 @@ class RunLogError(ValueError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: ...' on stderr and exit status 2, no usage dump."""
+    """argparse with one-line errors: 'error: ...' on stderr and exit status 2, no usage dump.
+
+    --help prints the script's docstring as written, examples included.
+    """
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(
+            prog=prog, description=description.strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}", file=sys.stderr)
@@ -69,7 +77,11 @@ def load(path: str) -> dict:
         if not isinstance(records, list) or not all(
             isinstance(r, dict) and isinstance(r.get("iter"), int) for r in records
         ):
-            raise RunLogError(f"{path} is not a run log ({key} must be a list of records with an integer iter)")
+            raise RunLogError(
+                f"{path} is not a run log ({key} must be a list of records with an integer iter)"
+            )
+    if not all(isinstance(r.get("norms"), dict) for r in run["gradient_norms"]):
+        raise RunLogError(f"{path} is not a run log (gradient_norms records need a norms object)")
     for key in ("config", "environment", "model"):
         if not isinstance(run.setdefault(key, {}), dict):
             raise RunLogError(f"{path} is not a run log ({key} is not an object)")
@@ -84,7 +96,9 @@ def label(path: str) -> str:
     return f"{folder}/{stem}" if folder else stem
 
 
-def series(records: list[dict], key: str, x: str = "iter", scale: float = 1.0) -> tuple[list[float], list[float]]:
+def series(
+    records: list[dict], key: str, x: str = "iter", scale: float = 1.0
+) -> tuple[list[float], list[float]]:
     """(xs, ys) of records where both fields are finite numbers; null, absent and NaN values are left out."""
     xs, ys = [], []
     for r in records:
@@ -154,7 +168,9 @@ def image_path(text: str) -> str:
     ext = os.path.splitext(text)[1].lstrip(".").lower()
     supported = FigureCanvasBase.get_supported_filetypes()
     if ext not in supported:
-        raise argparse.ArgumentTypeError(f"{text!r} has no image extension; use one of {', '.join(sorted(supported))}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no image extension; use one of {', '.join(sorted(supported))}"
+        )
     return text
 
 

@@ -47,7 +47,11 @@ def assert_png(path: str) -> None:
 def train_log(char_dataset, tmp_path_factory) -> str:
     """A genuine run log: 12 iterations of a tiny LLaMA-3 on CPU, evaluations and per-module grad norms."""
     out = tmp_path_factory.mktemp("plots_run")
-    ok(run_train(tiny_args(char_dataset, out, "--max_iters=12", "--eval_interval=4", "--gradient_log_interval=4")))
+    ok(
+        run_train(
+            tiny_args(char_dataset, out, "--max_iters=12", "--eval_interval=4", "--gradient_log_interval=4")
+        )
+    )
     (path,) = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("run_") and f.endswith(".json")]
     return path
 
@@ -64,7 +68,11 @@ def variant(train_log: str, tmp_path, name: str) -> str:
         log["training_iterations"], log["gradient_norms"] = [], []
         log["evaluations"] = [{k: v for k, v in log["evaluations"][0].items() if k != "tokens_seen"}]
     elif name == "gpu fields":  # MFU and memory present, as on a known GPU (values invented)
-        log["environment"] |= {"device": "cuda:0", "gpu_name": "NVIDIA H100 80GB HBM3", "peak_flops": 989.4e12}
+        log["environment"] |= {
+            "device": "cuda:0",
+            "gpu_name": "NVIDIA H100 80GB HBM3",
+            "peak_flops": 989.4e12,
+        }
         for i, r in enumerate(log["training_iterations"]):
             if r["dt_ms"] is not None:
                 r |= {"mfu": 0.3 + 0.01 * i, "memory_allocated_gb": 10.0 + i, "memory_peak_gb": 20.0 + i}
@@ -135,8 +143,10 @@ def test_missing_fields_are_noted_not_dropped(train_log, tmp_path):
 
 
 def test_scripts_import_neither_torch_nor_train():
-    code = ("import sys; sys.path.insert(0, 'plots'); import plot_single_run, compare_runs, analyze_run; "
-            "print(sorted(m for m in ('torch', 'train', 'model', 'runlog') if m in sys.modules))")
+    code = (
+        "import sys; sys.path.insert(0, 'plots'); import plot_single_run, compare_runs, analyze_run; "
+        "print(sorted(m for m in ('torch', 'train', 'model', 'runlog') if m in sys.modules))"
+    )
     p = ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60))
     assert p.stdout.strip() == "[]"
 
@@ -176,8 +186,10 @@ def test_analyze_run_figures(skip, train_log):
     assert row(out, "tokens/s") == pytest.approx([sum(tps) / len(tps), min(tps), max(tps)], abs=0.6)
     assert "MFU                 n/a (MFU not computed on CPU" in out
     assert "memory peak         n/a (memory is only measured on CUDA; this run used cpu)" in out
-    assert f"latest              iter 11 of 12, {records[-1]['tokens_seen']:,} tokens seen, " \
-           f"loss {records[-1]['loss']:.4f}" in out
+    assert (
+        f"latest              iter 11 of 12, {records[-1]['tokens_seen']:,} tokens seen, "
+        f"loss {records[-1]['loss']:.4f}" in out
+    )
     best = min(log["evaluations"], key=lambda e: e["val_loss"])
     assert f"best val loss       {best['val_loss']:.4f} at iter {best['iter']} " in out
     # extrapolation: 1e9 tokens at 4 x 1 x 32 = 128 tokens per iteration and the mean time per iteration
@@ -258,12 +270,18 @@ def bad_inputs(tmp_path, train_log) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_is_one_clean_line(script, train_log, tmp_path):
     cases = bad_inputs(tmp_path, train_log)
+    if script != "analyze_run.py":  # the same runlogs.load; a subset keeps the matplotlib start-ups few
+        cases = {k: cases[k] for k in ("missing file", "not JSON", "JSON, not a run log")}
     if script == "analyze_run.py":
-        cases |= {"bad --tokens": ([train_log, "--tokens", "lots"], "'lots' is not a number"),
-                  "negative --tokens": ([train_log, "--tokens=-5"], "must be a positive number of tokens")}
+        cases |= {
+            "bad --tokens": ([train_log, "--tokens", "lots"], "'lots' is not a number"),
+            "negative --tokens": ([train_log, "--tokens=-5"], "must be a positive number of tokens"),
+        }
     else:
-        cases |= {"bad --out": ([train_log, "--out", str(tmp_path / "fig.txt")], "has no image extension"),
-                  "bad --smooth": ([train_log, "--smooth", "1.5"], "must be in [0, 1)")}
+        cases |= {
+            "bad --out": ([train_log, "--out", str(tmp_path / "fig.txt")], "has no image extension"),
+            "bad --smooth": ([train_log, "--smooth", "1.5"], "must be in [0, 1)"),
+        }
     if script == "compare_runs.py":
         cases["labels"] = ([train_log, train_log, "--labels", "a"], "--labels has 1 names for 2 logs")
     for case, (args, message) in cases.items():
