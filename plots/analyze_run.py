@@ -66,6 +66,7 @@ def extrapolate(tokens: float, tokens_per_iter: float, ms_per_iter: float) -> tu
 
 
 def duration(hours: float) -> str:
+    """Hours, with minutes for short spans and days for long ones."""
     if hours < 1:
         return f"{hours:.3f} hours ({hours * 60:.1f} minutes)"
     if hours < 48:
@@ -74,6 +75,7 @@ def duration(hours: float) -> str:
 
 
 def row(name: str, text: str) -> str:
+    """One line of the summary: a 20-character name column, then the text."""
     return f"{name:20}{text}"
 
 

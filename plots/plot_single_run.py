@@ -49,6 +49,7 @@ def no_data(ax: Axes, why: str) -> None:
 
 
 def panel_loss(ax: Axes, runs: list[dict], colors: list[str], smooth: float) -> None:
+    """Per-step training loss (raw and EMA) and the train and val loss of each evaluation."""
     one = len(runs) == 1
     for run, color in zip(runs, colors):
         xs, ys = runlogs.series(run["training_iterations"], "loss")
@@ -115,6 +116,7 @@ def panel_series(
 
 
 def panel_lr(ax: Axes, runs: list[dict], colors: list[str]) -> None:
+    """The learning rate of each logged step."""
     for run, color in zip(runs, colors):
         xs, ys = runlogs.series(run["training_iterations"], "lr")
         ax.plot(xs, ys, color=color, marker="." if len(xs) < 50 else None)  # exact values: nothing to smooth
@@ -126,6 +128,7 @@ def panel_lr(ax: Axes, runs: list[dict], colors: list[str]) -> None:
 
 
 def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
+    """Allocated memory (solid) and the peak since the start (dashed), in GiB."""
     drawn = False
     for run, color in zip(runs, colors):
         for key, style, name in (("memory_allocated_gb", "-", "allocated"), ("memory_peak_gb", "--", "peak")):
@@ -142,6 +145,7 @@ def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
 
 
 def panel_grad_norm(ax: Axes, runs: list[dict], colors: list[str], smooth: float) -> None:
+    """The global gradient norm before clipping, with each run's grad_clip threshold."""
     panel_series(ax, runs, colors, "grad_norm", 1.0, smooth, lambda run: "no training record logged yet")
     clips = {run["config"].get("train", {}).get("grad_clip") for run in runs} - {None, 0}
     for clip in sorted(clips):
@@ -233,6 +237,7 @@ def plot_runs(runs: list[dict], smooth: float = runlogs.SMOOTHING) -> Figure:
 
 
 def default_out(paths: list[str]) -> str:
+    """Next to the first log: run_X.png, or run_X_overlay.png for several logs."""
     stem = os.path.splitext(paths[0])[0]
     return f"{stem}.png" if len(paths) == 1 else f"{stem}_overlay.png"
 

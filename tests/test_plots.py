@@ -1,14 +1,16 @@
-"""plots/: the three scripts run the way users run them, on a real run log from train.py, partial logs and bad input."""
+"""plots/: the three scripts run as users run them, on a real train.py log, partial logs and bad input."""
 
 import json
 import math
 import os
+import pathlib
 import re
 import struct
 import subprocess
 import sys
 
 import pytest
+from matplotlib.figure import Figure
 from test_train import ok, run_train, tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +46,7 @@ def assert_png(path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def train_log(char_dataset, tmp_path_factory) -> str:
+def train_log(char_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A genuine run log: 12 iterations of a tiny LLaMA-3 on CPU, evaluations and per-module grad norms."""
     out = tmp_path_factory.mktemp("plots_run")
     ok(
@@ -56,7 +58,7 @@ def train_log(char_dataset, tmp_path_factory) -> str:
     return path
 
 
-def variant(train_log: str, tmp_path, name: str) -> str:
+def variant(train_log: str, tmp_path: pathlib.Path, name: str) -> str:
     """The real log edited into what a run in progress, or another device, would write."""
     log = read(train_log)
     if name == "one record":  # the first (untimed) step logged, no evaluation yet
@@ -85,14 +87,14 @@ def variant(train_log: str, tmp_path, name: str) -> str:
 # Figures
 
 
-def test_plot_single_run_from_repo_root(train_log):
+def test_plot_single_run_from_repo_root(train_log: str) -> None:
     p = ok(run_script("plot_single_run.py", train_log))
     png = os.path.splitext(train_log)[0] + ".png"  # default: next to the log
     assert p.stdout.strip() == f"wrote {png}" and p.stderr == ""
     assert_png(png)
 
 
-def test_plot_single_run_from_plots_dir(train_log, tmp_path):
+def test_plot_single_run_from_plots_dir(train_log: str, tmp_path: pathlib.Path) -> None:
     # the seed's command: cd plots && python plot_single_run.py ../saves/run_*.json; relative paths are the CWD's
     log, out = os.path.relpath(train_log, PLOTS), os.path.relpath(tmp_path / "fig" / "run.png", PLOTS)
     p = ok(run_script("plot_single_run.py", log, "--out", out, cwd=PLOTS))
@@ -100,7 +102,7 @@ def test_plot_single_run_from_plots_dir(train_log, tmp_path):
     assert_png(str(tmp_path / "fig" / "run.png"))
 
 
-def test_compare_runs(train_log, tmp_path):
+def test_compare_runs(train_log: str, tmp_path: pathlib.Path) -> None:
     other = variant(train_log, tmp_path, "gpu fields")
     out = str(tmp_path / "cmp.png")
     p = ok(run_script("compare_runs.py", train_log, other, "--labels", "cpu,gpu", "--out", out))
@@ -111,7 +113,7 @@ def test_compare_runs(train_log, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["one record", "no records", "eval_only", "gpu fields"])
-def test_partial_and_other_logs(name, train_log, tmp_path):
+def test_partial_and_other_logs(name: str, train_log: str, tmp_path: pathlib.Path) -> None:
     log = variant(train_log, tmp_path, name)
     ok(run_script("plot_single_run.py", log, train_log, "--out", str(tmp_path / "overlay.png")))
     assert_png(str(tmp_path / "overlay.png"))
@@ -124,11 +126,12 @@ def test_partial_and_other_logs(name, train_log, tmp_path):
         assert "speed: n/a" in p.stdout and "n/a (no timed record" in p.stdout
 
 
-def panel_notes(fig) -> dict[str, str]:
+def panel_notes(fig: Figure) -> dict[str, str]:
+    """Each visible panel's title and the text drawn on it (the 'no data' notes)."""
     return {ax.get_title(): " ".join(t.get_text() for t in ax.texts) for ax in fig.axes if ax.get_visible()}
 
 
-def test_missing_fields_are_noted_not_dropped(train_log, tmp_path):
+def test_missing_fields_are_noted_not_dropped(train_log: str, tmp_path: pathlib.Path) -> None:
     cpu = runlogs.load(train_log)
     notes = panel_notes(plot_single_run.plot_runs([cpu]))
     assert "no data" in notes["Model FLOPs utilisation"] and "CPU" in notes["Model FLOPs utilisation"]
@@ -142,7 +145,7 @@ def test_missing_fields_are_noted_not_dropped(train_log, tmp_path):
     assert "no timed step" in panel_notes(plot_single_run.plot_runs([one]))["Throughput"]
 
 
-def test_scripts_import_neither_torch_nor_train():
+def test_scripts_import_neither_torch_nor_train() -> None:
     code = (
         "import sys; sys.path.insert(0, 'plots'); import plot_single_run, compare_runs, analyze_run; "
         "print(sorted(m for m in ('torch', 'train', 'model', 'runlog') if m in sys.modules))"
@@ -166,7 +169,7 @@ def row(stdout: str, name: str) -> list[float]:
 
 
 @pytest.mark.parametrize("skip", [None, 4])
-def test_analyze_run_figures(skip, train_log):
+def test_analyze_run_figures(skip: int | None, train_log: str) -> None:
     log = read(train_log)
     records = log["training_iterations"]
     if skip is None:  # the documented rule: min(10% of records, records of the first 50 iterations)
@@ -201,7 +204,7 @@ def test_analyze_run_figures(skip, train_log):
     assert number(m[3]) == pytest.approx(iters * (sum(dt) / len(dt)) / 1000 / 3600, abs=6e-3)
 
 
-def test_analyze_run_gpu_fields(train_log, tmp_path):
+def test_analyze_run_gpu_fields(train_log: str, tmp_path: pathlib.Path) -> None:
     path = variant(train_log, tmp_path, "gpu fields")
     log = read(path)
     kept = [r for r in log["training_iterations"][1:] if r["dt_ms"] is not None]
@@ -213,7 +216,7 @@ def test_analyze_run_gpu_fields(train_log, tmp_path):
     assert "tokens/iteration" not in out  # no --tokens, no extrapolation
 
 
-def test_extrapolation_arithmetic():
+def test_extrapolation_arithmetic() -> None:
     assert analyze_run.extrapolate(1000, 100, 3600.0) == (10, 0.01)  # 10 steps of 3.6 s
     assert analyze_run.extrapolate(1001, 100, 1000.0)[0] == 11  # a started step is a whole step
     # the seed's question: 85e9 tokens at the quickstart's 768 tokens per iteration
@@ -221,7 +224,7 @@ def test_extrapolation_arithmetic():
     assert iters == 110_677_084 and hours == pytest.approx(110_677_084 * 41.787 / 3.6e6)
 
 
-def test_tokens_per_iteration_without_config(train_log, tmp_path):
+def test_tokens_per_iteration_without_config(train_log: str, tmp_path: pathlib.Path) -> None:
     log = read(train_log)
     log["config"] = {}
     path = tmp_path / "no_config.json"
@@ -234,7 +237,7 @@ def iters_records(first: int, n: int, step: int) -> list[dict]:
     return [{"iter": first + i * step} for i in range(n)]
 
 
-def test_warmup_rule():
+def test_warmup_rule() -> None:
     assert analyze_run.warmup_skip([]) == 0
     assert analyze_run.warmup_skip(iters_records(0, 201, 10)) == 5  # quickstart: 50 iterations < 10% (20)
     assert analyze_run.warmup_skip(iters_records(0, 12, 1)) == 1  # 10% of 12 records < 50 iterations
@@ -242,7 +245,7 @@ def test_warmup_rule():
     assert analyze_run.warmup_skip(iters_records(5000, 1000, 1)) == 50  # a resumed run warms up again
 
 
-def test_ema():
+def test_ema() -> None:
     assert runlogs.ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards 0
     assert runlogs.ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 5.0 / 0.75])
     assert runlogs.ema([1.0, 5.0, 3.0], 0.0) == [1.0, 5.0, 3.0]
@@ -253,7 +256,8 @@ def test_ema():
 # Bad input: one line, no traceback, nonzero exit
 
 
-def bad_inputs(tmp_path, train_log) -> dict[str, tuple[list[str], str]]:
+def bad_inputs(tmp_path: pathlib.Path) -> dict[str, tuple[list[str], str]]:
+    """Files that are not run logs, for every script: args and the expected message."""
     (tmp_path / "notes.txt").write_text("loss went down\n")
     (tmp_path / "list.json").write_text("[1, 2, 3]")
     (tmp_path / "other.json").write_text('{"training_iterations": [{"loss": 1.0}]}')
@@ -268,8 +272,8 @@ def bad_inputs(tmp_path, train_log) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_is_one_clean_line(script, train_log, tmp_path):
-    cases = bad_inputs(tmp_path, train_log)
+def test_bad_input_is_one_clean_line(script: str, train_log: str, tmp_path: pathlib.Path) -> None:
+    cases = bad_inputs(tmp_path)
     if script != "analyze_run.py":  # the same runlogs.load; a subset keeps the matplotlib start-ups few
         cases = {k: cases[k] for k in ("missing file", "not JSON", "JSON, not a run log")}
     if script == "analyze_run.py":
