@@ -1,0 +1,213 @@
+"""
+Summarise a training run from its JSON run log: progress, losses, speed after warm-up, and how
+long a token budget would take at that speed.
+
+    python plots/analyze_run.py out-shakespeare-char/run_20250101_120000.json --tokens 85e9
+
+Speed (time per iteration, tokens/s, MFU, memory) is the mean, min and max over the logged
+training records after a warm-up skip. Each record's dt_ms is already the mean over its log
+interval, so the mean here is the plain mean of the records. Warm-up: by default the first 10% of
+records or the records of the first 50 logged iterations, whichever is fewer (--skip N skips
+exactly N records); then records with null dt_ms (untimed steps) are left out.
+
+Extrapolation: iterations = ceil(tokens / tokens per iteration), tokens per iteration from the
+config (batch_size x gradient_accumulation_steps x block_size), else from tokens_seen deltas;
+hours = iterations x mean time per iteration. Evaluation and checkpoint time is not in dt_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+
+import runlogs  # plots/runlogs.py: Python puts the script's own folder on sys.path, whatever the cwd
+
+WARMUP_FRACTION = 0.1  # of the records
+WARMUP_ITERS = 50  # logged iterations, counted from the first record (a resumed run warms up again)
+
+# (record field, row name, scale, format of one value)
+SPEED_ROWS = [
+    ("dt_ms", "time per iteration", 1.0, "{:,.3f} ms"),
+    ("tokens_per_sec", "tokens/s", 1.0, "{:,.0f}"),
+    ("mfu", "MFU", 100.0, "{:.2f}%"),
+    ("memory_allocated_gb", "memory allocated", 1.0, "{:.3f} GiB"),
+    ("memory_peak_gb", "memory peak", 1.0, "{:.3f} GiB"),
+]
+
+
+def warmup_skip(records: list[dict]) -> int:
+    """Default warm-up: the first 10% of records or those of the first 50 iterations, whichever is fewer."""
+    if not records:
+        return 0
+    first = records[0]["iter"]
+    early = sum(1 for r in records if r["iter"] < first + WARMUP_ITERS)
+    return min(int(len(records) * WARMUP_FRACTION), early)
+
+
+def timed_records(records: list[dict], skip: int) -> list[dict]:
+    """The records after the first skip whose step was timed (dt_ms not null)."""
+    return [r for r in records[skip:] if runlogs.is_number(r.get("dt_ms"))]
+
+
+def stats(records: list[dict], key: str, scale: float = 1.0) -> tuple[float, float, float] | None:
+    """(mean, min, max) of a field over records, leaving nulls out; None if there is no value."""
+    _, values = runlogs.series(records, key, scale=scale)
+    if not values:
+        return None
+    return statistics.fmean(values), min(values), max(values)
+
+
+def extrapolate(tokens: float, tokens_per_iter: float, ms_per_iter: float) -> tuple[int, float]:
+    """(iterations, hours) to train on tokens at tokens_per_iter per step and ms_per_iter per step."""
+    iters = math.ceil(tokens / tokens_per_iter)
+    return iters, iters * ms_per_iter / 1000 / 3600
+
+
+def duration(hours: float) -> str:
+    """Hours, with minutes for short spans and days for long ones."""
+    if hours < 1:
+        return f"{hours:.3f} hours ({hours * 60:.1f} minutes)"
+    if hours < 48:
+        return f"{hours:,.2f} hours"
+    return f"{hours:,.2f} hours ({hours / 24:,.1f} days)"
+
+
+def row(name: str, text: str) -> str:
+    """One line of the summary: a 20-character name column, then the text."""
+    return f"{name:20}{text}"
+
+
+def progress_lines(run: dict) -> list[str]:
+    """What the run is, and its latest iteration, loss and best val loss."""
+    records, model, env = run["training_iterations"], run["model"], run["environment"]
+    updated = f" (updated {run['updated_at'].replace('T', ' ')})" if run.get("updated_at") else ""
+    lines = [row("run", f"{run['path']}{updated}")]
+    if model.get("architecture"):
+        size = f"{model.get('n_params', 0):,} parameters, {model.get('flops_per_token', 0):.4g} FLOPs/token"
+        lines.append(row("model", f"{model['architecture']}: {size}"))
+    if env.get("device"):
+        sha = (env.get("git_sha") or "unknown")[:7] + (" (dirty)" if env.get("git_dirty") else "")
+        dtype = str(env.get("dtype", "?")).removeprefix("torch.")
+        device = f"{env.get('gpu_name') or env['device']} x {env.get('world_size', 1)}"
+        lines.append(row("setup", f"{device}, {dtype}, torch {env.get('torch_version', '?')}, git {sha}"))
+    if records:
+        last, max_iters = records[-1], run["config"].get("train", {}).get("max_iters")
+        of = f" of {max_iters}" if max_iters else ""
+        seen = f", {last['tokens_seen']:,} tokens seen" if runlogs.is_number(last.get("tokens_seen")) else ""
+        loss = f"{last['loss']:.4f}" if runlogs.is_number(last.get("loss")) else str(last.get("loss"))
+        lines.append(row("latest", f"iter {last['iter']}{of}{seen}, loss {loss}"))
+    else:
+        lines.append(row("latest", "no training record logged yet"))
+    scored = [r for r in run["evaluations"] if runlogs.is_number(r.get("val_loss"))]
+    if scored:
+        best, last = min(scored, key=lambda r: r["val_loss"]), scored[-1]
+        latest = f"latest {last['val_loss']:.4f} at iter {last['iter']}; evaluations: {len(scored)}"
+        lines.append(row("best val loss", f"{best['val_loss']:.4f} at iter {best['iter']} ({latest})"))
+    else:
+        lines.append(row("best val loss", "n/a (no evaluation logged yet)"))
+    return lines
+
+
+def speed_lines(run: dict, kept: list[dict], skip: int) -> list[str]:
+    """Mean, min and max of each speed field over the kept records, or why there is none."""
+    records = run["training_iterations"]
+    if not records:
+        return ["speed: n/a (no training record logged yet)"]
+    if not kept:
+        return [
+            f"speed: n/a (no timed record after skipping the first {skip} of {len(records)} records; "
+            "the first steps are untimed)"
+        ]
+    untimed = len(records[skip:]) - len(kept)
+    lines = [
+        f"speed over {len(kept)} timed records, iters {kept[0]['iter']} to {kept[-1]['iter']} "
+        f"(skipped the first {skip} of {len(records)} records as warm-up, {untimed} untimed)",
+        row("", f"{'mean':>16}{'min':>16}{'max':>16}"),
+    ]
+    missing = {
+        "mfu": runlogs.mfu_missing(run),
+        "memory_allocated_gb": runlogs.memory_missing(run),
+        "memory_peak_gb": runlogs.memory_missing(run),
+    }
+    for key, name, scale, fmt in SPEED_ROWS:
+        s = stats(kept, key, scale)
+        if s is None:
+            lines.append(row(name, f"n/a ({missing.get(key, 'null in this log')})"))
+        else:
+            lines.append(row(name, "".join(f"{fmt.format(v):>16}" for v in s)))
+    return lines
+
+
+def budget_lines(run: dict, kept: list[dict], tokens: float) -> list[str]:
+    """Iterations and hours to train on tokens at this run's tokens per iteration and mean dt."""
+    per_iter, source = runlogs.tokens_per_iteration(run)
+    lines = [row("tokens/iteration", f"{per_iter:,.0f} ({source})" if per_iter else f"n/a ({source})")]
+    dt = stats(kept, "dt_ms")
+    budget = f"to {tokens:.4g} tokens"
+    if per_iter and dt:
+        iters, hours = extrapolate(tokens, per_iter, dt[0])
+        lines.append(row(budget, f"{iters:,} iterations x {dt[0]:,.3f} ms = {duration(hours)}"))
+    elif per_iter:
+        lines.append(row(budget, "n/a (no timed record to take the time per iteration from)"))
+    else:
+        lines.append(row(budget, "n/a (no tokens per iteration)"))
+    return lines
+
+
+def report(run: dict, skip: int | None, tokens: float | None) -> list[str]:
+    """The summary's lines: progress, speed after warm-up and, given a token budget, the extrapolation."""
+    records = run["training_iterations"]
+    skip = warmup_skip(records) if skip is None else skip
+    kept = timed_records(records, skip)
+    lines = [*progress_lines(run), "", *speed_lines(run, kept, skip)]
+    if tokens is not None:
+        lines += ["", *budget_lines(run, kept, tokens)]
+    return lines
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _token_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 85e9)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of tokens")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    parser = runlogs.ArgumentParser(prog="analyze_run.py", description=__doc__)
+    parser.add_argument("log", metavar="RUN.json", help="a run log (out_dir/run_*.json)")
+    parser.add_argument(
+        "--tokens", type=_token_budget, metavar="N", help="token budget to extrapolate to, e.g. 85e9"
+    )
+    parser.add_argument(
+        "--skip",
+        type=_non_negative_int,
+        metavar="N",
+        help="warm-up records to skip (default: min(10%% of records, records of the first 50 iters))",
+    )
+    args = parser.parse_args(argv)
+    try:
+        run = runlogs.load(args.log)
+    except runlogs.RunLogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report(run, args.skip, args.tokens)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""
+Compare training runs: their JSON run logs overlaid, one colour per run, in one PNG with the loss
+against iterations and against tokens seen, tokens/s and MFU.
+
+    python plots/compare_runs.py out-a/run_1.json out-b/run_2.json --labels llama3,qwen3 --out cmp.png
+
+Loss panels draw each run's training loss raw (faint) with its EMA (--smooth, per logged record;
+default 0.9) and its val loss at evaluations (dashed, markers). The default output is
+compare_runs.png next to the first log.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import plot_single_run as single  # the panels of one run, drawn here for several
+import runlogs  # plots/runlogs.py: Python puts the script's own folder on sys.path, whatever the cwd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
+
+
+def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: float) -> None:
+    """Training loss (raw and EMA) and val loss of each run against x: 'iter' or 'tokens_seen'."""
+    drawn = False
+    for run, color in zip(runs, colors):
+        xs, ys = runlogs.series(run["training_iterations"], "loss", x=x)
+        if xs:
+            single.draw_smoothed(ax, xs, ys, color, None, smooth)
+        vx, vy = runlogs.series(run["evaluations"], "val_loss", x=x)  # eval_only logs have no tokens_seen
+        ax.plot(vx, vy, "o--", color=color, markersize=4)
+        drawn = drawn or bool(xs or vx)
+    if drawn:
+        ax.legend(
+            handles=[
+                Line2D([], [], color="0.3", label="train loss (per step, EMA)"),
+                Line2D(
+                    [], [], color="0.3", linestyle="--", marker="o", markersize=4, label="val loss (eval)"
+                ),
+            ],
+            fontsize=8,
+        )
+    else:
+        single.no_data(ax, "no training record or evaluation logged yet")
+    ax.set_ylabel("cross-entropy (nats/token)")
+
+
+def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs.SMOOTHING) -> Figure:
+    """Four panels: loss against iterations and tokens, tokens/s and MFU against iterations."""
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    fig = Figure(figsize=(12, 8.5), dpi=100, layout="constrained")
+    (loss_it, loss_tok), (speed, mfu) = fig.subplots(2, 2)
+    speed.sharex(loss_it)  # an empty panel spans the same iterations as the others
+    mfu.sharex(loss_it)
+    panel_loss(loss_it, runs, colors, "iter", smooth)
+    loss_it.set_title("Loss against iterations")
+    loss_it.set_xlabel("iteration")
+    panel_loss(loss_tok, runs, colors, "tokens_seen", smooth)
+    loss_tok.set_title("Loss against tokens")
+    loss_tok.set_xlabel("tokens seen")
+    loss_tok.xaxis.set_major_formatter(EngFormatter())  # 500 k, 1.5 M, 2 G
+    if single.panel_series(speed, runs, colors, "tokens_per_sec", 1.0, smooth, runlogs.speed_missing):
+        speed.yaxis.set_major_formatter(EngFormatter())
+    speed.set_title("Throughput")
+    speed.set_ylabel("tokens/s")
+    speed.set_xlabel("iteration")
+    single.panel_series(mfu, runs, colors, "mfu", 100.0, smooth, runlogs.mfu_missing)
+    mfu.set_title("Model FLOPs utilisation")
+    mfu.set_ylabel("MFU (%)")
+    mfu.set_xlabel("iteration")
+    for ax in (loss_it, loss_tok, speed, mfu):
+        ax.grid(True, alpha=0.3)
+    handles = [
+        Line2D([], [], color=c, linewidth=1.8, label=single.title(run, name))
+        for run, name, c in zip(runs, labels, colors)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        fontsize=8,
+        title=f"faint: raw logged values; solid: their EMA, factor {smooth:g} per logged record",
+        title_fontsize=9,
+    )
+    return fig
+
+
+def main(argv: list[str]) -> int:
+    parser = runlogs.ArgumentParser(prog="compare_runs.py", description=__doc__)
+    parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs to overlay")
+    parser.add_argument(
+        "--labels",
+        metavar="A,B,...",
+        help="comma-separated names, one per log (default: folder/file of each)",
+    )
+    parser.add_argument(
+        "--out",
+        type=runlogs.image_path,
+        metavar="PNG",
+        help="image to write (default: compare_runs.png next to the first log)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=runlogs.smoothing_factor,
+        default=runlogs.SMOOTHING,
+        metavar="FACTOR",
+        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
+    )
+    args = parser.parse_args(argv)
+    labels = [runlogs.label(path) for path in args.logs]
+    if args.labels is not None:
+        labels = [name.strip() for name in args.labels.split(",")]
+        if len(labels) != len(args.logs) or not all(labels):
+            parser.error(
+                f"--labels has {len(labels)} names for {len(args.logs)} logs; give one non-empty name each"
+            )
+    out = args.out or os.path.join(os.path.dirname(args.logs[0]), "compare_runs.png")
+    try:
+        runs = [runlogs.load(path) for path in args.logs]
+        runlogs.save_figure(plot_comparison(runs, labels, args.smooth), out)
+    except (runlogs.RunLogError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
