@@ -61,9 +61,9 @@ def test_train_commands_parse(doc):
     checked = 0
     for cmd in _commands(_doc(doc)):
         for part in cmd.split("&&"):
-            words = shlex.split(part)
-            if "train.py" not in words:
+            if "train.py" not in part:
                 continue
+            words = shlex.split(part)
             args = [w for w in words[words.index("train.py") + 1 :] if not w.startswith("$")]
             configurator.load(args, [TrainConfig, ModelConfig])  # raises ConfigError on any bad key or value
             checked += 1
