@@ -94,15 +94,6 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: object, d: Dist) -> object:
-    """Rank 0's obj on every rank."""
-    if d.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap(model: nn.Module, d: Dist, *, fsdp: bool, compile: bool, cuda_graphs: bool, dtype: torch.dtype) -> nn.Module:
     """The module to train. `model` stays the raw module (FSDP shards it in place)."""
     compile_kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
