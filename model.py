@@ -498,9 +498,16 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope)
+        return self.head(x, targets)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm and output head on the last hidden states x (B, T, d): (logits, None) or (None, loss).
+
+        A method of its own so that compile_mode="blocks" can compile it apart from the blocks.
+        """
+        B, T, _ = x.size()
         x = self.ln_f(x)
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
-
         if targets is None:
             return F.linear(x, head), None
         x = x.reshape(B * T, -1)
