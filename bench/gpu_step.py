@@ -56,6 +56,7 @@ class BenchConfig:
     sdpa: str = "auto"
     gc_freeze: bool = False
     smoke: bool = False
+    profile: str = ""  # a file: after timing, profile one more step and write the top kernels by GPU time there
 
 
 def sdpa_choice(mc: ModelConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -182,6 +183,8 @@ def run(argv: list[str]) -> dict:
     _sync(cuda)
     elapsed = time.perf_counter() - t0
     step_s = elapsed / bc.steps
+    if bc.profile:
+        profile_step(lambda: step(bc.warmup + bc.steps), bc.profile, cuda)
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     tokens_per_sec = tokens_per_step / step_s
     peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
@@ -216,6 +219,19 @@ def run(argv: list[str]) -> dict:
         "argv": argv,
     }
     return result
+
+
+def profile_step(fn, path: str, cuda: bool) -> None:
+    """Profile one call of fn; write the 30 kernels with the most GPU time to path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(cuda)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
 
 
 def _event(cuda: bool):

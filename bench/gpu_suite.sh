@@ -9,7 +9,7 @@
 # micro (GEMMs, fp8 GEMMs, SDPA backends), tests (pytest -m gpu), fp8 (tensorwise/rowwise vs bf16 on
 # the same data), hf (ours vs HF LlamaForCausalLM, compiled, same weights and batch), memory
 # (measured peak vs the dry-run estimate at three batch sizes), tune (SDPA backend, micro-batch,
-# expandable segments, CUDA graphs, gc.freeze), families (Qwen3 1.8B and GPT-2 1.36B, 8 layers).
+# expandable segments, CUDA graphs, gc.freeze), profile (top kernels of one 1.5B step), families (Qwen3 1.8B and GPT-2 1.36B, 8 layers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -41,8 +41,11 @@ for part in "$@"; do
           --data=shakespeare --steps=150 --warmup=5 --learning_rate=3e-4 --warmup_iters=20 ${f:+--fp8=$f}
       done ;;
     hf)
-      timeout 420 "$PY" bench/model_step.py $L15 --batch_size=8 --dtype=bfloat16 --compile=True --steps=5 --rounds=3 \
-        --warmup=3 > "$RESULTS/hf.txt" 2>&1 ;;
+      timeout 330 "$PY" bench/model_step.py $L15 --batch_size=8 --dtype=bfloat16 --compile=True --steps=4 --rounds=2 \
+        --warmup=2 > "$RESULTS/hf.txt" 2>&1 ;;
+    profile)
+      step 150 $L15 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=3 --warmup=3 \
+        --profile="$RESULTS/profile.txt" ;;
     memory)
       for b in 4 8 12; do
         step 200 $L15 --batch_size=$b --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=5 --warmup=3
