@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))
 
 import smollm2  # noqa: E402
+from sft_data import tokenize_examples  # noqa: E402
 
 from model import GPT  # noqa: E402
 
@@ -31,3 +32,9 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     # greedy decoding with our KV cache gives HF's tokens on a real model
     hf_tokens = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
     assert torch.equal(ours.generate(ids, 8, temperature=0), hf_tokens)
+    # the SFT tokenization of the same folder: no BOS (SmolLM2 adds none), the response ends in <|im_end|>
+    ex = [{"prompt": "Question: 2 + 2?\nAnswer:\n", "response": "2 + 2 = 4\n#### 4", "answer": "4"}]
+    [(input_ids, labels)] = tokenize_examples(ex, folder, max_length=64)
+    prompt, response = tok(ex[0]["prompt"])["input_ids"], tok(ex[0]["response"])["input_ids"]
+    assert input_ids == prompt + response + [tok.eos_token_id] and tok.eos_token == "<|im_end|>"
+    assert labels == [-1] * len(prompt) + response + [tok.eos_token_id]
