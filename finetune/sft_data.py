@@ -187,6 +187,11 @@ class _Encoder:
             return self.tok(texts, add_special_tokens=False)["input_ids"]
         return self.tok.encode_batch(texts)
 
+    def decode(self, ids: list[int]) -> str:
+        if self.hf:
+            return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids)
+
 
 def tokenize_examples(examples: Sequence[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per example: BOS? + prompt + response + EOS, labels -1 on the prompt.
@@ -329,3 +334,29 @@ def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of response targets (y != -1) that the argmax of logits (B, T, V) predicts."""
     correct, total = token_accuracy_counts(logits, y)
     return correct / max(1, total)
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer, max_new_tokens: int = 256,
+                     batch_size: int = 16, device: str | torch.device = "cpu") -> list[str]:
+    """Greedy completions (text, cut at EOS) of each example's prompt, tokenized as in training.
+
+    Prompts are batched by length with left padding and decoded with the KV cache (GPT.generate),
+    so each completion equals decoding its prompt alone. Score them with answers.answer_accuracy.
+    """
+    from model import left_pad
+
+    enc = _Encoder(tokenizer)
+    prompts = [enc.bos + list(p) for p in enc.encode([e["prompt"] for e in examples])]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    out: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        idx, mask = left_pad([prompts[i] for i in rows], pad_id=enc.eos_id, device=device)
+        new = model.generate(idx, max_new_tokens, temperature=0, eos_id=enc.eos_id, attention_mask=mask)
+        for i, ids in zip(rows, new[:, idx.size(1):].tolist()):
+            out[i] = enc.decode(ids[:ids.index(enc.eos_id)] if enc.eos_id in ids else ids)
+    model.train(was_training)
+    return out
