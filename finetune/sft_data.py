@@ -97,7 +97,11 @@ def _read_hub(source: str, split: str) -> list[dict]:
     repo, name = DATASETS[source]["hub"]
     if source == "metamathqa" and split != "train":
         raise DataError("MetaMathQA has only a train split; evaluate on gsm8k's test split")
-    return load_dataset(repo, name, split=split).to_list()
+    try:
+        return load_dataset(repo, name, split=split).to_list()
+    except Exception as e:  # offline, unknown split, or a broken cache: one line, not the hub's traceback
+        raise DataError(f"cannot load {repo} ({split}) from the Hugging Face hub: {str(e).splitlines()[0]}; "
+                        f"connect once to fill the cache, or pass a local .jsonl/.parquet file") from None
 
 
 def _fields_of(rows: list[dict], fields: dict | None, where: str) -> tuple[str, str, str | None]:
