@@ -8,7 +8,7 @@
 # Parts: headline (LLaMA-3 1.5B, 18 layers, seq 2048, bf16, compile_mode=blocks), model (the same, compile_mode=model),
 # micro (GEMMs, fp8 GEMMs, SDPA backends), tests (pytest -m gpu), fp8 (tensorwise/rowwise vs bf16 on
 # the same data), hf (ours vs HF LlamaForCausalLM, compiled, same weights and batch), memory
-# (measured peak vs the dry-run estimate at three batch sizes), tune (SDPA backend, micro-batch,
+# (measured peak vs the dry-run estimate at three batch sizes), fp8wide (bf16 vs fp8 at the 8B shape's widths), tune (SDPA backend, micro-batch,
 # expandable segments, CUDA graphs, gc.freeze), profile (top kernels of one 1.5B step), families (Qwen3 1.8B and GPT-2 1.36B, 8 layers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,11 @@ for part in "$@"; do
         step 240 $L15 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks \
           --data=shakespeare --steps=150 --warmup=5 --learning_rate=3e-4 --warmup_iters=20 ${f:+--fp8=$f}
       done ;;
+    fp8wide)  # FP8 where GEMMs are wider: the Llama-3.1-8B shape (4096 wide, 14336 FFN), 4 of its 32 layers
+      for f in "" tensorwise; do
+        step 200 config/llama3.1_8b.py --n_layer=4 --batch_size=4 --gradient_accumulation_steps=1 --block_size=2048 \
+          --compile=True --compile_mode=blocks --steps=10 --warmup=3 ${f:+--fp8=$f}
+      done ;;
     hf)
       timeout 330 "$PY" bench/model_step.py $L15 --batch_size=8 --dtype=bfloat16 --compile=True --steps=4 --rounds=2 \
         --warmup=2 > "$RESULTS/hf.txt" 2>&1 ;;
@@ -47,7 +52,7 @@ for part in "$@"; do
       step 150 $L15 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=3 --warmup=3 \
         --profile="$RESULTS/profile.txt" ;;
     memory)
-      for b in 4 8 12; do
+      for b in 4 12; do
         step 200 $L15 --batch_size=$b --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=5 --warmup=3
       done ;;
     tune)
