@@ -178,8 +178,12 @@ def _adapted_linears(model: GPT) -> list[tuple[str, nn.Module, str, list[tuple[s
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """(name, module) of every adapted linear, in HF module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """(name, module) of every adapted linear, in HF module order.
+
+    Matched by attributes, not class, so it holds whether this file was imported as `lora` (from
+    finetune/) or as `finetune.lora` (from the repo root).
+    """
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")]
 
 
 def _pissa_factors(w: torch.Tensor, r: int, scaling: float, niter: int | None, seed: int):
@@ -314,7 +318,7 @@ def merge_lora(model: GPT) -> GPT:
     """Fold every adapter into its base slice in fp32 (W_i + scaling * B_i A_i) and return a plain GPT."""
     for _prefix, parent, attr, _slices in _adapted_linears(model):
         m = getattr(parent, attr)
-        if not isinstance(m, LoRALinear):
+        if not hasattr(m, "init_factors"):
             continue
         w = m.weight.detach().to(torch.float32).clone()
         for n in m.lora_A:
