@@ -1,6 +1,8 @@
 """finetune/lora.py against peft on tiny random HF Llama/Qwen3 models: init, forward, gradients,
 AdamW steps, PEFT export/import, merge, resume of the PiSSA base, config errors."""
 
+import json
+
 import peft.tuners.lora.layer as peft_layer
 import pytest
 import torch
@@ -375,3 +377,55 @@ def test_bad_config_raises_one_line(kwargs):
     with pytest.raises(ValueError) as e:
         LoRAConfig(**kwargs)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_conversion_is_peft_route(rslora, tmp_path):
+    """Our converted export holds what peft's save_pretrained(path_initial_model_for_weight_conversion=...)
+    writes: the same tensors and the same r, lora_alpha (rank 2r, scaling kept)."""
+    from safetensors.torch import load_file
+
+    path = _base("llama_gqa2", tmp_path)
+    cfg = LoRAConfig(r=4, alpha=6, use_rslora=rslora, init="pissa", target_modules=PARTIAL)
+    theirs = _peft(path, cfg, "pissa")
+    theirs.peft_config["default"].init_lora_weights = True  # peft's documented recipe for the initial copy
+    theirs.save_pretrained(str(tmp_path / "init" / "pissa_init"))
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    ours = apply_lora(GPT.from_hf(path), cfg)
+    _perturb_B(ours)
+    with torch.no_grad():
+        for p, q in _pairs(ours, theirs):
+            q.copy_(p)
+    theirs.save_pretrained(
+        str(tmp_path / "peft_out"),
+        path_initial_model_for_weight_conversion=str(tmp_path / "init" / "pissa_init"),
+    )
+    save_peft_adapter(ours, cfg, str(tmp_path / "ours"), path, convert_pissa_to_original_base=True)
+    a = load_file(str(tmp_path / "peft_out" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = json.loads((tmp_path / "peft_out" / "adapter_config.json").read_text())
+    cb = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (ca["r"], ca["lora_alpha"], ca["use_rslora"]) == (cb["r"], cb["lora_alpha"], cb["use_rslora"])
+
+
+def test_dropout_is_independent_per_projection():
+    """Training-mode dropout draws one mask per projection in slice order, as peft's separate modules do."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    apply_lora(model, LoRAConfig(r=2, dropout=0.5, init="gaussian", target_modules=("q_proj", "v_proj")))
+    _perturb_B(model)
+    m = model.h[0].attn.c_attn.train()
+    x = torch.randn(2, 3, 16)
+    torch.manual_seed(1)
+    y = m(x)
+    torch.manual_seed(1)
+    ref = F.linear(x, m.weight, m.bias)
+    parts = list(ref.split(16, -1))
+    for i, n in ((0, "q_proj"), (2, "v_proj")):
+        parts[i] = parts[i] + m.scaling * F.linear(F.linear(F.dropout(x, 0.5), m.lora_A[n]), m.lora_B[n])
+    torch.testing.assert_close(y, torch.cat(parts, -1), atol=1e-6, rtol=0)
+    m.eval()
+    assert not torch.allclose(m(x), y)
