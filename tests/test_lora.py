@@ -429,3 +429,46 @@ def test_dropout_is_independent_per_projection():
     torch.testing.assert_close(y, torch.cat(parts, -1), atol=1e-6, rtol=0)
     m.eval()
     assert not torch.allclose(m(x), y)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_base_matches_cpu_fp32():
+    """On a GPU: PiSSA factors from a CUDA SVD match the CPU ones, and a bf16 base with fp32 adapters
+    gives the fp32 logits within bf16 rounding and fp32 adapter gradients."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        mlp="swiglu",
+        norm="rmsnorm",
+        position_embedding="rope",
+        bias=False,
+    )
+    cpu = GPT(cfg)
+    gpu = GPT(cfg)
+    gpu.load_state_dict(cpu.state_dict())
+    lcfg = LoRAConfig(r=4, alpha=8, init="pissa")
+    apply_lora(cpu, lcfg)
+    apply_lora(gpu.cuda(), lcfg)
+    for p, q in zip(lora_parameters(cpu), lora_parameters(gpu), strict=True):
+        torch.testing.assert_close(
+            p.abs(), q.cpu().abs(), atol=1e-4, rtol=1e-3
+        )  # singular vectors up to sign
+    gpu.to(torch.bfloat16)
+    with torch.no_grad():  # keep fp32 masters after the cast
+        for _, m in lora_modules(gpu):
+            for d in (m.lora_A, m.lora_B):
+                for k in list(d):
+                    d[k] = torch.nn.Parameter(d[k].float())
+    idx = _idx(64).cuda()
+    with torch.no_grad():
+        ref = cpu(idx.cpu())[0]
+        got = gpu(idx)[0].float().cpu()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    _, loss = gpu(idx, _idx(64, 5).cuda())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(gpu))
