@@ -308,6 +308,9 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         ckpt_path, ckpt_state = checkpoint.latest(tc.out_dir)
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
+    configurator.check_output_dir(tc.out_dir)
+    if d.is_master:
+        checkpoint.remove_temps(tc.out_dir)
     ddir = token_loader.resolve_data_dir(tc.dataset)
     meta = token_loader.read_meta(ddir)
     mc = resolve_model_config(tc, mc, explicit, meta, ckpt_state)
@@ -316,12 +319,20 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
                             f"{mc.vocab_size}; set --vocab_size={meta['vocab_size']} or larger")
     if mc.position_embedding == "learned" and tc.block_size > mc.block_size:
         raise TrainingError(f"block_size={tc.block_size} exceeds the model's {mc.block_size} learned positions")
+    token_loader.check_sizes(token_loader.split_windows(ddir, tc.block_size, mc.vocab_size), tc.block_size,
+                             tc.batch_size, accum, d.world_size, tc.eval_iters, token_loader.available_host_bytes())
 
     torch.manual_seed(tc.seed)
     model = build_model(tc, mc, d.device, ckpt_path)
     fp8_summary = None
     if tc.fp8:  # a transform of the raw model, before compile and sharding
         fp8_summary = fp8.summary(fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp))
+    if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
+        misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
+                                     d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
+                                     torch.cuda.mem_get_info(d.device)[0])
+        if misfit:
+            print(f"warning: {misfit}", file=sys.stderr, flush=True)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)
     optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
@@ -473,7 +484,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
             skipped.clear()
             record = {"iter": it, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_seen": run.tokens_seen, "dt_ms": None, "tokens_per_sec": None, "mfu": None,
-                      "memory_allocated_gb": None, "memory_peak_gb": None}
+                      "memory_allocated_gb": None, "memory_peak_gb": None,
+                      "memory_host_peak_gb": runlog.host_peak_gb()}
             if window_start is not None and window_steps > 0:
                 elapsed = time.perf_counter() - window_start - excluded
                 record["dt_ms"] = 1000 * elapsed / window_steps
