@@ -243,7 +243,7 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
         model = GPT(mc)
     dtype = "bfloat16" if tc.dtype == "auto" else tc.dtype
     mem = hardware.estimate_memory(model, tc.batch_size, tc.block_size, dtype, world, tc.use_zero1, tc.use_fsdp,
-                                   tc.compile)
+                                   tc.compile, tc.gradient_accumulation_steps // world, tc.use_cuda_graphs)
     per_rank = tc.gradient_accumulation_steps // world
     tokens = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     parallelism = "FSDP" if tc.use_fsdp else "ZeRO-1" if tc.use_zero1 else "DDP" if world > 1 else "single process"
@@ -330,7 +330,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
         misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
                                      d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
-                                     torch.cuda.mem_get_info(d.device)[0])
+                                     torch.cuda.mem_get_info(d.device)[0],
+                                     tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs)
         if misfit:
             print(f"warning: {misfit}", file=sys.stderr, flush=True)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,

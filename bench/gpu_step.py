@@ -121,7 +121,8 @@ def run(argv: list[str]) -> dict:
     torch.manual_seed(tc.seed)
     model = train.build_model(tc, mc, d.device, None)
     est = hardware.estimate_memory(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
-                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile)
+                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
+                                   tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs)
     fp8_summary = fp8.summary(fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)) if tc.fp8 else None
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)

@@ -86,7 +86,7 @@ def test_dry_run_estimate_is_close_to_measured_peak(char_dataset, tmp_path):
     """The dry run's memory estimate against torch.cuda.max_memory_allocated on a real step."""
     args = tiny_args(char_dataset, tmp_path / "m", "--device=cuda", "--dtype=bfloat16", "--max_iters=3",
                      "--eval_interval=3", "--n_layer=8", "--n_embd=768", "--n_head=12", "--n_kv_head=4",
-                     "--intermediate_size=2048", "--batch_size=8", "--block_size=512", "--vocab_size=64",
+                     "--intermediate_size=2048", "--batch_size=8", "--block_size=512", "--vocab_size=64", "--eval_iters=1",
                      config=None)  # vocab explicit: the dry run reads no dataset, so it cannot infer it
     est = json.loads(ok(run_train(args + ["--dry_run=True"])).stdout.strip().splitlines()[-1])
     ok(run_train(args))
