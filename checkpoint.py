@@ -12,7 +12,8 @@ Checkpoints: one folder, swapped in atomically, that a crash at any moment canno
 
 Every rank writes into out_dir/ckpt.tmp/; after a barrier, rank 0 renames ckpt -> ckpt.old,
 ckpt.tmp -> ckpt, then deletes ckpt.old. A crash before the rename leaves the previous ckpt/
-untouched; a crash between the two renames leaves ckpt.old/, which load() falls back to.
+untouched; a crash between the two renames leaves ckpt.old/, which load() falls back to. A
+ckpt.tmp/ left by a crash is deleted when the next run starts (remove_temps).
 Multi-node runs need out_dir on a filesystem every node sees. Loads use weights_only=True.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 
 import torch
@@ -46,13 +48,21 @@ _fault_hits: dict[str, int] = {}
 
 
 def _fault_point(name: str) -> None:
-    """Fault injection for the crash-during-save tests: NANOLLM_CRASH_AT=<name>[:n] kills the process
-    the n-th time (default 1st) it reaches this point."""
-    target, _, nth = os.environ.get("NANOLLM_CRASH_AT", "").partition(":")
+    """Fault injection for the crash tests: NANOLLM_CRASH_AT=<name>[:n[:kill]] ends the process the n-th
+    time (default 1st) it reaches this point, with exit status 17 (or kill -9 with ':kill')."""
+    target, _, rest = os.environ.get("NANOLLM_CRASH_AT", "").partition(":")
+    nth, _, how = rest.partition(":")
     if target == name:
         _fault_hits[name] = _fault_hits.get(name, 0) + 1
         if _fault_hits[name] == int(nth or 1):
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             os._exit(17)
+
+
+def remove_temps(out_dir: str) -> None:
+    """Delete what a crashed save left (out_dir/ckpt.tmp/): never read, only confusing. Call on rank 0 at start."""
+    shutil.rmtree(os.path.join(out_dir, TMP), ignore_errors=True)
 
 
 def find(out_dir: str) -> str | None:

@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import runpy
+import tempfile
 import types
 import typing
 from dataclasses import fields
@@ -165,3 +166,17 @@ def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], set[st
     if "flash_attn" in values:
         explicit.add("attention_backend")
     return resolve(values, schemas), explicit
+
+
+def check_output_dir(path: str, flag: str = "out_dir") -> None:
+    """Create the folder path if needed and prove it writable, or a ConfigError naming it: before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path} is a file, not a folder; choose another --{flag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--{flag}={path} cannot be written ({e.strerror or type(e).__name__}); choose a "
+                          f"writable --{flag}") from None

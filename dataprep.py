@@ -20,8 +20,11 @@ Crash safety: a shard being filled is written as <file>.tmp and renamed when ful
 without .tmp is always complete. After every chunk the writer state (documents consumed, tokens
 in each .tmp) goes atomically to prepare_progress.json. A killed run, rerun with the same
 settings, truncates the .tmp files back to that checkpoint (renaming back a shard completed after
-it) and continues from the next document, which reproduces the uninterrupted bytes exactly. On
-bad input the run stops with a one-line error and removes everything it wrote.
+it) and continues from the next document, which reproduces the uninterrupted bytes exactly; the
+shard .tmp files are that resume state, so they stay until the rerun, which deletes the other
+temps a kill can leave (meta.json.tmp, prepare_progress.json.tmp). On bad input the run stops
+with a one-line error and removes everything it wrote; an --out_dir that cannot be written is
+one error line before any work.
 
 Memory is bounded by three chunks in flight (one being read or written, two being tokenized on a
 shared thread pool), independent of the input size; a single .txt file is one document and is
@@ -49,6 +52,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import configurator
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:  # heavy imports, loaded only by the readers that need them
@@ -407,6 +411,9 @@ def prepare(source: Source, tok: Tokenizer, out_dir: str, *, dataset: str, shard
                 "dtype": dtype.name, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
                 "max_tokens": max_tokens}
     meta_path, progress_path = os.path.join(out_dir, "meta.json"), os.path.join(out_dir, PROGRESS)
+    for tmp in (meta_path + ".tmp", progress_path + ".tmp"):  # left by a kill inside atomic_write_json
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if overwrite:
         _remove_outputs(out_dir)
     if os.path.exists(meta_path) and not os.path.exists(progress_path):
@@ -656,6 +663,7 @@ def main(spec: Spec, argv: list[str] | None = None) -> None:
     """Entry point of data/<name>/prepare.py."""
     args = arg_parser(spec).parse_args(argv)
     try:
+        configurator.check_output_dir(args.out_dir)
         if args.tokenizer == "char":
             raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
         tok = load_tokenizer(args.tokenizer, args.tokenizer_path)
@@ -672,7 +680,7 @@ def main(spec: Spec, argv: list[str] | None = None) -> None:
         meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
                        val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
                        overwrite=args.overwrite, chunk_chars=args.chunk_chars)
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, TokenizerError, configurator.ConfigError) as e:
         fail(str(e))
     except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
         fail(f"{e.strerror or e}: {e.filename or args.out_dir}")

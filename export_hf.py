@@ -35,6 +35,7 @@ class ExportConfig:
 def main(argv: list[str]) -> int:
     try:
         (cfg,), _ = configurator.load(argv, [ExportConfig])
+        configurator.check_output_dir(cfg.hf_dir, "hf_dir")
         path, state = checkpoint.latest(cfg.out_dir)
         model = checkpoint.load_model(path)
         model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))

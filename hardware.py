@@ -6,6 +6,11 @@ MFU = flops_per_token x tokens/s / (n_gpus x peak). The peaks are NVIDIA's dense
 tensor-core figures from each product's datasheet. float32 runs use TF32 tensor cores (train.py
 enables them), so their peak is the TF32 one. An unknown GPU or a CPU has no peak: MFU is None,
 never a guess.
+
+memory_fit() compares the estimate with a GPU's free memory before the first step. train.py warns
+rather than fails when it does not fit: the estimate is an estimate (the CUDA context, allocator
+fragmentation and cuBLAS workspaces are not in it), so refusing would block runs that do fit; the
+warning comes before compilation, so a run that will not fit can be stopped at once.
 """
 
 from __future__ import annotations
@@ -120,3 +125,22 @@ def estimate_memory(
         "loss_buffers_gb": loss / gib,
         "total_gb": total / gib,
     }
+
+
+def memory_fit(model: torch.nn.Module, batch_size: int, seq_len: int, dtype: str, world_size: int, zero1: bool,
+               fsdp: bool, compiled: bool, free_bytes: int) -> str | None:
+    """None when estimate_memory fits in free_bytes; else one line with the estimate, the free memory
+    and the largest batch_size that the estimate says fits (0 when even the weights do not)."""
+    def total(b: int) -> float:
+        return estimate_memory(model, b, seq_len, dtype, world_size, zero1, fsdp, compiled)["total_gb"] * 1024**3
+
+    need = total(batch_size)
+    if need <= free_bytes:
+        return None
+    lo, hi = 0, batch_size  # the estimate grows with batch_size: bisect for the largest b with total(b) <= free
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= free_bytes else (lo, mid - 1)
+    advice = f"the largest batch_size that fits is {lo}" if lo else "not even batch_size 1 fits: shard (use_fsdp) or use a smaller model"
+    return (f"estimated {need / 1024**3:.2f} GiB per GPU for batch_size {batch_size} x {seq_len} but the device has "
+            f"{free_bytes / 1024**3:.2f} GiB free; {advice} (raise gradient_accumulation_steps to keep the tokens per step)")

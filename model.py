@@ -19,6 +19,9 @@ Implementation choices that differ from the Hugging Face modules (the function i
   one large matmul is faster than three small ones. from_hf/to_hf split and join them.
 - With targets, forward() computes the loss chunk by chunk without materialising the (B, T, vocab)
   logits, which for 128K-152K vocabularies is the largest activation in the model.
+- generate() keeps a KV cache (KVCache): one token per step, RoPE positions offset by the cache
+  length, and left-padded batches through an attention mask with per-row positions (left_pad).
+  The training forward never sees the cache.
 
 The model never imports torch.distributed: parallelism wraps it from outside (see parallel.py).
 """
@@ -199,10 +202,17 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (T, head_dim), computed in float32 then cast to the activation dtype."""
-    t = torch.arange(T, device=inv_freq.device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): rotate-half layout
+    """cos and sin tables (T, head_dim) for positions 0..T-1, computed in float32 then cast to dtype."""
+    return rope_cos_sin_at(inv_freq, torch.arange(T, device=inv_freq.device), dtype)
+
+
+def rope_cos_sin_at(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (..., T, head_dim) for integer positions (..., T): per-row positions of a
+    left-padded batch, or positions offset by a KV cache's length."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): rotate-half layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -241,6 +251,39 @@ def _flash_attn_available() -> bool:
     return False
 
 
+class KVCache:
+    """Keys and values of every layer for generation, preallocated (B, nkv, max_len, hd) on first use
+    in the dtype of the keys (so autocast's dtype), and filled left to right; `length` positions are set."""
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hd) after the first `length` positions; return all (B, nkv, length + T, hd)."""
+        if self.k[layer] is None:
+            B, n, _, hd = k.shape
+            self.k[layer] = k.new_zeros(B, n, self.max_len, hd)
+            self.v[layer] = v.new_zeros(B, n, self.max_len, hd)
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+@dataclass
+class CacheView:
+    """What one attention layer needs to decode with the cache: the cache, its layer index, and the
+    boolean mask (B, 1, T, length + T) of keys each new query may see."""
+
+    cache: KVCache
+    layer: int
+    mask: torch.Tensor
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -256,7 +299,9 @@ class CausalSelfAttention(nn.Module):
         if self.backend == "flash_attn_2" and not _flash_attn_available():
             self.backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: CacheView | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.size()
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=2)
@@ -271,7 +316,14 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
 
-        if self.backend == "flash_attn_2" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if kv is not None:
+            # Decoding: attend over the cached keys and values plus these T, under kv's mask.
+            k, v = kv.cache.update(kv.layer, k, v)  # (B, nkv, past + T, hd)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=kv.mask, dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head
+            )
+            y = y.transpose(1, 2).reshape(B, T, q_dim)
+        elif self.backend == "flash_attn_2" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             # flash-attn wants (B, T, n, hd) and handles GQA itself.
             y = _flash_attn_func(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True
@@ -331,8 +383,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: CacheView | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -564,9 +618,16 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope)
+        return self.head(x, targets)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm and output head on the last hidden states x (B, T, d): (logits, None) or (None, loss).
+
+        A method of its own so that compile_mode="blocks" can compile it apart from the blocks.
+        """
+        B, T, _ = x.size()
         x = self.ln_f(x)
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
-
         if targets is None:
             return F.linear(x, head), None
         x = x.reshape(B * T, -1)
@@ -591,16 +652,42 @@ class GPT(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         vocab_limit: int | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy.
 
         vocab_limit: only ids below it are sampled (a vocabulary padded past the tokenizer's has
-        ids no tokenizer can decode). No KV cache: each step re-runs the (cropped) context, as nanoGPT.
+        ids no tokenizer can decode). eos_id: a row that produced it gets eos_id from then on, and
+        generation stops when every row has. attention_mask (B, T): 1 on prompt tokens, 0 on left
+        padding (see left_pad); each row then decodes as it would alone.
+        use_cache: keep every layer's keys and values (KVCache) so each step runs one token. When the
+        prompt plus max_new_tokens exceeds block_size, the loop re-runs the cropped context each step
+        instead, as nanoGPT does (the cache cannot slide a learned-position window).
         """
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :vocab_limit].float()  # (B, V)
+        B, T = idx.shape
+        fits = T + max_new_tokens <= self.config.block_size
+        if attention_mask is not None:
+            if attention_mask.shape != idx.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match idx {tuple(idx.shape)}")
+            if not (use_cache and fits):
+                raise ValueError(f"attention_mask needs use_cache=True and prompt + max_new_tokens <= block_size="
+                                 f"{self.config.block_size}; got {T} + {max_new_tokens}")
+        cached = use_cache and fits
+        if cached:
+            cache = KVCache(self.config.n_layer, T + max_new_tokens)
+            keys = (torch.ones_like(idx) if attention_mask is None else attention_mask).bool()  # (B, L)
+            positions = (keys.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): a padded row starts at 0
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            if cached:
+                new = idx if step == 0 else idx[:, -1:]
+                logits = self._forward_cached(new, positions, keys, cache)
+            else:
+                logits, _ = self(idx[:, -self.config.block_size :])
+                logits = logits[:, -1]
+            logits = logits[:, :vocab_limit].float()  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -609,10 +696,43 @@ class GPT(nn.Module):
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(finished[:, None], eos_id)
+                finished |= next_id[:, 0] == eos_id
             idx = torch.cat((idx, next_id), dim=1)
-            if eos_id is not None and bool((next_id == eos_id).all()):
+            if eos_id is not None and bool(finished.all()):
                 break
+            if cached:
+                keys = torch.cat((keys, keys.new_ones(B, 1)), dim=1)
+                positions = positions[:, -1:] + 1
         return idx
+
+    def _forward_cached(
+        self, idx: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """Logits (B, V) at the last of the new tokens idx (B, T) at positions (B, T), appending their keys
+        and values to cache; keys (B, cache.length + T) marks the real (not padding) tokens."""
+        T, past = idx.size(1), cache.length
+        x = self.wte(idx)  # (B, T, d)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            act_dtype = _autocast_dtype(idx.device.type) or x.dtype
+            cos, sin = rope_cos_sin_at(rope_inv_freq(self.config, idx.device), positions, act_dtype)
+            rope = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
+        # Query i (at past + i) sees key j <= past + i that is not padding, and always itself, so a
+        # padding query has a non-empty softmax (its output is never used).
+        q_at = torch.arange(past, past + T, device=idx.device)[:, None]  # (T, 1)
+        k_at = torch.arange(past + T, device=idx.device)[None, :]  # (1, L)
+        mask = ((k_at <= q_at) & keys[:, None, :]) | (k_at == q_at)  # (B, T, L)
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, rope, CacheView(cache, i, mask[:, None]))
+        cache.length += T
+        x = self.ln_f(x[:, -1:])
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
+        return F.linear(x, head)[:, 0]  # (B, V)
 
     # -- Hugging Face checkpoints -------------------------------------------------------------
 
@@ -642,3 +762,15 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as (idx, attention_mask) int64 (B, T_max), padded on the left for generate()."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), T), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        if p:
+            idx[i, T - len(p) :] = torch.tensor(p, dtype=torch.int64)
+            mask[i, T - len(p) :] = 1
+    return idx.to(device), mask.to(device)

@@ -6,10 +6,16 @@ that it is always valid JSON (tail it, plot it, or json.load it mid-run):
     environment          git SHA and dirty flag, torch/CUDA versions, GPU name and count, world size
     model                architecture, parameters, FLOPs per token
     training_iterations  [{iter, loss, lr, grad_norm, dt_ms, tokens_per_sec, mfu,
-                           memory_allocated_gb, memory_peak_gb, tokens_seen}]
+                           memory_allocated_gb, memory_peak_gb, memory_host_peak_gb, tokens_seen}]
+                         memory_allocated_gb / memory_peak_gb: GPU memory (null on CPU);
+                         memory_host_peak_gb: the process's peak resident set size (host RAM,
+                         every device), so CPU runs have a memory figure too
     evaluations          [{iter, train_loss, val_loss}]
     gradient_norms       [{iter, norms: {module: norm}}] every gradient_log_interval
     events               [{iter, event, ...}]: skipped non-finite steps, checkpoints, resume
+
+Each rewrite goes through run_*.json.tmp; a run killed mid-write can leave one, and the next
+RunLog in that out_dir deletes them (nothing reads them, and plots glob run_*.json only).
 
 RunLog has the same methods on every rank; off the master rank they do nothing, so the training
 loop never branches on who logs. wandb and tensorboard are optional extra sinks.
@@ -17,15 +23,19 @@ loop never branches on who logs. wandb and tensorboard are optional extra sinks.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
 import time
 
 import torch
+
+from checkpoint import _fault_point
 
 
 class RunLogError(ValueError):
@@ -62,12 +72,19 @@ def environment(world_size: int, device: torch.device) -> dict:
     }
 
 
+def host_peak_gb() -> float:
+    """Peak resident set size of this process so far, in GiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
 def atomic_write_json(path: str, obj: object) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    _fault_point("log_before_replace")
     os.replace(tmp, path)
 
 
@@ -82,6 +99,8 @@ class RunLog:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "run_*.json.tmp")):  # left by a killed run
+            os.remove(tmp)
         stamp = time.strftime("%Y%m%d_%H%M%S")
         path, n = os.path.join(out_dir, f"run_{stamp}.json"), 1
         while os.path.exists(path):  # two runs in the same second

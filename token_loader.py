@@ -29,8 +29,9 @@ Sampling scheme: an epoch permutation through a keyed bijection.
 
 With use_dataloader=True, a torch DataLoader computes the same micro-batches (indexed by
 micro-step) in worker processes, optionally into pinned memory; the batches are identical to the
-in-process path. eval_batches() returns a fixed list of batches (its own key, epoch 0), so val
-loss is comparable across evaluations.
+in-process path. eval_batches() returns a fixed sequence of batches (its own key, epoch 0), read
+lazily so that a large eval_iters costs one batch of memory, so val loss is comparable across
+evaluations. check_sizes() refuses, before any work, batches larger than a split or than memory.
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ class Shards:
             raise DataError(f"the {split} split of {data_dir} is empty; re-run prepare.py with a --val_fraction "
                             "that gives it documents")
         if self.n_windows == 0:
-            raise DataError(f"the {split} split of {data_dir} has no window of block_size + 1 = {block_size + 1} "
-                            f"tokens in any shard; use a smaller block_size or more data")
+            raise DataError(f"block_size={block_size} needs windows of {block_size + 1} tokens but the longest shard "
+                            f"of the {split} split of {data_dir} has {max(self.lengths):,} tokens; use a block_size "
+                            f"of at most {max(self.lengths) - 1:,} or more data")
         self._maps: list[np.memmap] | None = None
 
     def __getstate__(self) -> dict:
@@ -302,11 +304,71 @@ class TokenLoader:
         self._iter = None  # a DataLoader restarts from the restored micro-step
 
 
+class EvalBatches:
+    """A fixed sequence of (x, y) batches of (batch_size, block_size), read lazily: the same windows in
+    the same order on every pass, holding one batch in memory at a time."""
+
+    def __init__(self, data: MicroBatches, n_batches: int, device: torch.device) -> None:
+        self.data, self.n_batches, self.device = data, n_batches, device
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= k < self.n_batches:
+            raise IndexError(k)
+        x, y = self.data[k]
+        return x.to(self.device), y.to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self[k] for k in range(self.n_batches))
+
+
 def eval_batches(data_dir: str, split: str, block_size: int, batch_size: int, n_batches: int, rank: int = 0,
                  world_size: int = 1, vocab_size: int | None = None, device: str | torch.device = "cpu",
-                 seed: int = EVAL_SEED) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed list of n_batches (x, y) batches of (batch_size, block_size) for this rank, identical on every call."""
+                 seed: int = EVAL_SEED) -> EvalBatches:
+    """n_batches fixed (x, y) batches of (batch_size, block_size) for this rank, identical on every pass."""
     shards = Shards(data_dir, split, block_size, vocab_size)
     data = MicroBatches(shards, batch_size, 1, rank, world_size, seed)
-    dev = torch.device(device)
-    return [tuple(t.to(dev) for t in data[k]) for k in range(n_batches)]
+    return EvalBatches(data, n_batches, torch.device(device))
+
+
+def available_host_bytes() -> int:
+    """Memory the host can still give this process: MemAvailable from /proc/meminfo, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_sizes(windows: dict[str, int], block_size: int, batch_size: int, grad_accum: int, world_size: int,
+                eval_iters: int, host_bytes: int) -> None:
+    """DataError when the batches cannot be drawn from the splits or one batch cannot fit in host memory.
+
+    windows: {split: number of block_size + 1 windows}; grad_accum: micro-steps per rank per step.
+    """
+    G = batch_size * grad_accum * world_size  # sequences per optimizer step, and per eval batch round
+    train = windows["train"]
+    if G > train:
+        raise DataError(f"the global batch of {G:,} sequences (batch_size {batch_size} x {grad_accum * world_size} "
+                        f"micro-steps) is larger than the train split's {train:,} windows of {block_size + 1} tokens; "
+                        f"lower batch_size to at most {max(1, train // (grad_accum * world_size)):,}")
+    for split, n in sorted(windows.items(), key=lambda kv: kv[1]):  # the smallest split bounds eval_iters
+        if eval_iters * G > n:
+            raise DataError(f"eval_iters={eval_iters} reads {eval_iters * G:,} sequences ({eval_iters} x {G:,}) but "
+                            f"the {split} split has {n:,} windows of {block_size + 1} tokens; lower eval_iters to "
+                            f"at most {max(1, n // G):,}")
+    # one micro-batch on the host: the int64 windows read (B, T + 1) and the x, y copies (B, T) each
+    need = 8 * batch_size * (3 * block_size + 1)
+    if need > host_bytes:
+        raise DataError(f"one batch of {batch_size:,} x {block_size:,} tokens needs {need / 1024**3:.1f} GiB of host "
+                        f"memory and {host_bytes / 1024**3:.1f} GiB is available; lower batch_size or block_size")
+
+
+def split_windows(data_dir: str, block_size: int, vocab_size: int | None = None) -> dict[str, int]:
+    """{split: number of block_size + 1 windows} for train and val (checks the shards, reads no tokens)."""
+    return {split: Shards(data_dir, split, block_size, vocab_size).n_windows for split in ("train", "val")}

@@ -29,6 +29,7 @@ import torch
 
 import checkpoint
 import configurator
+import fp8
 import hardware
 import parallel
 from model import GPT, ModelConfig
@@ -75,12 +76,16 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda:LOCAL_RANK if a GPU is present, else cpu), 'cpu', 'cuda', 'cuda:N'
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that support it, else float32), 'bfloat16', 'float16', 'float32'
     compile: bool = True
+    compile_mode: str = "model"  # 'model': one graph (around DDP); 'blocks': each Block + the loss apart (faster compile)
+    fp8: str = ""  # '' (off), 'tensorwise' or 'rowwise': torchao float8 block linears (needs an sm_89+ GPU)
+    fp8_emulate: bool = False  # run fp8 in emulation (CPU tests of the numerics; slow, not for training)
     use_zero1: bool = False  # shard AdamW state over data-parallel ranks
     use_fsdp: bool = False  # FSDP2: shard parameters, gradients and optimizer state
     use_cuda_graphs: bool = False  # capture the compiled step in CUDA graphs (GPU, static shapes)
     use_dataloader: bool = False  # read batches in DataLoader worker processes (pinned memory on GPU)
     dataloader_num_workers: int = 4
     seed: int = 1337
+    save_checkpoint: bool = True  # False: never write a checkpoint (benchmarks); eval and logs are unchanged
 
     def __post_init__(self) -> None:
         for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
@@ -110,6 +115,17 @@ class TrainConfig:
             raise ValueError("use_zero1 and use_fsdp are mutually exclusive: FSDP already shards the optimizer state")
         if self.use_cuda_graphs and not self.compile:
             raise ValueError("use_cuda_graphs=True needs compile=True (torch.compile captures the graphs)")
+        if self.compile_mode not in ("model", "blocks"):
+            raise ValueError(f"compile_mode={self.compile_mode!r} is not one of model, blocks")
+        if self.use_cuda_graphs and self.use_fsdp:
+            raise ValueError("use_cuda_graphs=True does not work with use_fsdp=True (FSDP's collectives and "
+                             "per-block graphs are not captured together); drop one of them")
+        if self.use_cuda_graphs and self.compile_mode == "blocks":
+            raise ValueError("use_cuda_graphs=True captures the whole model: use compile_mode=model")
+        if self.fp8 not in ("", "tensorwise", "rowwise"):
+            raise ValueError(f"fp8={self.fp8!r} is not one of '' (off), tensorwise, rowwise")
+        if self.fp8_emulate and not self.fp8:
+            raise ValueError("fp8_emulate=True needs fp8=tensorwise or fp8=rowwise")
 
 
 @dataclass
@@ -233,6 +249,10 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
     parallelism = "FSDP" if tc.use_fsdp else "ZeRO-1" if tc.use_zero1 else "DDP" if world > 1 else "single process"
     print(f"architecture: {mc.arch_string} ({mc.norm}, {mc.mlp}, {mc.position_embedding}, attention {mc.attention_backend})")
     print(f"parameters: {model.num_params():,} total, {model.num_params(non_embedding=True):,} non-embedding")
+    fp8_plan = None
+    if tc.fp8:
+        fp8_plan = fp8.plan(model, tc.fp8, tc.fp8_emulate)
+        print(f"fp8 {tc.fp8}{' (emulated)' if tc.fp8_emulate else ''}: {fp8.summary(fp8_plan)}")
     print(f"FLOPs per token (fwd+bwd, seq {tc.block_size}): {model.flops_per_token(tc.block_size):.4g}")
     print(f"world size {world} ({parallelism}); gradient accumulation {tc.gradient_accumulation_steps} total = "
           f"{per_rank} per rank; tokens per optimizer step: {tc.batch_size} x {tc.gradient_accumulation_steps} x "
@@ -252,6 +272,8 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
         "est_memory_gb_per_gpu": round(mem["total_gb"], 3),
         "est_memory_breakdown_gb": {k: round(v, 3) for k, v in mem.items() if k != "total_gb"},
     }
+    if fp8_plan is not None:
+        summary["fp8_linears"] = sorted(k for k, v in fp8_plan.items() if v == "fp8")
     print(json.dumps(summary))
     return summary
 
@@ -263,6 +285,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     d = parallel.setup(tc.device)
     if tc.use_cuda_graphs and d.device.type != "cuda":
         raise TrainingError("use_cuda_graphs=True needs a CUDA GPU; CUDA graphs do not exist on CPU")
+    if tc.fp8:
+        fp8.check_supported(tc.fp8, d.device, tc.fp8_emulate)
     if tc.gradient_accumulation_steps % d.world_size:
         raise TrainingError(f"gradient_accumulation_steps={tc.gradient_accumulation_steps} must be divisible by "
                             f"the number of processes ({d.world_size})")
@@ -284,6 +308,9 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         ckpt_path, ckpt_state = checkpoint.latest(tc.out_dir)
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
+    configurator.check_output_dir(tc.out_dir)
+    if d.is_master:
+        checkpoint.remove_temps(tc.out_dir)
     ddir = token_loader.resolve_data_dir(tc.dataset)
     meta = token_loader.read_meta(ddir)
     mc = resolve_model_config(tc, mc, explicit, meta, ckpt_state)
@@ -292,11 +319,22 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
                             f"{mc.vocab_size}; set --vocab_size={meta['vocab_size']} or larger")
     if mc.position_embedding == "learned" and tc.block_size > mc.block_size:
         raise TrainingError(f"block_size={tc.block_size} exceeds the model's {mc.block_size} learned positions")
+    token_loader.check_sizes(token_loader.split_windows(ddir, tc.block_size, mc.vocab_size), tc.block_size,
+                             tc.batch_size, accum, d.world_size, tc.eval_iters, token_loader.available_host_bytes())
 
     torch.manual_seed(tc.seed)
     model = build_model(tc, mc, d.device, ckpt_path)
+    fp8_summary = None
+    if tc.fp8:  # a transform of the raw model, before compile and sharding
+        fp8_summary = fp8.summary(fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp))
+    if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
+        misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
+                                     d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
+                                     torch.cuda.mem_get_info(d.device)[0])
+        if misfit:
+            print(f"warning: {misfit}", file=sys.stderr, flush=True)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
-                                dtype=dtype)
+                                dtype=dtype, compile_mode=tc.compile_mode)
     optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
                                          betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
@@ -319,6 +357,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     fpt = model.flops_per_token(tc.block_size)
     peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
+    if tc.fp8 and peak is not None:
+        peak_note += f"; fp8 {tc.fp8} run: MFU is bf16-equivalent (FLOPs against the bf16 peak)"
     header = {
         "config": {"train": asdict(tc), "model": asdict(mc)},
         "environment": runlog.environment(d.world_size, d.device) | {"dtype": str(dtype), "peak_flops": peak,
@@ -333,11 +373,15 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
               f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}")
     print0(d, f"tokens per step: {tc.batch_size} batch x {tc.gradient_accumulation_steps} accumulation "
               f"({accum} per rank) x {tc.block_size} tokens = {tokens_per_step:,}; MFU: {peak_note}")
+    if fp8_summary is not None:
+        print0(d, f"fp8 {tc.fp8}{' (emulated)' if tc.fp8_emulate else ''}: {fp8_summary}")
     if ckpt_state is not None:
         print0(d, f"resumed from {ckpt_path} at iter {run.iter_num}")
         log.event({"iter": run.iter_num, "event": "resumed", "from": ckpt_path})
 
     def save_checkpoint() -> None:
+        if not tc.save_checkpoint:
+            return
         state = {**asdict(run), "model_config": asdict(mc), "train_config": asdict(tc),
                  "loader": loader.state_dict(), "dataset": {"name": tc.dataset, "path": ddir, "meta": meta}}
         path = checkpoint.save(tc.out_dir, d, model, optimizer, mode, state, scaler)
@@ -358,6 +402,13 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     skipped: list[tuple[int, torch.Tensor]] = []  # (iter, found_inf) since the last log
     nonfinite_streak = 0
     params = [p for p in model.parameters() if p.requires_grad]
+    fsdp_fp8_scales = tc.use_fsdp and tc.fp8 and fp8.uses_fsdp_float8_all_gather(model)
+    if tc.use_cuda_graphs:
+        # Gradients allocated once and zeroed in place: a graph replay reuses its output memory, so a
+        # .grad that autograd took over from one micro-step's replay would be overwritten by the next
+        # (pytorch/pytorch#169545). With .grad preallocated, backward accumulates into it instead.
+        for p in params:
+            p.grad = torch.zeros_like(p)
     with interrupt_flag() as stop:
         while True:
             if run.iter_num % tc.eval_interval == 0 or run.iter_num == tc.max_iters:
@@ -407,7 +458,9 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
                 bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
                 found_inf = parallel.all_reduce_max(bad.float(), d)
                 parallel.optimizer_step(optimizer, found_inf)
-            optimizer.zero_grad(set_to_none=True)
+            if fsdp_fp8_scales:
+                fp8.precompute_fsdp_scales(model)
+            optimizer.zero_grad(set_to_none=not tc.use_cuda_graphs)
             skipped.append((run.iter_num, found_inf))
             run.iter_num += 1
             run.tokens_seen += tokens_per_step
@@ -431,7 +484,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
             skipped.clear()
             record = {"iter": it, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_seen": run.tokens_seen, "dt_ms": None, "tokens_per_sec": None, "mfu": None,
-                      "memory_allocated_gb": None, "memory_peak_gb": None}
+                      "memory_allocated_gb": None, "memory_peak_gb": None,
+                      "memory_host_peak_gb": runlog.host_peak_gb()}
             if window_start is not None and window_steps > 0:
                 elapsed = time.perf_counter() - window_start - excluded
                 record["dt_ms"] = 1000 * elapsed / window_steps
@@ -491,7 +545,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     import token_loader
     import tokenizer
 
-    return (configurator.ConfigError, TrainingError, checkpoint.CheckpointError, parallel.LaunchError,
+    return (configurator.ConfigError, TrainingError, checkpoint.CheckpointError, parallel.LaunchError, fp8.FP8Error,
             token_loader.DataError, tokenizer.TokenizerError, hf_checkpoint.HFCheckpointError, runlog.RunLogError)
 
 

@@ -8,8 +8,9 @@ transformers model holding identical weights, in one process, as a ratio.
         --dtype=bfloat16 --compile=True        # on a GPU
 
 Bench-only flags: --steps (timed steps per round, default 5), --rounds (default 3), --warmup (2).
-The two models are timed in alternating rounds and the median round is reported, so drift in the
-machine's speed hits both. The HF model uses attn_implementation="sdpa"; --compile compiles both.
+The two models are timed one after the other (ours, then HF built from the same weights), with
+only one of them on the device at a time so that a 1.5B comparison fits in 80 GB; the median round
+is reported. The HF model uses attn_implementation="sdpa"; --compile compiles both.
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_rounds(step, x: torch.Tensor, y: torch.Tensor, device: str, bench: dict) -> list[float]:
+    """Seconds per step in each round, after the warm-up steps (compilation included there)."""
+    for _ in range(bench["warmup"]):
+        step(x, y)
+    times = []
+    for _ in range(bench["rounds"]):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(bench["steps"]):
+            step(x, y)
+        sync(device)
+        times.append((time.perf_counter() - t0) / bench["steps"])
+    return times
+
+
 def main(argv: list[str]) -> None:
     bench = dict(BENCH_FLAGS)
     rest = []
@@ -89,31 +105,32 @@ def main(argv: list[str]) -> None:
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[tc.dtype]
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    ours = GPT(mc).to(device)
-    hf = hf_twin(ours).to(device)
+    ours = GPT(mc)
     B, T = tc.batch_size, tc.block_size
     x = torch.randint(0, mc.vocab_size, (B, T), device=device)
     y = torch.randint(0, mc.vocab_size, (B, T), device=device)
-
-    with torch.no_grad():  # same function before we time anything
-        diff = (ours(x)[0] - hf(input_ids=x).logits).abs().max().item()
-    steps = {
-        "ours": make_step(ours, True, device, dtype, tc.compile),
-        "hf": make_step(hf, False, device, dtype, tc.compile),
-    }
-    for step in steps.values():
-        for _ in range(bench["warmup"]):
-            step(x, y)
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(bench["rounds"]):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(bench["steps"]):
-                step(x, y)
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / bench["steps"])
+    probe = x[:1, : min(T, 128)]
+    with torch.no_grad():  # the same function before we time anything (on CPU: both fit there)
+        hf = hf_twin(ours)
+        diff = (ours(probe.cpu())[0] - hf(input_ids=probe.cpu()).logits).abs().max().item()
+        del hf
+    # One model on the device at a time (at 1.5B each needs ~25 GB with AdamW): ours, then HF.
+    times, peak = {}, {}
+    for name in ("ours", "hf"):
+        model = ours.to(device) if name == "ours" else hf_twin(ours.cpu()).to(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times[name] = timed_rounds(make_step(model, name == "ours", device, dtype, tc.compile), x, y, device, bench)
+        peak[name] = torch.cuda.max_memory_allocated() / 1024**3 if device.startswith("cuda") else None
+        if name == "ours":
+            ours.cpu()
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
 
     tok = {k: B * T / statistics.median(v) for k, v in times.items()}
     print(f"model: {mc.arch_string}, {ours.num_params():,} params, vocab {mc.vocab_size}")
@@ -122,10 +139,9 @@ def main(argv: list[str]) -> None:
         f"batch {B} x seq {T}, torch {torch.__version__}"
     )
     print(f"max |logits diff| before timing: {diff:.2e}")
-    for name in steps:
-        print(
-            f"{name:>5}: {tok[name]:10,.0f} tokens/s  ({1000 * statistics.median(times[name]):.1f} ms/step)"
-        )
+    for name in times:
+        mem = f", peak {peak[name]:.1f} GiB" if peak[name] is not None else ""
+        print(f"{name:>5}: {tok[name]:10,.0f} tokens/s  ({1000 * statistics.median(times[name]):.1f} ms/step{mem})")
     print(f"ratio ours/hf: {tok['ours'] / tok['hf']:.2f}x")
 
 

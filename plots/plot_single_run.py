@@ -127,11 +127,17 @@ def panel_lr(ax: Axes, runs: list[dict], colors: list[str]) -> None:
     ax.set_ylabel("learning rate")
 
 
+MEMORY_TITLE = "Memory (GPU allocated and peak; host peak RSS)"
+
+
 def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
-    """Allocated memory (solid) and the peak since the start (dashed), in GiB."""
+    """GPU allocated memory (solid) and its peak (dashed), and the host memory, the process's peak
+    RSS (dotted, every device, so CPU runs have a figure too), in GiB."""
     drawn = False
+    series = (("memory_allocated_gb", "-", "GPU allocated"), ("memory_peak_gb", "--", "GPU peak"),
+              ("memory_host_peak_gb", ":", "host memory (peak RSS)"))
     for run, color in zip(runs, colors):
-        for key, style, name in (("memory_allocated_gb", "-", "allocated"), ("memory_peak_gb", "--", "peak")):
+        for key, style, name in series:
             xs, ys = runlogs.series(run["training_iterations"], key)
             if xs:
                 ax.plot(xs, ys, style, color=color, label=name if color == colors[0] else None)
@@ -140,7 +146,7 @@ def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
         ax.legend(fontsize=8)
     else:
         no_data(ax, runlogs.memory_missing(runs[0]))
-    ax.set_title("GPU memory (allocated, peak since start)")
+    ax.set_title(MEMORY_TITLE)
     ax.set_ylabel("GiB")
 
 

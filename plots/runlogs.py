@@ -3,8 +3,8 @@ Reading the JSON run logs that train.py writes (format: runlog.py) for the scrip
 
 A log can come from a run still in progress (the writer rewrites it atomically, so it is valid
 JSON but may hold 0 or 1 records) and any of dt_ms, tokens_per_sec, mfu and memory_* may be null:
-the first steps are untimed, MFU is null where the peak FLOP/s is unknown (CPU), memory is only
-measured on CUDA. Series drop null and non-finite values; callers say why a series is empty.
+the first steps are untimed, MFU is null where the peak FLOP/s is unknown (CPU), GPU memory is
+only measured on CUDA (memory_host_peak_gb, the host's peak RSS, is there on every device). Series drop null and non-finite values; callers say why a series is empty.
 
 No torch and no train.py here: plotting a log needs neither.
 """
@@ -139,7 +139,7 @@ def mfu_missing(run: dict) -> str:
 
 
 def memory_missing(run: dict) -> str:
-    """Why a log has no memory values: train.py measures memory on CUDA only."""
+    """Why a log has no GPU memory values: train.py measures GPU memory on CUDA only."""
     device = str(run["environment"].get("device") or "")
     if device and not device.startswith("cuda"):
         return f"memory is only measured on CUDA; this run used {device}"

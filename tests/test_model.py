@@ -459,6 +459,31 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_blocks_compile_mode_matches_eager():
+    """compile_mode="blocks" (each Block and the head compiled apart, in place) == eager, loss and grads."""
+    import parallel
+
+    torch.manual_seed(0)
+    m = GPT(_tiny("tiny_qwen3"))
+    idx, tgt = torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32))
+    _, eager = m(idx, tgt)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    torch._dynamo.reset()
+    d = parallel.Dist(0, 0, 1, torch.device("cpu"))
+    train_model = parallel.wrap(m, d, fsdp=False, compile=True, cuda_graphs=False, dtype=torch.float32,
+                                compile_mode="blocks")
+    assert train_model is m and all(b._compiled_call_impl is not None for b in m.h)
+    _, compiled = train_model(idx, tgt)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for g, p in zip(eager_grads, m.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+    assert set(m.state_dict()) == set(GPT(_tiny("tiny_qwen3")).state_dict())  # no compile prefixes
+
+
 # -----------------------------------------------------------------------------
 # Config validation
 

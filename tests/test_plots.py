@@ -133,14 +133,26 @@ def panel_notes(fig: Figure) -> dict[str, str]:
 
 def test_missing_fields_are_noted_not_dropped(train_log: str, tmp_path: pathlib.Path) -> None:
     cpu = runlogs.load(train_log)
-    notes = panel_notes(plot_single_run.plot_runs([cpu]))
+    fig = plot_single_run.plot_runs([cpu])
+    notes = panel_notes(fig)
+    memory = next(ax for ax in fig.axes if ax.get_title() == plot_single_run.MEMORY_TITLE)
+    (host,) = memory.get_lines()  # no GPU lines on CPU: only the host's peak RSS
+    assert host.get_label() == "host memory (peak RSS)"
+    assert list(host.get_ydata()) == [r["memory_host_peak_gb"] for r in cpu["training_iterations"]]
+    assert all(y > 0 for y in host.get_ydata())
+    for r in cpu["training_iterations"]:
+        assert r["memory_allocated_gb"] is None and r["memory_peak_gb"] is None
+    old = runlogs.load(train_log)  # a log written before memory_host_peak_gb existed
+    for r in old["training_iterations"]:
+        del r["memory_host_peak_gb"]
+    assert "no data" in panel_notes(plot_single_run.plot_runs([old]))[plot_single_run.MEMORY_TITLE]
     assert "no data" in notes["Model FLOPs utilisation"] and "CPU" in notes["Model FLOPs utilisation"]
-    assert "no data" in notes["GPU memory (allocated, peak since start)"]
+    assert notes[plot_single_run.MEMORY_TITLE] == ""  # the host's peak RSS is drawn on CPU
     assert notes["Loss"] == "" and notes["Throughput"] == ""
     assert any(t.startswith("Gradient norm by module") for t in notes)  # gradient_log_interval=4
     gpu = runlogs.load(variant(train_log, tmp_path, "gpu fields"))
     notes = panel_notes(plot_single_run.plot_runs([gpu]))
-    assert notes["Model FLOPs utilisation"] == "" and notes["GPU memory (allocated, peak since start)"] == ""
+    assert notes["Model FLOPs utilisation"] == "" and notes[plot_single_run.MEMORY_TITLE] == ""
     one = runlogs.load(variant(train_log, tmp_path, "one record"))
     assert "no timed step" in panel_notes(plot_single_run.plot_runs([one]))["Throughput"]
 

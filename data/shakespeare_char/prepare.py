@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from configurator import ConfigError, check_output_dir  # noqa: E402
 from dataprep import PrepareError, fail, shakespeare_plays, write_tokens  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
@@ -28,8 +29,9 @@ def main() -> None:
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = p.parse_args()
     try:
+        check_output_dir(args.out_dir)
         text = "".join(play for _, play in shakespeare_plays())
-    except PrepareError as e:
+    except (PrepareError, ConfigError) as e:
         fail(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "input.txt"), "w") as f:

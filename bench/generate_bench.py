@@ -1,0 +1,87 @@
+"""
+Generation tokens/s of GPT.generate with the KV cache against the uncached loop, in one process, as a ratio.
+
+    python bench/generate_bench.py config/tiny_llama3.py --n_layer=8 --n_embd=512 --vocab_size=32000 \\
+        --batch_size=4 --prompt_len=128 --new_tokens=128
+    python bench/generate_bench.py --smoke      # a few tokens on tiny_llama3, for the test suite
+
+Bench-only flags: --prompt_len (default 64), --new_tokens (64), --rounds (3), --smoke. The model's
+block_size is raised to fit prompt_len + new_tokens. Both routes decode greedily from the same random
+prompts (their tokens are checked equal first), in alternating rounds; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import configurator  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+from train import TrainConfig  # noqa: E402
+
+BENCH_FLAGS = {"prompt_len": 64, "new_tokens": 64, "rounds": 3}
+
+
+def main(argv: list[str]) -> int:
+    bench = dict(BENCH_FLAGS)
+    rest = []
+    smoke = "--smoke" in argv
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in bench:
+            try:
+                bench[key] = int(arg.split("=", 1)[1])
+            except (IndexError, ValueError):
+                print(f"error: --{key} needs an integer, e.g. --{key}=64", file=sys.stderr)
+                return 2
+        elif arg != "--smoke":
+            rest.append(arg)
+    if smoke:
+        rest = ["config/tiny_llama3.py", "--batch_size=2"] + rest
+        bench.update(prompt_len=8, new_tokens=8, rounds=1)
+    try:
+        (tc, mc), _ = configurator.load(rest, [TrainConfig, ModelConfig])
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    mc.block_size = max(mc.block_size, bench["prompt_len"] + bench["new_tokens"])
+    device = "cuda" if tc.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if tc.device == "auto" else tc.device)
+    torch.manual_seed(0)
+    model = GPT(mc).to(device).eval()
+    B, T, N = tc.batch_size, bench["prompt_len"], bench["new_tokens"]
+    prompt = torch.randint(0, mc.vocab_size, (B, T), device=device)
+
+    def run(use_cache: bool) -> torch.Tensor:
+        return model.generate(prompt, N, temperature=0, use_cache=use_cache)
+
+    same = torch.equal(run(True), run(False))  # also the warmup
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    for _ in range(bench["rounds"]):
+        for name in times:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(name == "cached")
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    tok = {k: B * N / statistics.median(v) for k, v in times.items()}
+    print(f"model: {mc.arch_string}, {model.num_params():,} params, vocab {mc.vocab_size}")
+    print(f"device: {device} ({torch.get_num_threads()} threads), batch {B}, prompt {T}, new tokens {N}, "
+          f"torch {torch.__version__}")
+    print(f"cached tokens equal uncached: {same}")
+    for name in times:
+        print(f"{name:>8}: {tok[name]:10,.1f} tokens/s")
+    print(f"KV cache speedup (cached/uncached): {tok['cached'] / tok['uncached']:.2f}x")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

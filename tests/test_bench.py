@@ -1,0 +1,42 @@
+"""The GPU benchmarks run end to end on a CPU in --smoke mode, so they cannot rot before a GPU runs them."""
+
+import json
+import subprocess
+import sys
+
+from test_train import ROOT, ok
+
+
+def _bench(*args: str) -> list[dict]:
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    return [json.loads(line) for line in p.stdout.strip().splitlines()]
+
+
+def test_gpu_step_smoke_trains_and_reports_every_field():
+    (r,) = _bench("bench/gpu_step.py", "config/tiny_llama3.py", "--smoke=True", "--learning_rate=1e-2",
+                  "--warmup_iters=0", "--pool=1")
+    assert r["architecture"] == "4L-6H-192D-512ff GQA(2kv)" and r["steps"] == 3 and r["tokens_per_sec"] > 0
+    assert r["last_loss"] < r["first_loss"]  # one batch repeated: the step must fit it
+    assert r["estimate_gib"] > 0 and r["mfu"] is None and r["sdpa_choice"] == "cpu"
+
+
+def test_gpu_step_smoke_with_emulated_fp8():
+    (r,) = _bench("bench/gpu_step.py", "config/tiny_llama3.py", "--smoke=True", "--fp8=tensorwise",
+                  "--fp8_emulate=True")
+    assert r["fp8"] == "tensorwise" and r["fp8_linears"].startswith("16 of 17 linears in fp8")
+
+
+def test_gpu_micro_smoke_measures_gemms_and_attention():
+    records = _bench("bench/gpu_micro.py", "config/tiny_llama3.py", "--smoke=True", "--batch_size=2",
+                     "--block_size=64")
+    gemms = {r["name"]: r for r in records if r["kind"] == "gemm"}
+    assert set(gemms) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "head"}
+    assert (gemms["mlp.c_fc"]["K"], gemms["mlp.c_fc"]["N"]) == (192, 1024)  # gate and up, fused
+    assert {r["layout"] for r in records if r["kind"] == "sdpa"} == {"enable_gqa", "expanded"}
+
+
+def test_gpu_step_bad_flag_is_one_error_line():
+    p = subprocess.run([sys.executable, "bench/gpu_step.py", "config/tiny_llama3.py", "--sdpa=fast"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: sdpa='fast' is not one of")
+    assert "Traceback" not in p.stderr

