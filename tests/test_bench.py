@@ -40,3 +40,13 @@ def test_gpu_step_bad_flag_is_one_error_line():
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: sdpa='fast' is not one of")
     assert "Traceback" not in p.stderr
+
+
+def test_loss_bench_smoke_runs_every_variant_against_the_reference():
+    head, *rows = _bench("bench/loss_bench.py", "--smoke")
+    assert head["N"] == 96 and head["chunk"] == 40
+    by_name = {r["loss"]: r for r in rows}
+    assert {"F.linear+F.cross_entropy", "fused:scatter", "fused:where", "fused:where_addmm", "liger"} <= set(by_name)
+    for name in ("fused:scatter", "fused:where", "fused:where_addmm"):
+        assert by_name[name]["loss_abs_diff_vs_reference"] < 1e-5 and by_name[name]["ms"] > 0
+    assert by_name["liger"]["skipped"] == "liger_kernel not installed"
