@@ -133,12 +133,14 @@ def test_titan_parser_rejects_unknown_key(titan, tmp_path) -> None:
 def test_megatron_core_reads_our_shards(megatron, tmp_path) -> None:
     """megatron-core's IndexedDataset and GPTDataset on our converted uint16 and uint32 shards."""
     for tok in ("gpt2", "llama3"):
+        (tmp_path / tok).mkdir()
         data = prepared(tmp_path / tok, tok, n_docs=60)
         prefixes = megatron_data.convert(data)
         docs = {p: [d.tolist() for d in megatron_data.read_documents(p)] for _, p in prefixes["train"]}
         got = run_check(megatron, "megatron_check.py",
                         {"check": "read", "prefixes": [[n, p] for n, p in prefixes["train"]], "seq_len": 16,
-                         "out": str(tmp_path / tok / "mg.json")}, tmp_path / tok)
+                         "eod": json.load(open(os.path.join(data, "meta.json")))["eos_id"],
+                         "cache": str(tmp_path / tok / "cache")}, tmp_path / tok)
         for p in docs:
             assert got["documents"][p] == docs[p]
         assert got["gpt_samples_ok"], got
