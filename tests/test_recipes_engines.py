@@ -144,3 +144,19 @@ def test_megatron_core_reads_our_shards(megatron, tmp_path) -> None:
         for p in docs:
             assert got["documents"][p] == docs[p]
         assert got["gpt_samples_ok"], got
+
+
+@pytest.mark.parametrize("name", ["full_llama3_1.5b_optimal", "full_qwen3_1.8b_optimal"])
+def test_megatron_lm_parser_accepts_generated_args(name, megatron, tmp_path) -> None:
+    lm = os.environ.get("MEGATRON_LM")
+    if not lm:
+        pytest.skip("MEGATRON_LM is unset: Megatron-LM's parser (megatron/training) is not on PyPI and its source is "
+                    "not ours to ship; point MEGATRON_LM at a core_r0.13.0 checkout to run this")
+    paths = generate.megatron(preset(name), 8, str(tmp_path / "mg"), tp=2, mock=True)
+    args = generate.megatron_arg_list(paths[0])
+    _, mc = generate.load_preset(preset(name))
+    got = run_check(megatron, "megatron_check.py", {"check": "parse", "megatron_lm": lm, "ngpu": 8, "args": args},
+                    tmp_path)
+    assert got["padded_vocab_size"] == mc.vocab_size
+    assert got["normalization"] == "RMSNorm" and not got["apply_layernorm_1p"]
+    assert got["rotary_base"] == int(mc.rope_theta)

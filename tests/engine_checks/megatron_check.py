@@ -3,8 +3,9 @@ Checks run inside the megatron-core venv (recipes/engine_venvs.sh megatron) by t
 
     python megatron_check.py CASE.json
 
-CASE.json: {"check": "read", "prefixes": [[tokens, prefix], ...], "seq_len": T}. Reads our converted
-shards with megatron-core's IndexedDataset and builds a GPTDataset blend over them; prints one JSON line.
+CASE.json: {"check": "read", "prefixes": [[tokens, prefix], ...], "seq_len": T} reads our converted shards
+with megatron-core's IndexedDataset and builds a GPTDataset blend over them; {"check": "parse", ...} runs
+Megatron-LM's argument parser from a checkout. Prints one JSON line.
 """
 
 import json
@@ -57,7 +58,19 @@ def read(case: dict) -> dict:
     return {"documents": documents, "gpt_samples_ok": ok, "n_datasets": len(train.datasets)}
 
 
+def parse(case: dict) -> dict:
+    """Megatron-LM's own parse_args + validate_args on the generated script's arguments (needs a checkout)."""
+    import os
+    sys.path.insert(0, case["megatron_lm"])
+    os.environ.update({"WORLD_SIZE": str(case["ngpu"]), "RANK": "0", "LOCAL_RANK": "0"})
+    from megatron.training.arguments import parse_args, validate_args
+    sys.argv = ["pretrain_gpt.py"] + case["args"]
+    args = validate_args(parse_args())
+    return {"padded_vocab_size": getattr(args, "padded_vocab_size", None), "normalization": args.normalization,
+            "rotary_base": args.rotary_base, "apply_layernorm_1p": args.apply_layernorm_1p}
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         case = json.load(f)
-    print(json.dumps({"read": read}[case["check"]](case)))
+    print(json.dumps({"read": read, "parse": parse}[case["check"]](case)))
