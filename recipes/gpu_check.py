@@ -87,8 +87,10 @@ def main(work: str, data: str) -> None:
     tt = os.path.join(work, "tt")
     generate.torchtitan(preset, 1, tt, init_from_hf=hf, dataset=data, steps=STEPS)
     # train.py logs iter 0 for the first update; torchtitan calls it step 1.
+    # The checkpointer stays on: with it off, torchtitan never reads initial_load_path.
     titan = run(["bash", os.path.join(tt, "run_train.sh"), "--activation_checkpoint.mode", "none",
-                 "--checkpoint.no_enable"], env={"NGPU": "1"})
+                 "--job.dump_folder", os.path.join(work, "outputs")], env={"NGPU": "1"})
+    print("\n".join(line for line in titan.splitlines() if "oading" in line or "checkpoint" in line.lower())[-2000:])
     titan = losses(titan, r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
     print(f"{'step':>4} {'train.py':>10} {'torchtitan':>10} {'diff':>8}")
     for i in range(STEPS):
