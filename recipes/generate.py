@@ -303,7 +303,8 @@ if [[ "$COMM_BACKEND" != "nccl" ]]; then
 fi
 if [[ "${{DRY_RUN:-0}}" == "1" ]]; then
   # torchtitan {TORCHTITAN_VERSION} has no CPU dry run (its fake backend still calls torch.cuda.set_device).
-  exec "${{NANOLLM_PYTHON:-python}}" -m recipes validate "$HERE"
+  cd {shlex.quote(ROOT)}  # the nanollm checkout that generated this recipe
+  exec "${{NANOLLM_PYTHON:-python}}" -m recipes validate --require_data "$HERE"
 fi
 export PYTHONPATH="$HERE${{PYTHONPATH:+:$PYTHONPATH}}"  # for [experimental] custom_import
 export PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"
@@ -540,8 +541,10 @@ machines); optimizer state never moves between engines.
     return [script_path, os.path.join(out, "README.md")]
 
 
-def validate(out: str) -> list[str]:
-    """Checks a generated recipe folder can pass on this machine; returns what was checked."""
+def validate(out: str, require_data: bool = False) -> list[str]:
+    """Checks a generated recipe folder can pass on this machine; returns what was checked.
+
+    require_data: also the torchtitan recipe's dataset must be prepared (what DRY_RUN=1 asks)."""
     done = []
     if not os.path.isdir(out):
         raise RecipeError(f"recipe folder {out} does not exist; generate it first")
@@ -558,6 +561,12 @@ def validate(out: str) -> list[str]:
             except tomllib.TOMLDecodeError as e:
                 raise RecipeError(f"{path} is not valid TOML ({e}); regenerate it") from None
             check_toml(doc, path)
+            if require_data:
+                try:
+                    read_meta(doc["training"]["dataset_path"])
+                except DataError as e:
+                    raise RecipeError(f"{path}: the dataset is not prepared: {e}") from None
+                done.append(f"{f}: dataset {doc['training']['dataset_path']} is prepared")
             done.append(f"{f}: TOML parses, degrees multiply, batch divides")
         if f.endswith(".sh"):
             r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
@@ -641,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("data")
     v = sub.add_parser("validate", help="check a generated recipe folder")
     v.add_argument("dir")
+    v.add_argument("--require_data", action="store_true", help="the torchtitan recipe's dataset must be prepared")
     a = p.parse_args(argv)
     try:
         if a.cmd == "torchtitan":
@@ -656,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(megatron_data.data_path_args(prefixes)))
             return 0
         else:
-            print("\n".join(validate(a.dir)))
+            print("\n".join(validate(a.dir, a.require_data)))
             return 0
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

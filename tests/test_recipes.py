@@ -184,3 +184,20 @@ def test_cli_entry_point_error_exit(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "recipes", "megatron", "config/nope.py", "--ngpu", "8", "--mock",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown preset") and "Traceback" not in r.stderr
+
+
+def test_dry_run_validates_recipe_and_dataset(tmp_path, capsys) -> None:
+    """DRY_RUN=1 ./run_train.sh is our validator (torchtitan 0.2.2 cannot dry-run on a CPU), data included."""
+    if os.path.isfile(os.path.join(ROOT, "data", "slimpajama_6b_llama3", "meta.json")):
+        pytest.skip("data/slimpajama_6b_llama3 is prepared in this checkout; the unprepared case needs it absent")
+    env = {**os.environ, "DRY_RUN": "1", "NANOLLM_PYTHON": sys.executable}
+    tt = tmp_path / "tt"
+    assert run_main(["torchtitan", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--out", str(tt)], capsys)[0] == 0
+    r = subprocess.run(["bash", str(tt / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 2 and "the dataset is not prepared" in r.stderr and r.stderr.count("\n") == 1
+    data = prepared(tmp_path, "llama3")
+    ok = tmp_path / "ok"
+    assert run_main(["torchtitan", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--dataset", data,
+                     "--out", str(ok)], capsys)[0] == 0
+    r = subprocess.run(["bash", str(ok / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0 and "is prepared" in r.stdout, r.stderr
