@@ -1,7 +1,7 @@
 """
 The generated recipes checked by the engines' own code, each in its own venv (recipes/engine_venvs.sh).
 
-Marked `engines` (deselected by default): building the two venvs takes minutes and each check starts a
+Marked `engines` (tests/conftest.py deselects them unless -m names them): building the two venvs takes minutes and each check starts a
 fresh interpreter that imports the engine. Run: `.venv/bin/python -m pytest -m engines tests/test_recipes_engines.py`.
 """
 
