@@ -16,6 +16,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
+    # `engines` tests build separate venvs (minutes): deselected unless the -m expression names them.
+    if "engines" not in (config.getoption("markexpr") or ""):
+        engines = [item for item in items if "engines" in item.keywords]
+        if engines:
+            config.hook.pytest_deselected(items=engines)
+            items[:] = [item for item in items if "engines" not in item.keywords]
     n_gpu = torch.cuda.device_count()
     for item in items:
         if "gpu" in item.keywords and n_gpu < 1:

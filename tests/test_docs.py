@@ -19,6 +19,7 @@ GENERATED = re.compile(
     r"(^|/)(train|val)(_\d+)?\.bin$|(^|/)meta\.(json|pkl)$|(^|/)input\.txt$|run_.*\.json$|\.png$"
     r"|(^|/)(model|optimizer.*|rng.*|scaler)\.pt$|(^|/)state\.json$|(^|/)ckpt(\.tmp|\.old)?/?$"
     r"|^data/\.cache|^data/<|^config/<|^data/X(/|$)|^config/plan_.*\.py$"
+    r"|^recipes_out/|^exports/|(^|/)(run_train\.sh|nanollm_titan\.py|pretrain_gpt\.py)$|^train_[\w.<>-]+\.sh$"
 )
 PATH = re.compile(r"(?<![\w./*-])((?:config|data|plots|docs|bench|tests|\.ci)/[\w./<>*-]*[\w>*]"
                   r"|[A-Za-z_][\w-]*\.(?:py|md|sh|toml|txt))(?![\w/])")

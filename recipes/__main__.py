@@ -1,0 +1,5 @@
+import sys
+
+from recipes.generate import main
+
+sys.exit(main())
