@@ -188,29 +188,23 @@ def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict],
              autocast, d: parallel.Dist, fsdp: bool) -> dict[str, float]:
     """eval/loss and eval/token_accuracy over the eval set, eval/answer_accuracy(_flexible) by greedy decoding.
 
-    Sums over ranks. Under FSDP every forward is collective, so every rank runs the same number of
-    batches (repeating one, uncounted) and decodes every answer example.
+    Sums over ranks. Under FSDP every forward is collective, so every rank runs every batch (the
+    caller gives each rank all of them) and decodes every answer example, and nothing is summed.
     """
     from answers import answer_accuracy
     from sft_data import generate_answers
 
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, targets
-    n_batches = len(batches)
-    if fsdp:
-        n_batches = int(parallel.all_reduce_max(torch.tensor(n_batches, device=d.device), d).item())
-    for i in range(n_batches):
-        x, y = batches[i] if i < len(batches) else batches[0]
+    for x, y in batches:
         with autocast:
             logits, _ = model(x)
         logits = logits.float()  # (B, T, V)
-        if i >= len(batches):
-            continue
         valid = y != -1
         sums[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").double()
         sums[1] += ((logits.argmax(-1) == y) & valid).sum()
         sums[2] += valid.sum()
-    if d.world_size > 1:
+    if d.world_size > 1 and not fsdp:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
@@ -317,8 +311,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
                             limit=ds.max_eval_samples, template=template)
     train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length)
     loader = SFTLoader(train_tok, t.per_device_train_batch_size, accum, d.rank, d.world_size, t.seed, d.device)
+    eval_ranks = (0, 1) if mode == "fsdp" else (d.rank, d.world_size)  # FSDP: every rank runs every batch
     batches = eval_batches(tokenize_examples(eval_ex, tokenizer, ds.max_length), t.per_device_eval_batch_size,
-                           d.rank, d.world_size, d.device)
+                           *eval_ranks, d.device)
     answer_ex = [e for e in eval_ex if e["answer"] is not None][:ds.answer_eval_samples]
     total = total_steps(cfg, loader.steps_per_epoch)
     warmup = warmup_steps(cfg, total)
