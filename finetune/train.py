@@ -66,9 +66,9 @@ BEST = "checkpoint-best"
 
 
 def resolve_model_path(name: str) -> str:
-    """A local Hugging Face folder as is; a hub id (org/name) downloaded with huggingface_hub (HF_TOKEN for gated)."""
-    if os.path.isdir(name):
-        return name
+    """A local Hugging Face folder (~ expanded); a hub id (org/name) downloaded with huggingface_hub (HF_TOKEN for gated)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ConfigError(f"model.name_or_path={name} is not a folder; give a Hugging Face model folder or a hub id")
     try:
@@ -129,7 +129,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
 
             for p in (p for p in model.parameters() if p.requires_grad):
                 dist.broadcast(p.data, src=0)
-        return stats
+        return stats | {"ranks_identical": ranks_identical(model, d)}
     from torch.distributed.tensor import distribute_tensor
 
     n = skipped = 0
@@ -151,7 +151,22 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
                     if "step" in state:
                         state["step"] = torch.zeros_like(state["step"])
             n += 1
-    return {"adapters": n, "skipped": skipped}
+    return {"adapters": n, "skipped": skipped, "ranks_identical": ranks_identical(model, d)}
+
+
+@torch.no_grad()
+def ranks_identical(model: torch.nn.Module, d: parallel.Dist) -> bool:
+    """Whether every rank holds bitwise the same full adapters (a collective; FSDP gathers them)."""
+    if d.world_size == 1:
+        return True
+    import torch.distributed as dist
+    from lora import lora_parameters
+
+    flat = torch.cat([parallel._full(p.data).flatten().double() for p in lora_parameters(model)])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
 
 
 def refactor_steps(cfg: FinetuneConfig, total: int, warmup: int) -> list[int]:
@@ -446,6 +461,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
     try:
         args, overrides = parser.parse_known_args(argv)
+        for arg in overrides:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and "." not in flag:
+                raise ConfigError(f"unknown flag {flag}{configurator.suggest(flag, ['--config', '--resume_from_checkpoint'])}"
+                                  f"; config values are written section.key=value")
         cfg = load_config(args.config, overrides)
         return finetune(cfg, args.resume_from_checkpoint)
     except user_errors() as e:
