@@ -60,6 +60,13 @@ from model import GPT  # noqa: E402
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 BEST = "checkpoint-best"
+# the seed's metric names in wandb/TensorBoard; eval records already use them (eval/loss, ...)
+SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+              "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "dt_ms": "train/step_ms",
+              "memory_peak_gb": "train/memory_peak_gb", "memory_allocated_gb": "train/memory_allocated_gb",
+              "memory_host_peak_gb": "train/memory_host_peak_gb", "tokens_seen": "train/tokens_seen",
+              **{k: k for k in ("eval/loss", "eval/token_accuracy", "eval/answer_accuracy",
+                                "eval/answer_accuracy_flexible")}}
 
 
 # -- the model: base, adapters, activation checkpointing -------------------------------------------
@@ -370,7 +377,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
                            "steps_per_epoch": loader.steps_per_epoch}}
     wandb = {"project": t.wandb_project or "nanollm-finetune",
              "name": t.run_name or os.path.basename(os.path.normpath(t.output_dir))} if "wandb" in t.report_to else None
-    log = runlog.RunLog(t.output_dir, d.is_master, header, wandb, "tensorboard" in t.report_to)
+    log = runlog.RunLog(t.output_dir, d.is_master, header, wandb, "tensorboard" in t.report_to, names=SINK_NAMES,
+                        tensorboard_subdir="logs")
     shared.print0(d, f"model {model.config.arch_string}: {model.num_params():,} parameters, {n_trainable:,} trainable "
                      f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {mode} on {d.world_size} x {d.device.type}, "
                      f"{str(dtype).removeprefix('torch.')}")

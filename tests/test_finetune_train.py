@@ -248,3 +248,29 @@ def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     a, b = _adapters(single / "checkpoint-8"), _adapters(multi / "checkpoint-8")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+
+
+def test_wandb_gets_the_seeds_metric_names(assets, tmp_path, monkeypatch):
+    """report_to: [wandb] logs train/loss, train/learning_rate, train/grad_norm and eval/* (a stand-in wandb)."""
+    import types
+
+    logged: list[dict] = []
+    run = types.SimpleNamespace(log=lambda rec, step: logged.append(rec), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "o", dataset={"answer_eval_samples": 2},
+                   training={"max_steps": 2, "eval_steps": 2, "save_steps": 2, "report_to": ["wandb"]})
+    assert _run(["--config", path]) == 0
+    keys = set().union(*logged)
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "eval/token_accuracy",
+            "eval/answer_accuracy"} <= keys and "loss" not in keys
+
+
+def test_activation_checkpointing_gives_the_same_run(straight, assets, tmp_path):
+    """gradient_checkpointing: true recomputes each block in backward (dropout masks replayed): same losses."""
+    out = tmp_path / "gc"
+    path = _config(assets, tmp_path / "c.yaml", out, training={"gradient_checkpointing": True, "max_steps": 8})
+    assert _run(["--config", path]) == 0
+    ref, got = _losses(straight["log"]), _losses(_log(out))
+    assert got.keys() == ref.keys()
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-6)
