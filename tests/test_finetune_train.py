@@ -274,3 +274,22 @@ def test_activation_checkpointing_gives_the_same_run(straight, assets, tmp_path)
     assert got.keys() == ref.keys()
     for it in ref:
         assert got[it] == pytest.approx(ref[it], abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_run_trains_fp32_adapters_on_a_bf16_base(assets, tmp_path):
+    """On CUDA with bf16: the base is bf16, the adapters stay fp32 masters, the loss falls, eval decodes."""
+    out = tmp_path / "gpu"
+    path = _config(assets, tmp_path / "c.yaml", out, trainer={"name": "Trainer"},
+                   training={"device": "cuda", "bf16": True, "max_steps": 16, "learning_rate": 1e-2,
+                             "gradient_checkpointing": True, "eval_steps": 8, "save_steps": 8})
+    assert _run(["--config", path]) == 0
+    log = _log(out)
+    assert log["environment"]["dtype"] == "torch.bfloat16"
+    loss = _losses(log)
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    evals = log["evaluations"]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.05
+    assert all(r["memory_peak_gb"] is not None for r in log["training_iterations"])
+    assert all(v.dtype == torch.float32 for v in _adapters(out / "checkpoint-16").values())
+    assert [e["iter"] for e in log["evaluations"]] == [0, 8, 16]
