@@ -231,7 +231,8 @@ def test_best_checkpoint_and_save_total_limit(assets, tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "zero1", "fsdp"])
 def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     """2 gloo processes x 1 micro-step = 1 process x 2: the loss curve within 1e-5 through two refactors
-    (dropout off: its masks depend on the rank), and every rank holds the same factors after each refactor."""
+    (dropout off: its masks depend on the rank), and every rank holds the same factors after each refactor.
+    FSDP2 also resumes exactly from checkpoint-4."""
     single, multi = tmp_path / "single", tmp_path / mode
     no_dropout = {"lora": {"dropout": 0.0}, "dataset": {"answer_eval_samples": 0}}
     assert _run(["--config", _config(assets, tmp_path / "s.yaml", single, **no_dropout)]) == 0
@@ -248,6 +249,16 @@ def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     a, b = _adapters(single / "checkpoint-8"), _adapters(multi / "checkpoint-8")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    if mode == "fsdp":  # and an exact resume of the sharded run (DCP optimizer state, gathered adapters)
+        resumed = tmp_path / "resumed"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", "--config", path, f"training.output_dir={resumed}",
+                            "--resume_from_checkpoint", str(multi / "checkpoint-4")],
+                           cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert _losses(_log(resumed)) == {i: got[i] for i in range(4, 8)}
+        c = _adapters(resumed / "checkpoint-8")
+        assert all(torch.equal(c[k], b[k]) for k in b)
 
 
 def test_wandb_gets_the_seeds_metric_names(assets, tmp_path, monkeypatch):
