@@ -344,9 +344,15 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
 
     # the model: base, adapters (or the saved initial factors), wrapping, optimizer over the adapters
     torch.manual_seed(t.seed)
-    model = build_lora_model(cfg, model_path, d.device, dtype, init_state)
-    if adapters is not None:
-        load_lora_state_dict(model, {k: v.to(d.device) for k, v in adapters.items()})
+    try:
+        model = build_lora_model(cfg, model_path, d.device, dtype, init_state)
+        if adapters is not None:
+            load_lora_state_dict(model, {k: v.to(d.device) for k, v in adapters.items()})
+    except ValueError as e:
+        if resume is None:
+            raise
+        raise checkpoint.CheckpointError(f"{resume} does not fit this config's model and lora sections "
+                                         f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
     train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype)
     optimizer = parallel.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
                                          betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)

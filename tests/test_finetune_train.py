@@ -179,6 +179,13 @@ def test_exact_resume_with_pissa_dropout_and_a_refactor(straight, tmp_path):
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
 
 
+def test_resume_with_another_lora_shape_is_one_error_line(straight, tmp_path, capsys):
+    assert _run(["--config", straight["config"], "lora.r=8", f"training.output_dir={tmp_path / 'o'}",
+                 "--resume_from_checkpoint", str(straight["out"] / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this config's model and lora sections" in err, err
+
+
 def test_checkpoint_holds_adapters_not_the_base(straight):
     ckpt = straight["out"] / "checkpoint-8"
     sd, init = _adapters(ckpt), torch.load(ckpt / "lora_init.pt", weights_only=True)
