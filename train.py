@@ -635,18 +635,27 @@ def user_errors() -> tuple[type[Exception], ...]:
             token_loader.DataError, tokenizer.TokenizerError, hf_checkpoint.HFCheckpointError, runlog.RunLogError)
 
 
-def main(argv: list[str]) -> int:
+def run_command(body: Callable[[], int], extra_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a command: a user error (user_errors() or extra_errors) is one `error:` line on stderr and exit 2,
+    never a traceback; the process group is torn down either way."""
     try:
+        return body()
+    except (*user_errors(), *extra_errors) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        parallel.teardown()
+
+
+def main(argv: list[str]) -> int:
+    def body() -> int:
         tc, mc, explicit = parse_config(argv)
         if tc.dry_run:
             dry_run(tc, mc)
             return 0
         return train(tc, mc, explicit)
-    except user_errors() as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.teardown()
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

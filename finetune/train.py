@@ -462,31 +462,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The shared loop's user errors plus the data and LoRA ones: one line, no traceback."""
+def main(argv: list[str]) -> int:
     from token_loader import DataError
 
-    return (*shared.user_errors(), ConfigError, DataError)
-
-
-def main(argv: list[str]) -> int:
-    parser = _Parser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
-    parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
-    try:
+    def body() -> int:
+        parser = _Parser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
+        parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
         args, overrides = parser.parse_known_args(argv)
         for arg in overrides:
             flag = arg.split("=", 1)[0]
             if flag.startswith("--") and "." not in flag:
                 raise ConfigError(f"unknown flag {flag}{configurator.suggest(flag, ['--config', '--resume_from_checkpoint'])}"
                                   f"; config values are written section.key=value")
-        cfg = load_config(args.config, overrides)
-        return finetune(cfg, args.resume_from_checkpoint)
-    except user_errors() as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.teardown()
+        return finetune(load_config(args.config, overrides), args.resume_from_checkpoint)
+
+    return shared.run_command(body, (DataError,))
 
 
 if __name__ == "__main__":
