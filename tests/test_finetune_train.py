@@ -14,7 +14,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
-sys.path[:0] = [os.path.join(FINETUNE, "data")]
+sys.path.append(os.path.join(FINETUNE, "data"))
 
 import make_math  # noqa: E402
 
@@ -216,6 +216,8 @@ def test_checkpoint_holds_adapters_not_the_base(straight):
     assert state["kind"] == "lora" and state["iter_num"] == 8 and state["loader"]["step"] == 8
     evals = straight["log"]["evaluations"]
     assert [e["iter"] for e in evals] == [0, 4, 8]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the final adapter in output_dir too
+        assert (straight["out"] / name).read_bytes() == (ckpt / name).read_bytes()
     assert all(0 <= e["eval/answer_accuracy"] <= 1 and 0 <= e["eval/token_accuracy"] <= 1 for e in evals)
 
 
