@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -82,9 +83,18 @@ def save(
     mode: str,
     state: dict,
     scaler: torch.amp.GradScaler | None = None,
+    *,
+    name: str = CKPT,
+    model_state: Callable[[], dict[str, torch.Tensor]] | None = None,
+    write_extra: Callable[[str], None] | None = None,
 ) -> str:
-    """Write a checkpoint collectively (every rank calls this). mode: 'single', 'ddp', 'zero1' or 'fsdp'."""
-    model_sd = full_model_state_dict(model, mode)  # collective under FSDP
+    """Write a checkpoint collectively (every rank calls this). mode: 'single', 'ddp', 'zero1' or 'fsdp'.
+
+    The seams, for a caller that trains part of a model (LoRA): name is the folder under out_dir
+    (e.g. checkpoint-100), model_state() what model.pt holds (called on every rank; default the full
+    state dict), and write_extra(tmp_dir) adds files on rank 0 before state.json seals the folder.
+    """
+    model_sd = model_state() if model_state is not None else full_model_state_dict(model, mode)  # collective under FSDP
     if d.is_master:
         bad = [k for k, v in model_sd.items() if not torch.isfinite(v).all()]
         ok = torch.tensor(0 if bad else 1)
@@ -97,7 +107,7 @@ def save(
     if not bool(ok):
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}...); the run has diverged")
 
-    tmp = os.path.join(out_dir, TMP)
+    tmp = os.path.join(out_dir, name + ".tmp")
     if d.is_master:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(tmp)
@@ -120,6 +130,8 @@ def save(
     _save_tensor_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
     if scaler is not None and d.is_master:
         _save_tensor_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+    if write_extra is not None and d.is_master:
+        write_extra(tmp)
     barrier(d)
     if d.is_master:
         state = dict(state, world_size=d.world_size, mode=mode, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -128,7 +140,7 @@ def save(
             f.flush()
             os.fsync(f.fileno())
         _fault_point("before_swap")
-        final, old = os.path.join(out_dir, CKPT), os.path.join(out_dir, OLD)
+        final, old = os.path.join(out_dir, name), os.path.join(out_dir, name + ".old")
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -136,7 +148,7 @@ def save(
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier(d)
-    return os.path.join(out_dir, CKPT)
+    return os.path.join(out_dir, name)
 
 
 def full_model_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:

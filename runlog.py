@@ -90,8 +90,12 @@ def atomic_write_json(path: str, obj: object) -> None:
 
 class RunLog:
     def __init__(self, out_dir: str, enabled: bool, header: dict, wandb: dict | None = None,
-                 tensorboard: bool = False):
-        """header: config, environment and model sections. wandb: {'project', 'name'} to also log there."""
+                 tensorboard: bool = False, names: dict[str, str] | None = None, tensorboard_subdir: str = "tb"):
+        """header: config, environment and model sections. wandb: {'project', 'name'} to also log there.
+
+        names: what a record key is called in wandb/TensorBoard (e.g. loss -> train/loss); unnamed keys keep
+        theirs (TensorBoard prefixes them with the record kind). tensorboard_subdir: the event folder in out_dir.
+        """
         self.enabled = enabled
         self.path = None
         self.data = {**header, "training_iterations": [], "evaluations": [], "gradient_norms": [], "events": []}
@@ -108,9 +112,9 @@ class RunLog:
         self.path = path
         self.data["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         if wandb is not None:
-            self.sinks.append(_WandbSink(wandb, header))
+            self.sinks.append(_WandbSink(wandb, header, names or {}))
         if tensorboard:
-            self.sinks.append(_TensorboardSink(out_dir))
+            self.sinks.append(_TensorboardSink(os.path.join(out_dir, tensorboard_subdir), names or {}))
         self.flush()
 
     def iteration(self, record: dict) -> None:
@@ -145,7 +149,8 @@ class RunLog:
 
 
 class _WandbSink:
-    def __init__(self, opts: dict, header: dict):
+    def __init__(self, opts: dict, header: dict, names: dict[str, str]):
+        self.names = names
         try:
             import wandb
         except ImportError:
@@ -154,26 +159,27 @@ class _WandbSink:
 
     def log(self, key: str, record: dict) -> None:
         if key in ("training_iterations", "evaluations"):
-            self.run.log({k: v for k, v in record.items() if isinstance(v, int | float) and k != "iter"},
-                         step=record["iter"])
+            self.run.log({self.names.get(k, k): v for k, v in record.items()
+                          if isinstance(v, int | float) and k != "iter"}, step=record["iter"])
 
     def close(self) -> None:
         self.run.finish()
 
 
 class _TensorboardSink:
-    def __init__(self, out_dir: str):
+    def __init__(self, log_dir: str, names: dict[str, str]):
+        self.names = names
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise RunLogError("tensorboard_log=True needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.writer = SummaryWriter(log_dir)
 
     def log(self, key: str, record: dict) -> None:
         if key in ("training_iterations", "evaluations"):
             for k, v in record.items():
                 if isinstance(v, int | float) and k != "iter":
-                    self.writer.add_scalar(f"{key}/{k}", v, record["iter"])
+                    self.writer.add_scalar(self.names.get(k, f"{key}/{k}"), v, record["iter"])
 
     def close(self) -> None:
         self.writer.close()

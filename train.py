@@ -23,7 +23,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -278,10 +279,164 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
     return summary
 
 
-def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
-    import runlog
-    import token_loader
+@dataclass
+class Loop:
+    """What the shared training loop runs: the pieces a caller built, and its seams as callbacks.
 
+    train() below fills it for pretraining; finetune/train.py fills it for LoRA (a LoRA model, an SFT
+    loader, an answer-accuracy evaluator, an adapter-only checkpoint, a spectral refactor after steps).
+    """
+
+    d: parallel.Dist
+    model: torch.nn.Module  # the raw module (saving, eval, hooks)
+    train_model: torch.nn.Module  # the compiled/wrapped module the steps run
+    optimizer: torch.optim.Optimizer  # over the trainable parameters only
+    loader: object  # next_batch() -> (x, y) on device; TokenLoader's interface
+    log: object  # runlog.RunLog
+    accum: int  # micro-steps per rank per optimizer step
+    max_iters: int
+    lr_at: Callable[[int], float]  # learning rate of optimizer step `it`
+    # before every step and once at the end (done=True): evaluate and checkpoint as the caller decides;
+    # its wall time is excluded from the speed figures
+    maintenance: Callable[[RunState, bool], None]
+    save: Callable[[RunState], None]  # checkpoint now (on Ctrl-C/SIGTERM)
+    after_step: Callable[[RunState], None] | None = None  # after each optimizer step (e.g. a spectral refactor)
+    grad_clip: float = 1.0
+    scaler: torch.amp.GradScaler | None = None
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    use_cuda_graphs: bool = False
+    fsdp_fp8_scales: bool = False  # FSDP with float8 all-gather: refresh the scales after each step
+    timing_warmup: int = 1  # steps excluded from speed figures (compilation, graph capture)
+    log_interval: int = 10
+    gradient_log_interval: int = 0
+    max_nonfinite_steps: int = 5
+    flops_per_token: int = 0
+    peak_flops: float | None = None
+    resume_hint: str = ""  # how to continue after an interrupt, printed with it
+
+
+def run_loop(loop: Loop, run: RunState) -> int:
+    """Step, accumulate, clip, skip non-finite steps, log, and call the seams until run.iter_num == max_iters.
+
+    Returns 0 when done, 130 when interrupted (after a checkpoint). Tokens per step are counted from
+    the batches (x.numel() per micro-batch, times the world size), so padded SFT batches count too.
+    """
+    import runlog
+
+    d, model, optimizer, scaler = loop.d, loop.model, loop.optimizer, loop.scaler
+    start_iter = run.iter_num
+    window_start, window_steps, window_tokens, excluded = None, 0, 0, 0.0
+    skipped: list[tuple[int, torch.Tensor]] = []  # (iter, found_inf) since the last log
+    nonfinite_streak = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if loop.use_cuda_graphs:
+        # Gradients allocated once and zeroed in place: a graph replay reuses its output memory, so a
+        # .grad that autograd took over from one micro-step's replay would be overwritten by the next
+        # (pytorch/pytorch#169545). With .grad preallocated, backward accumulates into it instead.
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    with interrupt_flag() as stop:
+        while True:
+            t0 = time.perf_counter()
+            loop.maintenance(run, run.iter_num >= loop.max_iters)
+            excluded += time.perf_counter() - t0
+            if run.iter_num >= loop.max_iters:
+                break
+
+            lr = loop.lr_at(run.iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=d.device)
+            step_tokens = 0
+            for micro in range(loop.accum):
+                x, y = loop.loader.next_batch()
+                step_tokens += x.numel() * d.world_size
+                with parallel.no_sync(loop.train_model, sync=micro == loop.accum - 1):
+                    if loop.use_cuda_graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    with loop.autocast:
+                        _, loss = loop.train_model(x, y)
+                    loss = loss / loop.accum  # the mean over this rank's micro-batches
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.detach()
+            if loop.gradient_log_interval and run.iter_num % loop.gradient_log_interval == 0:
+                norms = parallel.grad_norms_by_module(model, scale=scaler.get_scale() if scaler else 1.0)
+                loop.log.gradient_norms({"iter": run.iter_num, "norms": norms})
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = parallel.clip_grad_norm(params, loop.grad_clip)
+            if scaler:
+                # fp16: gradient overflow is routine and the scaler skips those steps itself;
+                # only a non-finite loss counts as a fault
+                found_inf = parallel.all_reduce_max((~torch.isfinite(loss_sum)).float(), d)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                # a non-finite loss or gradient skips the step on device (no host sync), on every rank
+                bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
+                found_inf = parallel.all_reduce_max(bad.float(), d)
+                parallel.optimizer_step(optimizer, found_inf)
+            if loop.fsdp_fp8_scales:
+                fp8.precompute_fsdp_scales(model)
+            optimizer.zero_grad(set_to_none=not loop.use_cuda_graphs)
+            skipped.append((run.iter_num, found_inf))
+            run.iter_num += 1
+            run.tokens_seen += step_tokens
+            if loop.after_step is not None:
+                t0 = time.perf_counter()
+                loop.after_step(run)
+                excluded += time.perf_counter() - t0
+
+            if run.iter_num - start_iter == loop.timing_warmup:  # the speed window starts after compilation
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize()
+                window_start, window_steps, window_tokens, excluded = time.perf_counter(), 0, 0, 0.0
+            elif window_start is not None:
+                window_steps += 1
+                window_tokens += step_tokens
+
+            it = run.iter_num - 1  # the step just taken
+            if it % loop.log_interval != 0 and run.iter_num != loop.max_iters and not stop["requested"]:
+                continue
+            step_loss = parallel.all_reduce_mean(loss_sum, d).item()  # global-batch mean; syncs the host
+            for (skipped_it, _), was_bad in zip(skipped, torch.stack([f for _, f in skipped]).tolist()):
+                nonfinite_streak = nonfinite_streak + 1 if was_bad else 0
+                if was_bad:
+                    loop.log.event({"iter": skipped_it, "event": "skipped_nonfinite_step"})
+                    print0(d, f"iter {skipped_it}: non-finite loss or gradient norm; optimizer step skipped")
+            skipped.clear()
+            record = {"iter": it, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_seen": run.tokens_seen, "dt_ms": None, "tokens_per_sec": None, "mfu": None,
+                      "memory_allocated_gb": None, "memory_peak_gb": None,
+                      "memory_host_peak_gb": runlog.host_peak_gb()}
+            if window_start is not None and window_steps > 0:
+                elapsed = time.perf_counter() - window_start - excluded
+                record["dt_ms"] = 1000 * elapsed / window_steps
+                record["tokens_per_sec"] = window_tokens / elapsed
+                record["mfu"] = hardware.mfu(loop.flops_per_token, record["tokens_per_sec"], d.world_size,
+                                             loop.peak_flops)
+                window_start, window_steps, window_tokens, excluded = time.perf_counter(), 0, 0, 0.0
+            if d.device.type == "cuda":
+                record["memory_allocated_gb"] = torch.cuda.memory_allocated(d.device) / 1024**3
+                record["memory_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1024**3
+            loop.log.iteration(record)
+            loop.log.flush()
+            print0(d, format_record(record))
+            if nonfinite_streak >= loop.max_nonfinite_steps:
+                loop.log.close()
+                raise TrainingError(f"{nonfinite_streak} consecutive non-finite steps up to iter {it}; the last "
+                                    "checkpoint is intact: lower learning_rate or check the data, then resume")
+            if parallel.all_reduce_max(torch.tensor(float(stop["requested"]), device=d.device), d).item():
+                loop.save(run)
+                loop.log.close()
+                print0(d, f"interrupted at iter {run.iter_num}; {loop.resume_hint}")
+                return 130
+    loop.log.close()
+    return 0
+
+
+def setup_device(tc: TrainConfig) -> tuple[parallel.Dist, torch.dtype, str]:
+    """Join the process group and check the launch: (dist, compute dtype, parallel mode)."""
     d = parallel.setup(tc.device)
     if tc.use_cuda_graphs and d.device.type != "cuda":
         raise TrainingError("use_cuda_graphs=True needs a CUDA GPU; CUDA graphs do not exist on CPU")
@@ -290,17 +445,29 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     if tc.gradient_accumulation_steps % d.world_size:
         raise TrainingError(f"gradient_accumulation_steps={tc.gradient_accumulation_steps} must be divisible by "
                             f"the number of processes ({d.world_size})")
-    accum = tc.gradient_accumulation_steps // d.world_size  # micro-steps per rank per optimizer step
-    dtype = resolve_dtype(tc.dtype, d.device)
-    if tc.use_fsdp:
-        mode = "fsdp"
-    elif d.world_size > 1:
-        mode = "zero1" if tc.use_zero1 else "ddp"
-    else:
-        mode = "single"  # ZeRO-1 over one process is plain AdamW
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    return d, resolve_dtype(tc.dtype, d.device), parallel_mode(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp)
+
+
+def parallel_mode(d: parallel.Dist, *, zero1: bool, fsdp: bool) -> str:
+    """'fsdp', 'zero1', 'ddp' or 'single' (ZeRO-1 over one process is plain AdamW): checkpoint layouts differ."""
+    if fsdp:
+        return "fsdp"
+    if d.world_size > 1:
+        return "zero1" if zero1 else "ddp"
+    return "single"
+
+
+def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str],
+          transform: Callable[[GPT], object] | None = None) -> int:
+    """Pretrain (or continue) a model; transform(model) runs on the raw model before wrapping (after fp8)."""
+    import runlog
+    import token_loader
+
+    d, dtype, mode = setup_device(tc)
+    accum = tc.gradient_accumulation_steps // d.world_size  # micro-steps per rank per optimizer step
 
     # -- what to train: data, architecture, weights --------------------------------------------
     ckpt_path, ckpt_state = None, None
@@ -322,11 +489,14 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     token_loader.check_sizes(token_loader.split_windows(ddir, tc.block_size, mc.vocab_size), tc.block_size,
                              tc.batch_size, accum, d.world_size, tc.eval_iters, token_loader.available_host_bytes())
 
+    # -- the model: built, transformed, wrapped --------------------------------------------------
     torch.manual_seed(tc.seed)
     model = build_model(tc, mc, d.device, ckpt_path)
     fp8_summary = None
     if tc.fp8:  # a transform of the raw model, before compile and sharding
         fp8_summary = fp8.summary(fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp))
+    if transform is not None:
+        transform(model)
     if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
         misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
                                      d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
@@ -341,6 +511,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
     autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
 
+    # -- data and state: the loader, a resume, the eval batches -----------------------------------
     loader = token_loader.TokenLoader(ddir, "train", tc.block_size, tc.batch_size, accum, d.rank, d.world_size,
                                       tc.seed, mc.vocab_size, d.device, tc.use_dataloader,
                                       tc.dataloader_num_workers, pin_memory=d.device.type == "cuda")
@@ -355,6 +526,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
                                                   d.rank, d.world_size, mc.vocab_size)
                  for split in ("train", "val")}
 
+    # -- the run log --------------------------------------------------------------------------------
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     fpt = model.flops_per_token(tc.block_size)
     peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
@@ -380,7 +552,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         print0(d, f"resumed from {ckpt_path} at iter {run.iter_num}")
         log.event({"iter": run.iter_num, "event": "resumed", "from": ckpt_path})
 
-    def save_checkpoint() -> None:
+    # -- the seams: checkpoint contents, evaluation and saving policy ------------------------------
+    def save_checkpoint(run: RunState) -> None:
         if not tc.save_checkpoint:
             return
         state = {**asdict(run), "model_config": asdict(mc), "train_config": asdict(tc),
@@ -396,120 +569,33 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         log.close()
         return 0
 
-    # -- the loop -------------------------------------------------------------------------------
     start_iter = run.iter_num
-    timing_warmup = 3 if tc.compile else 1  # steps excluded from speed figures: compilation, graph capture
-    window_start, window_steps, excluded = None, 0, 0.0
-    skipped: list[tuple[int, torch.Tensor]] = []  # (iter, found_inf) since the last log
-    nonfinite_streak = 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    fsdp_fp8_scales = tc.use_fsdp and tc.fp8 and fp8.uses_fsdp_float8_all_gather(model)
-    if tc.use_cuda_graphs:
-        # Gradients allocated once and zeroed in place: a graph replay reuses its output memory, so a
-        # .grad that autograd took over from one micro-step's replay would be overwritten by the next
-        # (pytorch/pytorch#169545). With .grad preallocated, backward accumulates into it instead.
-        for p in params:
-            p.grad = torch.zeros_like(p)
-    with interrupt_flag() as stop:
-        while True:
-            if run.iter_num % tc.eval_interval == 0 or run.iter_num == tc.max_iters:
-                t0 = time.perf_counter()
-                losses = evaluate(model, eval_sets, autocast, d)
-                log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                "tokens_seen": run.tokens_seen})
-                print0(d, f"eval iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                improved = losses["val"] < run.best_val_loss
-                if improved:
-                    run.best_val_loss = losses["val"]
-                done = run.iter_num == tc.max_iters
-                if run.iter_num > start_iter and (improved or tc.always_save_checkpoint or done):
-                    save_checkpoint()
-                excluded += time.perf_counter() - t0
-            if run.iter_num >= tc.max_iters:
-                break
 
-            lr = get_lr(run.iter_num, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=d.device)
-            for micro in range(accum):
-                x, y = loader.next_batch()
-                with parallel.no_sync(train_model, sync=micro == accum - 1):
-                    if tc.use_cuda_graphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    with autocast:
-                        _, loss = train_model(x, y)
-                    loss = loss / accum  # the mean over this rank's micro-batches
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            if tc.gradient_log_interval and run.iter_num % tc.gradient_log_interval == 0:
-                norms = parallel.grad_norms_by_module(model, scale=scaler.get_scale() if scaler else 1.0)
-                log.gradient_norms({"iter": run.iter_num, "norms": norms})
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = parallel.clip_grad_norm(params, tc.grad_clip)
-            if scaler:
-                # fp16: gradient overflow is routine and the scaler skips those steps itself;
-                # only a non-finite loss counts as a fault
-                found_inf = parallel.all_reduce_max((~torch.isfinite(loss_sum)).float(), d)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                # a non-finite loss or gradient skips the step on device (no host sync), on every rank
-                bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
-                found_inf = parallel.all_reduce_max(bad.float(), d)
-                parallel.optimizer_step(optimizer, found_inf)
-            if fsdp_fp8_scales:
-                fp8.precompute_fsdp_scales(model)
-            optimizer.zero_grad(set_to_none=not tc.use_cuda_graphs)
-            skipped.append((run.iter_num, found_inf))
-            run.iter_num += 1
-            run.tokens_seen += tokens_per_step
+    def maintenance(run: RunState, done: bool) -> None:
+        if run.iter_num % tc.eval_interval != 0 and not done:
+            return
+        losses = evaluate(model, eval_sets, autocast, d)
+        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                        "tokens_seen": run.tokens_seen})
+        print0(d, f"eval iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        improved = losses["val"] < run.best_val_loss
+        if improved:
+            run.best_val_loss = losses["val"]
+        if run.iter_num > start_iter and (improved or tc.always_save_checkpoint or done):
+            save_checkpoint(run)
 
-            if run.iter_num - start_iter == timing_warmup:  # the speed window starts after compilation
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window_start, window_steps, excluded = time.perf_counter(), 0, 0.0
-            elif window_start is not None:
-                window_steps += 1
-
-            it = run.iter_num - 1  # the step just taken
-            if it % tc.log_interval != 0 and run.iter_num != tc.max_iters and not stop["requested"]:
-                continue
-            step_loss = parallel.all_reduce_mean(loss_sum, d).item()  # global-batch mean; syncs the host
-            for (skipped_it, _), was_bad in zip(skipped, torch.stack([f for _, f in skipped]).tolist()):
-                nonfinite_streak = nonfinite_streak + 1 if was_bad else 0
-                if was_bad:
-                    log.event({"iter": skipped_it, "event": "skipped_nonfinite_step"})
-                    print0(d, f"iter {skipped_it}: non-finite loss or gradient norm; optimizer step skipped")
-            skipped.clear()
-            record = {"iter": it, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens_seen": run.tokens_seen, "dt_ms": None, "tokens_per_sec": None, "mfu": None,
-                      "memory_allocated_gb": None, "memory_peak_gb": None,
-                      "memory_host_peak_gb": runlog.host_peak_gb()}
-            if window_start is not None and window_steps > 0:
-                elapsed = time.perf_counter() - window_start - excluded
-                record["dt_ms"] = 1000 * elapsed / window_steps
-                record["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
-                record["mfu"] = hardware.mfu(fpt, record["tokens_per_sec"], d.world_size, peak)
-                window_start, window_steps, excluded = time.perf_counter(), 0, 0.0
-            if d.device.type == "cuda":
-                record["memory_allocated_gb"] = torch.cuda.memory_allocated(d.device) / 1024**3
-                record["memory_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1024**3
-            log.iteration(record)
-            log.flush()
-            print0(d, format_record(record))
-            if nonfinite_streak >= tc.max_nonfinite_steps:
-                log.close()
-                raise TrainingError(f"{nonfinite_streak} consecutive non-finite steps up to iter {it}; the last "
-                                    "checkpoint is intact: lower learning_rate or check the data, then resume")
-            if parallel.all_reduce_max(torch.tensor(float(stop["requested"]), device=d.device), d).item():
-                save_checkpoint()
-                log.close()
-                print0(d, f"interrupted at iter {run.iter_num}; resume with --init_from=resume --out_dir={tc.out_dir}")
-                return 130
-    log.close()
-    return 0
+    loop = Loop(d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
+                max_iters=tc.max_iters,
+                lr_at=lambda it: get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr,
+                                        tc.decay_lr),
+                maintenance=maintenance, save=save_checkpoint, grad_clip=tc.grad_clip, scaler=scaler,
+                autocast=autocast, use_cuda_graphs=tc.use_cuda_graphs,
+                fsdp_fp8_scales=bool(tc.use_fsdp and tc.fp8 and fp8.uses_fsdp_float8_all_gather(model)),
+                timing_warmup=3 if tc.compile else 1, log_interval=tc.log_interval,
+                gradient_log_interval=tc.gradient_log_interval, max_nonfinite_steps=tc.max_nonfinite_steps,
+                flops_per_token=fpt, peak_flops=peak,
+                resume_hint=f"resume with --init_from=resume --out_dir={tc.out_dir}")
+    return run_loop(loop, run)
 
 
 def format_record(r: dict) -> str:
@@ -550,18 +636,27 @@ def user_errors() -> tuple[type[Exception], ...]:
             token_loader.DataError, tokenizer.TokenizerError, hf_checkpoint.HFCheckpointError, runlog.RunLogError)
 
 
-def main(argv: list[str]) -> int:
+def run_command(body: Callable[[], int], extra_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a command: a user error (user_errors() or extra_errors) is one `error:` line on stderr and exit 2,
+    never a traceback; the process group is torn down either way."""
     try:
+        return body()
+    except (*user_errors(), *extra_errors) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        parallel.teardown()
+
+
+def main(argv: list[str]) -> int:
+    def body() -> int:
         tc, mc, explicit = parse_config(argv)
         if tc.dry_run:
             dry_run(tc, mc)
             return 0
         return train(tc, mc, explicit)
-    except user_errors() as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.teardown()
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

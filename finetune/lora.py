@@ -363,8 +363,12 @@ def save_peft_adapter(
     base_model: str,
     *,
     convert_pissa_to_original_base: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors (HF module names) atomically into out_dir.
+
+    state: the adapter tensors under lora_state_dict's names, for a model whose own are sharded (FSDP
+    gathers them collectively first); None reads them from the model.
 
     convert_pissa_to_original_base: for a PiSSA model, write peft's rank-2r conversion
     (A' = [A; A0], B' = [B | -B0], r' = 2r, alpha scaled to keep the scaling), which applies to the
@@ -378,7 +382,10 @@ def save_peft_adapter(
     tensors = {}
     for mname, m in lora_modules(model):
         for n in m.lora_A:
-            a, b = m.lora_A[n].detach().float().cpu(), m.lora_B[n].detach().float().cpu()
+            if state is None:
+                a, b = m.lora_A[n].detach().float().cpu(), m.lora_B[n].detach().float().cpu()
+            else:
+                a, b = state[f"{mname}.lora_A.{n}"].float().cpu(), state[f"{mname}.lora_B.{n}"].float().cpu()
             if convert:
                 a0, b0 = (t.float().cpu() for t in m.init_factors[n])
                 a, b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)

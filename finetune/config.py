@@ -1,0 +1,346 @@
+"""
+Typed YAML configuration of a LoRA fine-tuning run (the seed's configs/Llama-3.1/*.yaml).
+
+    python train.py --config configs/Llama-3.1/llama3.1_8b_gsm8k.yaml training.learning_rate=1e-4
+
+A config has five sections, each a dataclass below: model, lora, dataset, training, trainer. Every key
+is typed and known: an unknown key is one ConfigError line with the closest known name, a value of
+the wrong type one line with the expected type. Overrides are `section.key=value` (a leading `--` is
+accepted) and are parsed as YAML values, so lists work: `lora.target_modules=[q_proj,v_proj]`.
+
+Counts that depend on the world size or the data (gradient accumulation from an effective batch,
+save/eval intervals given as fractions of training) are derived by the functions at the bottom,
+not stored: the file says what the user asked for.
+
+Importing this module pulls in no torch; load_config() and lora_config() import finetune/lora.py
+(and refactor.py for a SpectralRefactorTrainer) to reuse their own argument checks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (os.path.dirname(_HERE), _HERE):  # the repository root (configurator) and finetune/ (lora)
+    if _p not in sys.path:
+        sys.path.append(_p)  # after what is there: finetune/train.py must never shadow the root's train.py
+
+from configurator import ConfigError, coerce, suggest  # noqa: E402
+
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAINERS = ("Trainer", "SpectralRefactorTrainer")
+SCHEDULES = ("cosine", "linear", "constant")
+REPORT_TO = ("none", "wandb", "tensorboard")
+PARALLEL = ("ddp", "zero1", "fsdp")
+# Keys of Hugging Face's TrainingArguments that the seed mentions but that mean nothing here: one line why.
+UNSUPPORTED = {
+    "dataloader_num_workers": "the SFT loader pads its batches in-process from tokenized examples held in "
+                              "memory, so there are no loader workers; remove the key",
+    "dataloader_prefetch_factor": "the SFT loader has no worker processes to prefetch; remove the key",
+    "preprocessing_num_workers": "tokenization runs once, in-process, before training; remove the key",
+}
+
+
+@dataclass
+class ModelArgs:
+    """The base model: a Hugging Face folder (or hub id) loaded through GPT.from_hf."""
+
+    name_or_path: str = ""
+    tokenizer: str | None = None  # a tokenizer folder; None: the model's folder
+
+
+@dataclass
+class LoraArgs:
+    """Adapters; see finetune/lora.py (HF target names, scaling alpha/r or alpha/sqrt(r))."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))
+    use_rslora: bool = False
+    init: str = "default"  # default | gaussian | pissa | pissa_niter_N
+
+
+@dataclass
+class DatasetArgs:
+    """SFT data (finetune/sft_data.py): where it comes from, its fields, template and length bound."""
+
+    source: str = "gsm8k"  # gsm8k | metamathqa | a local .json/.jsonl/.parquet file
+    split: str = "train"
+    fields: dict[str, str] | None = None  # {"prompt": ..., "response": ..., "answer": ...} for local files
+    template: str | None = None  # a sft_data.TEMPLATES name; None: the dataset's own
+    max_length: int = 1024  # tokens per example (prompt + response + EOS); longer ones are truncated
+    max_train_samples: int | None = None  # the first N training examples only
+    eval_source: str | None = None  # None: source (MetaMathQA has no test split: point this at gsm8k)
+    eval_split: str = "test"
+    eval_fields: dict[str, str] | None = None  # None: fields
+    max_eval_samples: int | None = None  # examples for eval/loss and eval/token_accuracy
+    answer_eval_samples: int = 200  # examples greedily decoded for eval/answer_accuracy; 0: skip
+    max_new_tokens: int = 256  # generation budget per answer
+
+
+@dataclass
+class TrainingArgs:
+    """How the adapters are trained; names follow Hugging Face's TrainingArguments where one exists."""
+
+    output_dir: str = "outputs/run"
+    num_train_epochs: int = 1
+    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_train_epochs)
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int | None = None  # None: derived from effective_batch_size
+    effective_batch_size: int | None = None  # examples per optimizer step over all ranks
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_ratio: float = 0.0  # fraction of the optimizer steps spent warming up linearly
+    min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of learning_rate
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    bf16: bool = True  # bf16 base weights and activations on GPU (adapters stay fp32); CPU runs fp32
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per block
+    parallel: str = "ddp"  # ddp | zero1 | fsdp, when launched on several processes
+    logging_steps: int = 10
+    eval_steps: float | None = None  # < 1: a fraction of training; >= 1: a count; None: save_steps
+    save_steps: float = 0.1  # as eval_steps
+    save_total_limit: int | None = None  # keep the newest N checkpoint-N folders (checkpoint-best kept apart)
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # none | wandb | tensorboard
+    run_name: str | None = None  # None: the output folder's name
+    wandb_project: str | None = None
+
+
+@dataclass
+class TrainerArgs:
+    """The seed's SpectralRefactorTrainer: refactor the LoRA factors every refactor_every steps."""
+
+    name: str = "Trainer"  # Trainer | SpectralRefactorTrainer
+    refactor_every: int = 200
+    refactor_start: int | None = None  # first step a refactor may run at; None: after the LR warmup
+    refactor_mode: str = "balanced"  # balanced | exact | clamp (finetune/refactor.py)
+    refactor_lambda: float = 0.85  # balanced: S~ = (1 - lambda) S + lambda mean(S)
+    refactor_bound: float | None = None  # clamp: bound on the spectral norm of scaling * B A
+    refactor_opt_state: str = "reset"  # reset | map_first_moment | keep
+    refactor_rewarm_steps: int = 10  # after a reset, the LR ramps up again over this many steps
+
+
+@dataclass
+class FinetuneConfig:
+    """A whole run: one attribute per YAML section."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    dataset: DatasetArgs = field(default_factory=DatasetArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    trainer: TrainerArgs = field(default_factory=TrainerArgs)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (for the run log and checkpoints)."""
+        return asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(FinetuneConfig)[f.name] for f in fields(FinetuneConfig)}
+
+
+def _coerce(key: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
+    """configurator.coerce plus the shapes YAML adds: lists of strings, string maps, counts-or-fractions."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if type(None) in args and value is None:
+        return None
+    inner = [a for a in args if a is not type(None)] if type(None) in args else [annotation]
+    target = inner[0] if len(inner) == 1 else annotation
+    origin, args = typing.get_origin(target), typing.get_args(target)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}={value!r} must be a list of strings, e.g. [q_proj, v_proj]")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key}={value!r} must be a mapping of names to strings, e.g. {{prompt: q, response: a}}")
+        return dict(value)
+    if target is float and key.endswith("_steps") and isinstance(value, int) and not isinstance(value, bool):
+        return value  # a count stays an int (save_steps: 500), a fraction is a float (save_steps: 0.1)
+    return coerce(key, value, annotation)
+
+
+def _build(section: str, values: typing.Any) -> typing.Any:
+    schema = SECTIONS[section]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in fields(schema)]
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{section}.{key}"
+        if key in UNSUPPORTED:
+            raise ConfigError(f"{name} is not supported: {UNSUPPORTED[key]}")
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{name}'{suggest(str(key), known)}")
+        kwargs[key] = _coerce(name, value, hints[key])
+    return schema(**kwargs)
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    """Value checks that need no data, no GPU and no world size; each failure is one line."""
+    m, lo, d, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
+    if not m.name_or_path:
+        raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
+    unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
+    if unknown:
+        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
+                          f"choose among {', '.join(HF_TARGETS)}")
+    positive = {"lora.r": lo.r, "dataset.max_length": d.max_length, "dataset.max_new_tokens": d.max_new_tokens,
+                "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
+                "training.per_device_train_batch_size": t.per_device_train_batch_size,
+                "training.per_device_eval_batch_size": t.per_device_eval_batch_size,
+                "training.learning_rate": t.learning_rate, "trainer.refactor_every": tr.refactor_every,
+                "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "training.effective_batch_size": t.effective_batch_size, "training.save_steps": t.save_steps,
+                "training.eval_steps": t.eval_steps, "training.save_total_limit": t.save_total_limit,
+                "dataset.max_train_samples": d.max_train_samples, "dataset.max_eval_samples": d.max_eval_samples}
+    for name, v in positive.items():
+        if v is not None and not v > 0:
+            raise ConfigError(f"{name}={v} must be > 0")
+    nonneg = {"training.warmup_ratio": t.warmup_ratio, "training.weight_decay": t.weight_decay,
+              "training.max_grad_norm": t.max_grad_norm, "dataset.answer_eval_samples": d.answer_eval_samples,
+              "trainer.refactor_rewarm_steps": tr.refactor_rewarm_steps, "training.adam_epsilon": t.adam_epsilon}
+    for name, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"{name}={v} must be >= 0")
+    for name, v in {"training.warmup_ratio": t.warmup_ratio, "training.min_lr_ratio": t.min_lr_ratio,
+                    "training.adam_beta1": t.adam_beta1, "training.adam_beta2": t.adam_beta2,
+                    "lora.dropout": lo.dropout}.items():
+        if not 0 <= v < 1 and not (name == "training.min_lr_ratio" and v == 1):
+            raise ConfigError(f"{name}={v} must be in [0, 1)")
+    for name, v in {"training.save_steps": t.save_steps, "training.eval_steps": t.eval_steps}.items():
+        if isinstance(v, float) and v >= 1 and not v.is_integer():
+            raise ConfigError(f"{name}={v} must be a fraction of training below 1 or a whole number of steps")
+    choices = {"training.lr_scheduler_type": (t.lr_scheduler_type, SCHEDULES), "trainer.name": (tr.name, TRAINERS),
+               "training.parallel": (t.parallel, PARALLEL)}
+    for name, (v, allowed) in choices.items():
+        if v not in allowed:
+            raise ConfigError(f"{name}={v!r} is not one of {', '.join(allowed)}{suggest(v, allowed)}")
+    for r in t.report_to:
+        if r not in REPORT_TO:
+            raise ConfigError(f"training.report_to has {r!r}; choose among {', '.join(REPORT_TO)}{suggest(r, REPORT_TO)}")
+    if tr.refactor_start is not None and tr.refactor_start < 0:
+        raise ConfigError(f"trainer.refactor_start={tr.refactor_start} must be >= 0")
+    if tr.name == "SpectralRefactorTrainer":
+        from refactor import _check as check_refactor  # pure argument checks; refactor.py needs torch
+
+        try:
+            check_refactor(tr.refactor_mode, tr.refactor_lambda, tr.refactor_bound, tr.refactor_opt_state)
+        except ValueError as e:
+            raise ConfigError(f"trainer: {e}") from None
+    lora_config(cfg)  # LoRAConfig's own checks (init names, alpha), as one line
+
+
+def parse_override(arg: str) -> tuple[str, str, typing.Any]:
+    """'training.learning_rate=3e-4' (or with a leading --) -> ('training', 'learning_rate', 3e-4)."""
+    text = arg[2:] if arg.startswith("--") else arg
+    if "=" not in text:
+        raise ConfigError(f"cannot parse override {arg!r}; write section.key=value, e.g. training.learning_rate=1e-4")
+    key, raw = text.split("=", 1)
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        where = section if section in SECTIONS else f"section '{section}'"
+        hint = suggest(section, list(SECTIONS)) if section not in SECTIONS else ""
+        raise ConfigError(f"override {arg!r} needs section.key with a known {where}{hint}; "
+                          f"sections are {', '.join(SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    """Read a YAML config (None: defaults only), apply section.key=value overrides, check every key and type."""
+    raw: typing.Any = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), not a {type(raw).__name__}")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for arg in overrides:
+        section, name, value = parse_override(arg)
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"section '{section}' must be a mapping of keys to values")
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {}, **{name: value})
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'{suggest(str(section), list(SECTIONS))}; "
+                              f"sections are {', '.join(SECTIONS)}")
+    cfg = FinetuneConfig(**{s: _build(s, raw.get(s)) for s in SECTIONS})
+    _check(cfg)
+    return cfg
+
+
+def lora_config(cfg: FinetuneConfig):  # -> lora.LoRAConfig (imported lazily: lora.py needs torch)
+    """The finetune/lora.py LoRAConfig of this run."""
+    from lora import LoRAConfig
+
+    lo = cfg.lora
+    try:
+        return LoRAConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=tuple(lo.target_modules),
+                          use_rslora=lo.use_rslora, init=lo.init)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def grad_accum_steps(cfg: FinetuneConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step per rank, from gradient_accumulation_steps or effective_batch_size."""
+    t = cfg.training
+    per_step = t.per_device_train_batch_size * world_size
+    if t.effective_batch_size is None:
+        return t.gradient_accumulation_steps or 1
+    if t.effective_batch_size % per_step:
+        raise ConfigError(f"training.effective_batch_size={t.effective_batch_size} is not a multiple of "
+                          f"per_device_train_batch_size x world size = {t.per_device_train_batch_size} x {world_size}; "
+                          f"change one of them")
+    accum = t.effective_batch_size // per_step
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != accum:
+        raise ConfigError(f"training.gradient_accumulation_steps={t.gradient_accumulation_steps} disagrees with "
+                          f"effective_batch_size={t.effective_batch_size} on {world_size} processes (needs {accum}); "
+                          f"set only one of them")
+    return accum
+
+
+def total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps when set, else epochs x steps_per_epoch."""
+    t = cfg.training
+    return t.max_steps if t.max_steps > 0 else t.num_train_epochs * steps_per_epoch
+
+
+def interval_steps(value: float | int, total: int) -> int:
+    """save_steps/eval_steps as a step count: a fraction (< 1) of total, rounded, at least 1; or the count."""
+    if isinstance(value, float) and value < 1:
+        return max(1, round(value * total))
+    return int(value)
+
+
+def warmup_steps(cfg: FinetuneConfig, total: int) -> int:
+    """Linear warmup length: ceil(warmup_ratio x total), as Hugging Face's Trainer computes it."""
+    return math.ceil(cfg.training.warmup_ratio * total)

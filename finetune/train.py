@@ -1,0 +1,494 @@
+"""
+LoRA fine-tuning of a released model on math SFT data, with the shared training loop of ../train.py.
+
+    cd finetune
+    python train.py --config configs/Llama-3.1/llama3.1_8b_gsm8k.yaml [--resume_from_checkpoint DIR] [section.key=value ...]
+    torchrun --nproc_per_node=8 train.py --config ...        (or: accelerate launch --multi_gpu ... train.py --config ...)
+
+The story of a run: read the YAML (config.py) -> join the process group -> load the base (a Hugging Face
+folder, GPT.from_hf; bf16 on GPU) -> apply LoRA (lora.py; PiSSA's SVD, or the saved initial factors on a
+resume) -> optional activation checkpointing per block -> wrap (DDP / ZeRO-1 / FSDP2: only the adapters
+train, so only they are reduced) -> tokenize the SFT data (sft_data.py) -> run ../train.py's run_loop
+with this backend's seams:
+- lr_at: warmup_ratio, then cosine (or linear/constant) to min_lr_ratio; after a refactor that reset
+  Adam's moments, the LR ramps up again over refactor_rewarm_steps;
+- maintenance: eval (eval/loss, eval/token_accuracy, eval/answer_accuracy strict and flexible) every
+  eval_steps, a checkpoint-N/ folder every save_steps, checkpoint-best by answer accuracy (by eval/loss
+  when answer_eval_samples is 0), save_total_limit;
+- after_step: the spectral refactor every refactor_every steps (trainer.name: SpectralRefactorTrainer);
+- a checkpoint holds the adapters (model.pt), their optimizer state, the loader position, every rank's
+  RNG, the initial factors (lora_init.pt: the PiSSA residual is rebuilt from the original base without
+  an SVD) and the adapter in PEFT's format (a PiSSA adapter converted to apply to the original base);
+  never the base weights. At the end, the last step's PEFT adapter is also written into output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(_HERE)
+# the repository root first: `import train` is the shared loop (../train.py), never this file; finetune/
+# (this script's own folder when run as one) after it, for config, lora, sft_data, answers
+sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import checkpoint  # noqa: E402
+import configurator  # noqa: E402
+import hardware  # noqa: E402
+import parallel  # noqa: E402
+import train as shared  # noqa: E402
+from config import (  # noqa: E402
+    ConfigError,
+    FinetuneConfig,
+    grad_accum_steps,
+    interval_steps,
+    load_config,
+    lora_config,
+    total_steps,
+    warmup_steps,
+)
+from model import GPT  # noqa: E402
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+BEST = "checkpoint-best"
+# the seed's metric names in wandb/TensorBoard; eval records already use them (eval/loss, ...)
+SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+              "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "dt_ms": "train/step_ms",
+              "memory_peak_gb": "train/memory_peak_gb", "memory_allocated_gb": "train/memory_allocated_gb",
+              "memory_host_peak_gb": "train/memory_host_peak_gb", "tokens_seen": "train/tokens_seen",
+              **{k: k for k in ("eval/loss", "eval/token_accuracy", "eval/answer_accuracy",
+                                "eval/answer_accuracy_flexible")}}
+
+
+# -- the model: base, adapters, activation checkpointing -------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A local Hugging Face folder (~ expanded); a hub id (org/name) downloaded with huggingface_hub (HF_TOKEN for gated)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError(f"model.name_or_path={name} is not a folder; give a Hugging Face model folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, gated, or no such repository
+        raise ConfigError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); download it "
+                          f"yourself (set HF_TOKEN for gated models) and set model.name_or_path to the folder") from None
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Non-reentrant activation checkpointing of every block: its activations are recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    def wrapped(forward, *args, **kwargs):
+        return recompute(forward, *args, use_reentrant=False, **kwargs)
+
+    for block in model.h:
+        block.forward = functools.partial(wrapped, block.forward)
+
+
+def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype: torch.dtype,
+                     init_state: dict[str, torch.Tensor] | None) -> GPT:
+    """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
+    from lora import apply_lora
+
+    # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
+    # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
+    model = GPT.from_hf(path, dtype=dtype).to(device)
+    apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
+    if cfg.training.gradient_checkpointing:
+        checkpoint_blocks(model)
+    return model
+
+
+# -- the spectral refactor on every parallelism ---------------------------------------------------
+
+
+@torch.no_grad()
+def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, mode: str,
+             d: parallel.Dist) -> dict:
+    """spectral_refactor with identical factors on every rank.
+
+    single/DDP/ZeRO-1: every rank holds the full factors; each refactors them, then rank 0's result is
+    broadcast (bitwise identical ranks whatever the SVD kernel does). ZeRO-1 applies the optimizer policy
+    to the moments this rank owns. FSDP: each factor is gathered, refactored in full on every rank and
+    redistributed to the shards; the moments are reset (or kept) shard by shard.
+    """
+    from refactor import refactor_factors, spectral_refactor
+
+    tr = cfg.trainer
+    kw = dict(mode=tr.refactor_mode, lam=tr.refactor_lambda, bound=tr.refactor_bound)
+    if mode != "fsdp":
+        stats = spectral_refactor(model, parallel.local_optimizer(optimizer), opt_state=tr.refactor_opt_state, **kw)
+        if d.world_size > 1:
+            import torch.distributed as dist
+
+            for p in (p for p in model.parameters() if p.requires_grad):
+                dist.broadcast(p.data, src=0)
+        return stats | {"ranks_identical": ranks_identical(model, d)}
+    from torch.distributed.tensor import distribute_tensor
+
+    n = skipped = 0
+    for m in (m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")):
+        for name in m.names:
+            A, B = m.lora_A[name], m.lora_B[name]
+            full_A, full_B = parallel._full(A.data), parallel._full(B.data)  # collective, same order everywhere
+            if not full_A.any() or not full_B.any():
+                skipped += 1
+                continue
+            new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, **kw)
+            for p, new in ((A, new_A), (B, new_B)):
+                p.data.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
+                state = optimizer.state.get(p, {})
+                if tr.refactor_opt_state == "reset":
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in state:
+                            state[key].zero_()
+                    if "step" in state:
+                        state["step"] = torch.zeros_like(state["step"])
+            n += 1
+    return {"adapters": n, "skipped": skipped, "ranks_identical": ranks_identical(model, d)}
+
+
+@torch.no_grad()
+def ranks_identical(model: torch.nn.Module, d: parallel.Dist) -> bool:
+    """Whether every rank holds bitwise the same full adapters (a collective; FSDP gathers them)."""
+    if d.world_size == 1:
+        return True
+    import torch.distributed as dist
+    from lora import lora_parameters
+
+    flat = torch.cat([parallel._full(p.data).flatten().double() for p in lora_parameters(model)])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def refactor_steps(cfg: FinetuneConfig, total: int, warmup: int) -> list[int]:
+    """Optimizer steps after which the factors are refactored: every refactor_every from refactor_start."""
+    tr = cfg.trainer
+    if tr.name != "SpectralRefactorTrainer":
+        return []
+    start = warmup if tr.refactor_start is None else tr.refactor_start
+    return [s for s in range(tr.refactor_every, total, tr.refactor_every) if s >= max(1, start)]
+
+
+def make_lr(cfg: FinetuneConfig, total: int, warmup: int, refactors: list[int]):
+    """lr_at(it): the schedule of training.lr_scheduler_type, re-warmed after each resetting refactor."""
+    t, tr = cfg.training, cfg.trainer
+    peak, floor = t.learning_rate, t.learning_rate * t.min_lr_ratio
+    rewarm = tr.refactor_rewarm_steps if tr.refactor_opt_state == "reset" else 0
+
+    def lr_at(it: int) -> float:
+        if t.lr_scheduler_type == "linear" and it >= warmup:
+            lr = floor + (peak - floor) * max(0.0, 1 - (it - warmup) / max(1, total - warmup))
+        else:
+            lr = shared.get_lr(it, peak, warmup, total, floor, decay_lr=t.lr_scheduler_type == "cosine")
+        since = [it - s for s in refactors if 0 <= it - s < rewarm]  # steps since a reset, within the ramp
+        return lr * (since[0] + 1) / (rewarm + 1) if since else lr
+
+    return lr_at
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict], tokenizer: str, cfg: FinetuneConfig,
+             autocast, d: parallel.Dist, fsdp: bool) -> dict[str, float]:
+    """eval/loss and eval/token_accuracy over the eval set, eval/answer_accuracy(_flexible) by greedy decoding.
+
+    Sums over ranks. Under FSDP every forward is collective, so every rank runs every batch (the
+    caller gives each rank all of them) and decodes every answer example, and nothing is summed.
+    """
+    from answers import answer_accuracy
+    from sft_data import generate_answers
+
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, targets
+    for x, y in batches:
+        with autocast:
+            logits, _ = model(x)
+        logits = logits.float()  # (B, T, V)
+        valid = y != -1
+        sums[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").double()
+        sums[1] += ((logits.argmax(-1) == y) & valid).sum()
+        sums[2] += valid.sum()
+    if d.world_size > 1 and not fsdp:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    metrics = {"eval/loss": float(sums[0] / sums[2].clamp(min=1)),
+               "eval/token_accuracy": float(sums[1] / sums[2].clamp(min=1))}
+    if answer_examples:
+        mine = answer_examples if fsdp else answer_examples[d.rank::d.world_size]
+        with autocast:
+            texts = generate_answers(model, mine, tokenizer, max_new_tokens=cfg.dataset.max_new_tokens,
+                                     batch_size=cfg.training.per_device_eval_batch_size, device=d.device)
+        acc = answer_accuracy(texts, [e["answer"] for e in mine])
+        counts = torch.tensor([acc["strict"] * len(mine), acc["flexible"] * len(mine), len(mine)],
+                              dtype=torch.float64, device=d.device)
+        if d.world_size > 1 and not fsdp:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        metrics["eval/answer_accuracy"] = float(counts[0] / counts[2])
+        metrics["eval/answer_accuracy_flexible"] = float(counts[1] / counts[2])
+    model.train()
+    return metrics
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoint-N folders in out_dir, oldest first."""
+    out = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = CHECKPOINT_RE.fullmatch(name)
+        path = os.path.join(out_dir, name)
+        if m and os.path.isfile(os.path.join(path, "state.json")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def prune_checkpoints(out_dir: str, limit: int | None) -> list[str]:
+    """Delete the oldest checkpoint-N folders beyond limit (checkpoint-best is not counted); returns them."""
+    if limit is None:
+        return []
+    old = [path for _, path in list_checkpoints(out_dir)[:-limit]]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+def remove_temps(out_dir: str) -> None:
+    """Delete what a crashed save left (checkpoint-*.tmp/ and .old/ beside a complete folder)."""
+    for name in os.listdir(out_dir):
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, adapters, initial factors) of a checkpoint-N folder, or a CheckpointError."""
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise checkpoint.CheckpointError(f"--resume_from_checkpoint={path} is not a checkpoint folder (no state.json); "
+                                         f"pass an output_dir/checkpoint-N folder")
+    state = checkpoint.read_state(path)
+    if state.get("kind") != "lora":
+        raise checkpoint.CheckpointError(f"{path} is not a LoRA fine-tuning checkpoint; pass a checkpoint-N folder "
+                                         f"that finetune/train.py wrote")
+    return (state, checkpoint._load_tensor_file(os.path.join(path, "model.pt")),
+            checkpoint._load_tensor_file(os.path.join(path, "lora_init.pt")))
+
+
+def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str) -> None:
+    """adapter_model.safetensors + adapter_config.json (PEFT format, a PiSSA adapter converted to apply to the
+    original base) into an existing folder: written apart, then each renamed in, the config last."""
+    from lora import save_peft_adapter
+
+    tmp = os.path.join(folder, ".peft.tmp")
+    save_peft_adapter(model, lora_config(cfg), tmp, cfg.model.name_or_path, convert_pissa_to_original_base=True,
+                      state=state)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
+    """Train the adapters of cfg; resume: a checkpoint-N folder to continue exactly."""
+    from lora import load_lora_state_dict, lora_init_state, lora_parameters, lora_state_dict
+    from sft_data import DATASETS, SFTLoader, eval_batches, load_examples, tokenize_examples
+
+    import runlog
+
+    t, ds, tr = cfg.training, cfg.dataset, cfg.trainer
+    d = parallel.setup(t.device)
+    mode = shared.parallel_mode(d, zero1=t.parallel == "zero1", fsdp=t.parallel == "fsdp" and d.world_size > 1)
+    if mode in ("zero1", "fsdp") and tr.name == "SpectralRefactorTrainer" and tr.refactor_opt_state == "map_first_moment":
+        raise ConfigError(f"trainer.refactor_opt_state=map_first_moment needs each rank to hold both factors' "
+                          f"moments; with training.parallel={t.parallel} use reset or keep")
+    dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
+    accum = grad_accum_steps(cfg, d.world_size)
+    configurator.check_output_dir(t.output_dir, "training.output_dir")
+    if d.is_master:
+        remove_temps(t.output_dir)
+    state, adapters, init_state = read_resume(resume) if resume else (None, None, None)
+
+    # data: templated examples, tokenized with the base model's tokenizer
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = cfg.model.tokenizer or model_path
+    template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
+    train_ex = load_examples(ds.source, ds.split, fields=ds.fields, limit=ds.max_train_samples, template=template)
+    eval_source = ds.eval_source or ds.source
+    eval_ex = load_examples(eval_source, ds.eval_split, fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
+                            limit=ds.max_eval_samples, template=template)
+    train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length)
+    loader = SFTLoader(train_tok, t.per_device_train_batch_size, accum, d.rank, d.world_size, t.seed, d.device)
+    eval_ranks = (0, 1) if mode == "fsdp" else (d.rank, d.world_size)  # FSDP: every rank runs every batch
+    batches = eval_batches(tokenize_examples(eval_ex, tokenizer, ds.max_length), t.per_device_eval_batch_size,
+                           *eval_ranks, d.device)
+    answer_ex = [e for e in eval_ex if e["answer"] is not None][:ds.answer_eval_samples]
+    total = total_steps(cfg, loader.steps_per_epoch)
+    warmup = warmup_steps(cfg, total)
+    save_every, eval_every = interval_steps(t.save_steps, total), interval_steps(t.eval_steps or t.save_steps, total)
+    refactors = refactor_steps(cfg, total, warmup)
+
+    # the model: base, adapters (or the saved initial factors), wrapping, optimizer over the adapters
+    torch.manual_seed(t.seed)
+    try:
+        model = build_lora_model(cfg, model_path, d.device, dtype, init_state)
+        if adapters is not None:
+            load_lora_state_dict(model, {k: v.to(d.device) for k, v in adapters.items()})
+    except ValueError as e:
+        if resume is None:
+            raise
+        raise checkpoint.CheckpointError(f"{resume} does not fit this config's model and lora sections "
+                                         f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
+    train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype)
+    optimizer = parallel.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
+                                         betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    for group in parallel.local_optimizer(optimizer).param_groups:
+        group["eps"] = t.adam_epsilon
+    autocast = torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    run, best = shared.RunState(), {"step": None, "value": None}
+    if state is not None:
+        checkpoint.load_into(resume, d, model, optimizer, mode, state)
+        loader.load_state_dict(state["loader"])
+        run = shared.RunState(state["iter_num"], state["tokens_seen"], state["best_val_loss"])
+        best = state["best"]
+    else:
+        torch.manual_seed(t.seed + d.rank)  # adapter dropout differs by rank; a resume restores the saved RNG
+
+    # the run log
+    seq = max(1, round(sum(len(ids) for ids, _ in train_tok) / len(train_tok)))
+    fpt = model.flops_per_token(seq)
+    peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
+    n_trainable = sum(p.numel() for p in lora_parameters(model))
+    header = {"config": {"finetune": cfg.to_dict(), "model": asdict(model.config)},
+              "environment": runlog.environment(d.world_size, d.device) | {"dtype": str(dtype), "peak_flops": peak,
+                                                                              "mfu_note": peak_note},
+              "model": {"architecture": model.config.arch_string, "n_params": model.num_params(),
+                        "n_params_trainable": n_trainable, "flops_per_token": fpt, "mean_example_tokens": seq},
+              "schedule": {"total_steps": total, "warmup_steps": warmup, "save_every": save_every,
+                           "eval_every": eval_every, "refactor_steps": refactors, "grad_accum_per_rank": accum,
+                           "steps_per_epoch": loader.steps_per_epoch}}
+    wandb = {"project": t.wandb_project or "nanollm-finetune",
+             "name": t.run_name or os.path.basename(os.path.normpath(t.output_dir))} if "wandb" in t.report_to else None
+    log = runlog.RunLog(t.output_dir, d.is_master, header, wandb, "tensorboard" in t.report_to, names=SINK_NAMES,
+                        tensorboard_subdir="logs")
+    shared.print0(d, f"model {model.config.arch_string}: {model.num_params():,} parameters, {n_trainable:,} trainable "
+                     f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {mode} on {d.world_size} x {d.device.type}, "
+                     f"{str(dtype).removeprefix('torch.')}")
+    shared.print0(d, f"{len(train_tok):,} training examples, {loader.steps_per_epoch} steps/epoch of "
+                     f"{loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
+                     f"{d.world_size} processes); {total} steps, warmup {warmup}, eval every {eval_every}, save every "
+                     f"{save_every}" + (f", refactor at {len(refactors)} steps" if refactors else ""))
+    if state is not None:
+        shared.print0(d, f"resumed from {resume} at step {run.iter_num}")
+        log.event({"iter": run.iter_num, "event": "resumed", "from": resume})
+
+    # the seams
+    def adapter_state() -> dict[str, torch.Tensor]:
+        if mode == "fsdp":  # collective: the full adapters on rank 0
+            sd = checkpoint.full_model_state_dict(model, mode)
+            return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
+        return {k: v.cpu() for k, v in lora_state_dict(model).items()}
+
+    def save(run: shared.RunState, name: str | None = None) -> str:
+        sd = adapter_state()
+
+        def write_extra(tmp: str) -> None:
+            checkpoint._save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
+                                         os.path.join(tmp, "lora_init.pt"))
+            write_peft_adapter(model, cfg, sd, tmp)
+
+        meta = {**asdict(run), "kind": "lora", "config": cfg.to_dict(), "loader": loader.state_dict(), "best": best,
+                "base_model": cfg.model.name_or_path}
+        path = checkpoint.save(t.output_dir, d, model, optimizer, mode, meta, name=name or f"checkpoint-{run.iter_num}",
+                               model_state=lambda: sd, write_extra=write_extra)
+        log.event({"iter": run.iter_num, "event": "checkpoint", "path": path})
+        shared.print0(d, f"saved {path}")
+        return path
+
+    start_iter = run.iter_num
+
+    def maintenance(run: shared.RunState, done: bool) -> None:
+        it = run.iter_num
+        if (it % eval_every == 0 or done) and not (state is not None and it == start_iter):
+            metrics = evaluate(model, batches, answer_ex, tokenizer, cfg, autocast, d, mode == "fsdp")
+            log.evaluation({"iter": it, **metrics, "tokens_seen": run.tokens_seen})
+            shared.print0(d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            run.best_val_loss = min(run.best_val_loss, metrics["eval/loss"])
+            key = "eval/answer_accuracy" if "eval/answer_accuracy" in metrics else "eval/loss"
+            value = metrics[key] if key != "eval/loss" else -metrics[key]  # higher is better
+            if it > 0 and (best["value"] is None or value > best["value"]):
+                best.update(step=it, value=value, metric=key)
+                save(run, BEST)
+        if it > start_iter and (it % save_every == 0 or done):
+            save(run)
+            if d.is_master:
+                for path in prune_checkpoints(t.output_dir, t.save_total_limit):
+                    log.event({"iter": it, "event": "checkpoint_removed", "path": path})
+        if it > start_iter and done:  # the final adapter in output_dir itself, as merge_adapter.py expects
+            sd = adapter_state()
+            if d.is_master:
+                write_peft_adapter(model, cfg, sd, t.output_dir)
+                log.event({"iter": it, "event": "final_adapter", "path": t.output_dir})
+
+    def after_step(run: shared.RunState) -> None:
+        if run.iter_num in refactors:
+            stats = refactor(model, optimizer, cfg, mode, d)
+            log.event({"iter": run.iter_num, "event": "spectral_refactor", "mode": tr.refactor_mode, **stats})
+
+    loop = shared.Loop(d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log,
+                       accum=accum, max_iters=total, lr_at=make_lr(cfg, total, warmup, refactors),
+                       maintenance=maintenance, save=save, after_step=after_step, grad_clip=t.max_grad_norm,
+                       autocast=autocast, log_interval=t.logging_steps, flops_per_token=fpt, peak_flops=peak,
+                       resume_hint=f"resume with --resume_from_checkpoint={t.output_dir}/checkpoint-N")
+    return shared.run_loop(loop, run)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise ConfigError(message)
+
+
+def main(argv: list[str]) -> int:
+    from token_loader import DataError
+
+    def body() -> int:
+        parser = _Parser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
+        parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
+        args, overrides = parser.parse_known_args(argv)
+        for arg in overrides:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and "." not in flag:
+                raise ConfigError(f"unknown flag {flag}{configurator.suggest(flag, ['--config', '--resume_from_checkpoint'])}"
+                                  f"; config values are written section.key=value")
+        return finetune(load_config(args.config, overrides), args.resume_from_checkpoint)
+
+    return shared.run_command(body, (DataError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,335 @@
+"""finetune/train.py and finetune/config.py: the YAML schema, exact resume through checkpoint-N (PiSSA,
+dropout, a refactor inside the window), checkpoint-best and save_total_limit, the checkpoint's PEFT
+adapter in peft, DDP/ZeRO-1/FSDP2 on 2 gloo processes against one, and one-line errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "finetune")
+sys.path.append(os.path.join(FINETUNE, "data"))
+
+import make_math  # noqa: E402
+
+import finetune.train as ft  # noqa: E402
+from finetune.config import ConfigError, grad_accum_steps, interval_steps, load_config  # noqa: E402
+
+
+def _write_assets(out: str) -> dict:
+    """Offline math data, a word-level tokenizer over it and a tiny random Llama (GQA 2:1) in one HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    make_math.write_dataset(os.path.join(out, "math"), n_train=64, n_test=8, seed=0)
+    pre = pre_tokenizers.Whitespace()
+    words = {"Question", "Answer", ":"}
+    for split in ("train", "test"):
+        with open(os.path.join(out, "math", "gsm8k", f"{split}.jsonl")) as f:
+            for line in f:
+                for v in json.loads(line).values():
+                    words.update(w for w, _ in pre.pre_tokenize_str(str(v)))
+    vocab = ["<unk>", "<s>", "</s>", *sorted(words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    model_dir = os.path.join(out, "model")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    return {"model": model_dir, "train": os.path.join(out, "math", "gsm8k", "train.jsonl"),
+            "test": os.path.join(out, "math", "gsm8k", "test.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    return _write_assets(str(tmp_path_factory.mktemp("ft_assets")))
+
+
+def _config(assets: dict, path, out_dir, **sections) -> str:
+    """A tiny run: PiSSA + rsLoRA r=4, dropout 0.05, 8 steps of 4 examples, a refactor every 3 steps."""
+    cfg = {
+        "model": {"name_or_path": assets["model"]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "use_rslora": True, "init": "pissa"},
+        "dataset": {"source": assets["train"], "eval_source": assets["test"], "max_length": 256,
+                    "answer_eval_samples": 4, "max_new_tokens": 8},
+        "training": {"output_dir": str(out_dir), "max_steps": 8, "per_device_train_batch_size": 2,
+                     "effective_batch_size": 4, "learning_rate": 3e-3, "warmup_ratio": 0.1, "logging_steps": 1,
+                     "eval_steps": 4, "save_steps": 4, "device": "cpu"},
+        "trainer": {"name": "SpectralRefactorTrainer", "refactor_every": 3},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def _log(out_dir) -> dict:
+    (path,) = glob.glob(os.path.join(str(out_dir), "run_*.json"))
+    with open(path) as f:
+        return json.load(f)
+
+
+def _losses(log: dict) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in log["training_iterations"]}
+
+
+def _adapters(ckpt) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(str(ckpt), "model.pt"), weights_only=True)
+
+
+def _run(argv: list[str]) -> int:
+    return ft.main(argv)
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_config_types_overrides_and_derived_counts(assets, tmp_path):
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
+    cfg = load_config(path, ["training.learning_rate=1e-4", "--lora.target_modules=[q_proj,v_proj]",
+                             "training.save_steps=0.1"])
+    assert cfg.training.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert ft.lora_config(cfg).target_modules == ("q_proj", "v_proj") and ft.lora_config(cfg).scaling == 4.0
+    assert grad_accum_steps(cfg, 1) == 2 and grad_accum_steps(cfg, 2) == 1
+    with pytest.raises(ConfigError, match="not a multiple"):
+        grad_accum_steps(cfg, 3)
+    assert interval_steps(0.1, 6172) == 617 and interval_steps(12, 586) == 12 and interval_steps(0.001, 10) == 1
+    # the seed's two configs load, with its hyperparameter table
+    for name, lr, batch, epochs, warmup, every in (("metamath", 1e-4, 128, 2, 0.05, 200),
+                                                     ("gsm8k", 3e-4, 64, 5, 0.1, 100)):
+        c = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", f"llama3.1_8b_{name}.yaml"))
+        t = c.training
+        assert (t.learning_rate, t.effective_batch_size, t.num_train_epochs, t.warmup_ratio) == (lr, batch, epochs, warmup)
+        assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.use_rslora, c.lora.init) == (32, 64, 0.05, True, "pissa")
+        assert c.dataset.max_length == 1024 and c.trainer.refactor_every == every
+        assert grad_accum_steps(c, 8) == batch // 32  # 4 per device x 8 GPUs x {4, 2}
+
+
+def test_schedule_refactor_steps_and_rewarm():
+    """The seed's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
+    a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
+    import train as shared
+
+    cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                      ["trainer.refactor_opt_state=reset", "trainer.refactor_rewarm_steps=4"])
+    total, warmup = 586, ft.warmup_steps(cfg, 586)
+    assert warmup == 59 and ft.refactor_steps(cfg, total, warmup) == [100, 200, 300, 400, 500]
+    lr = ft.make_lr(cfg, total, warmup, [100, 200])
+    base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
+    assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
+    assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
+    keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                       ["trainer.refactor_opt_state=keep"])
+    assert ft.make_lr(keep, total, warmup, [100])(100) == base[100]
+    assert ft.refactor_steps(load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                                         ["trainer.name=Trainer"]), total, warmup) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learnig_rate=1e-4", "unknown config key 'training.learnig_rate' (did you mean 'learning_rate'?)"),
+    ("trainr.name=Trainer", "(did you mean 'trainer'?)"),
+    ("lora.r=four", "lora.r='four' is not an integer"),
+    ("lora.init=pisa", "lora init='pisa'"),
+    ("lora.target_modules=[q_prj]", "(did you mean 'q_proj'?)"),
+    ("training.dataloader_num_workers=8", "training.dataloader_num_workers is not supported"),
+    ("trainer.refactor_mode=spectral", "refactor mode='spectral' must be one of balanced, exact, clamp"),
+    ("training.save_steps=1.5", "a fraction of training below 1 or a whole number"),
+])
+def test_bad_config_is_one_error_line(override, message, assets, tmp_path, capsys):
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
+    assert _run(["--config", path, override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not os.path.exists(tmp_path / "o")  # failed before any work
+
+
+def test_bad_flags_and_files_from_the_command_line(assets, tmp_path):
+    """The real CLI (python train.py from finetune/): one error line, exit 2, no traceback."""
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
+    cases = [(["--config", str(tmp_path / "missing.yaml")], "config file not found"),
+             (["--config", path, "--resume_from_checkpoint", str(tmp_path)], "is not a checkpoint folder"),
+             (["--config", path, "--resume_from_checkpont=x"], "unknown flag --resume_from_checkpont (did you mean '--resume_from_checkpoint'?)"),
+             (["--resume_from_checkpoint", "x"], "the following arguments are required: --config")]
+    for argv, message in cases:
+        p = subprocess.run([sys.executable, "train.py", *argv], cwd=FINETUNE, capture_output=True, text=True,
+                           timeout=300)
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory) -> dict:
+    """8 steps straight, saving checkpoint-4 and checkpoint-8; refactors after steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp("straight")
+    path = _config(assets, tmp / "c.yaml", tmp / "out")
+    assert _run(["--config", path]) == 0
+    return {"config": path, "out": tmp / "out", "log": _log(tmp / "out")}
+
+
+def test_exact_resume_with_pissa_dropout_and_a_refactor(straight, tmp_path):
+    """Resuming from checkpoint-4 in a fresh process state gives steps 4..7 and the final adapters bit for bit."""
+    out = tmp_path / "resumed"
+    assert _run(["--config", straight["config"], f"training.output_dir={out}",
+                 "--resume_from_checkpoint", str(straight["out"] / "checkpoint-4")]) == 0
+    ref, got = _losses(straight["log"]), _losses(_log(out))
+    assert sorted(got) == [4, 5, 6, 7]
+    assert all(got[i] == ref[i] for i in got), (got, ref)
+    refactors = [e["iter"] for e in straight["log"]["events"] if e["event"] == "spectral_refactor"]
+    assert refactors == [3, 6] and [e["iter"] for e in _log(out)["events"] if e["event"] == "spectral_refactor"] == [6]
+    a, b = _adapters(straight["out"] / "checkpoint-8"), _adapters(out / "checkpoint-8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa = torch.load(straight["out"] / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    ob = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+
+
+def test_resume_with_another_lora_shape_is_one_error_line(straight, tmp_path, capsys):
+    assert _run(["--config", straight["config"], "lora.r=8", f"training.output_dir={tmp_path / 'o'}",
+                 "--resume_from_checkpoint", str(straight["out"] / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this config's model and lora sections" in err, err
+
+
+def test_checkpoint_holds_adapters_not_the_base(straight):
+    ckpt = straight["out"] / "checkpoint-8"
+    sd, init = _adapters(ckpt), torch.load(ckpt / "lora_init.pt", weights_only=True)
+    assert sd and all(".lora_A." in k or ".lora_B." in k for k in sd) and init.keys() == sd.keys()
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_rank0.pt", "state.json"} <= set(
+        os.listdir(ckpt))
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["kind"] == "lora" and state["iter_num"] == 8 and state["loader"]["step"] == 8
+    evals = straight["log"]["evaluations"]
+    assert [e["iter"] for e in evals] == [0, 4, 8]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the final adapter in output_dir too
+        assert (straight["out"] / name).read_bytes() == (ckpt / name).read_bytes()
+    assert all(0 <= e["eval/answer_accuracy"] <= 1 and 0 <= e["eval/token_accuracy"] <= 1 for e in evals)
+
+
+def test_checkpoint_adapter_loads_in_peft_on_the_original_base(straight, assets):
+    """The PEFT adapter of a PiSSA checkpoint (rank-2r conversion) on the unmodified HF base gives our logits."""
+    from lora import load_lora_state_dict  # the module finetune/train.py uses (as `lora`, from finetune/)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = straight["out"] / "checkpoint-8"
+    cfg = load_config(straight["config"])
+    ours = ft.build_lora_model(cfg, assets["model"], torch.device("cpu"), torch.float32,
+                               torch.load(ckpt / "lora_init.pt", weights_only=True))
+    load_lora_state_dict(ours, _adapters(ckpt))
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(ckpt))
+    x = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = ours.eval()(x)[0], theirs.eval()(x).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_best_checkpoint_and_save_total_limit(assets, tmp_path):
+    """checkpoint-best follows the best eval (eval/loss here: no answer eval); only the newest 2 checkpoint-N stay."""
+    out = tmp_path / "o"
+    path = _config(assets, tmp_path / "c.yaml", out, dataset={"answer_eval_samples": 0},
+                   training={"eval_steps": 2, "save_steps": 2, "save_total_limit": 2},
+                   trainer={"name": "Trainer"})
+    assert _run(["--config", path]) == 0
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == [
+        "checkpoint-6", "checkpoint-8", "checkpoint-best"]
+    log = _log(out)
+    evals = {e["iter"]: e["eval/loss"] for e in log["evaluations"] if e["iter"] > 0}
+    best = json.loads((out / "checkpoint-best" / "state.json").read_text())
+    assert best["iter_num"] == min(evals, key=evals.get)
+    assert [e["path"] for e in log["events"] if e["event"] == "checkpoint_removed"] == [
+        str(out / "checkpoint-2"), str(out / "checkpoint-4")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "zero1", "fsdp"])
+def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
+    """2 gloo processes x 1 micro-step = 1 process x 2: the loss curve within 1e-5 through two refactors
+    (dropout off: its masks depend on the rank), and every rank holds the same factors after each refactor.
+    FSDP2 also resumes exactly from checkpoint-4."""
+    single, multi = tmp_path / "single", tmp_path / mode
+    no_dropout = {"lora": {"dropout": 0.0}, "dataset": {"answer_eval_samples": 0}}
+    assert _run(["--config", _config(assets, tmp_path / "s.yaml", single, **no_dropout)]) == 0
+    path = _config(assets, tmp_path / "m.yaml", multi, training={"parallel": mode}, **no_dropout)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "--config", path], cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, got = _losses(_log(single)), _losses(_log(multi))
+    assert sorted(got) == list(range(8))
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-5), (it, got[it], ref[it])
+    refactors = [e for e in _log(multi)["events"] if e["event"] == "spectral_refactor"]
+    assert [e["iter"] for e in refactors] == [3, 6] and all(e["ranks_identical"] for e in refactors)
+    a, b = _adapters(single / "checkpoint-8"), _adapters(multi / "checkpoint-8")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    if mode == "fsdp":  # and an exact resume of the sharded run (DCP optimizer state, gathered adapters)
+        resumed = tmp_path / "resumed"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", "--config", path, f"training.output_dir={resumed}",
+                            "--resume_from_checkpoint", str(multi / "checkpoint-4")],
+                           cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert _losses(_log(resumed)) == {i: got[i] for i in range(4, 8)}
+        c = _adapters(resumed / "checkpoint-8")
+        assert all(torch.equal(c[k], b[k]) for k in b)
+
+
+def test_wandb_gets_the_seeds_metric_names(assets, tmp_path, monkeypatch):
+    """report_to: [wandb] logs train/loss, train/learning_rate, train/grad_norm and eval/* (a stand-in wandb)."""
+    import types
+
+    logged: list[dict] = []
+    run = types.SimpleNamespace(log=lambda rec, step: logged.append(rec), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "o", dataset={"answer_eval_samples": 2},
+                   training={"max_steps": 2, "eval_steps": 2, "save_steps": 2, "report_to": ["wandb"]})
+    assert _run(["--config", path]) == 0
+    keys = set().union(*logged)
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "eval/token_accuracy",
+            "eval/answer_accuracy"} <= keys and "loss" not in keys
+
+
+def test_activation_checkpointing_gives_the_same_run(straight, assets, tmp_path):
+    """gradient_checkpointing: true recomputes each block in backward (dropout masks replayed): same losses."""
+    out = tmp_path / "gc"
+    path = _config(assets, tmp_path / "c.yaml", out, training={"gradient_checkpointing": True, "max_steps": 8})
+    assert _run(["--config", path]) == 0
+    ref, got = _losses(straight["log"]), _losses(_log(out))
+    assert got.keys() == ref.keys()
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_run_trains_fp32_adapters_on_a_bf16_base(assets, tmp_path):
+    """On CUDA with bf16: the base is bf16, the adapters stay fp32 masters, the loss falls, eval decodes."""
+    out = tmp_path / "gpu"
+    path = _config(assets, tmp_path / "c.yaml", out, trainer={"name": "Trainer"},
+                   training={"device": "cuda", "bf16": True, "max_steps": 16, "learning_rate": 1e-2,
+                             "gradient_checkpointing": True, "eval_steps": 8, "save_steps": 8})
+    assert _run(["--config", path]) == 0
+    log = _log(out)
+    assert log["environment"]["dtype"] == "torch.bfloat16"
+    loss = _losses(log)
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    evals = log["evaluations"]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.05
+    assert all(r["memory_peak_gb"] is not None for r in log["training_iterations"])
+    assert all(v.dtype == torch.float32 for v in _adapters(out / "checkpoint-16").values())
+    assert [e["iter"] for e in log["evaluations"]] == [0, 8, 16]
