@@ -145,3 +145,136 @@ def test_inference_bad_input_is_one_error_line(tmp_path, capsys):
         assert inference.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
+
+
+def _math_config(tmp_path, base: str, *extra: str) -> str:
+    """A YAML config of a tiny run on base, with short local GSM8K-format files the tokenizer covers."""
+    rows = [("what is 1 + 2 ?", "1 + 2 = 3\n#### 3"), ("what is 2 + 1 ?", "2 + 1 = 3\n#### 3"),
+            ("what is 1 + 1 ?", "1 + 1 = 2\n#### 2"), ("is 3 = 1 + 2 ?", "1 + 2 = 3\n#### 3")]
+    for name, part in (("train", rows), ("test", rows[1:])):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in part)
+    text = f"""
+model:
+  name_or_path: {base}
+lora: {{r: 4, alpha: 8, dropout: 0.05, use_rslora: true, init: pissa}}
+dataset:
+  source: {tmp_path / "train.jsonl"}
+  eval_source: {tmp_path / "test.jsonl"}
+  template: qa
+  max_length: 48
+  answer_eval_samples: 3
+  max_new_tokens: 6
+training: {{output_dir: {tmp_path / "out"}, per_device_train_batch_size: 2, per_device_eval_batch_size: 2,
+           bf16: false, device: cpu}}
+""" + "\n".join(extra)
+    (tmp_path / "run.yaml").write_text(text)
+    return str(tmp_path / "run.yaml")
+
+
+def test_validate_config_checks_and_counts(tmp_path, capsys):
+    import validate_config
+
+    base = _tiny_with_tokenizer(tmp_path)
+    config = _math_config(tmp_path, base)
+    capsys.readouterr()
+    assert validate_config.main(["--config", config, "--json", "training.per_device_train_batch_size=1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "every key known and typed" in out[0] and "1 per GPU" in out[0]
+    assert any("train data:" in line and "4 examples" in line for line in out)
+    memory = json.loads(out[-1])["memory_gib"]
+    ours = apply_lora(GPT.from_hf(base), LoRAConfig(r=4, alpha=8, init="default"))
+    assert memory["n_adapter_params"] == sum(p.numel() for p in lora_parameters(ours))
+    assert memory["n_base_params"] == GPT.from_hf(base).num_params()
+    assert memory["total_checkpointed"] < memory["total"]
+
+
+def test_memory_estimate_of_llama31_8b_from_its_shape():
+    import validate_config
+
+    from config import load_config
+    from model import ModelConfig
+
+    mc = ModelConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
+                     norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, tie_embeddings=False,
+                     block_size=8192)
+    cfg = load_config(os.path.join(FINETUNE, "configs/Llama-3.1/llama3.1_8b_metamath.yaml"))
+    m = validate_config.estimate_memory(mc, cfg, world_size=8)
+    assert m["n_base_params"] == 8_030_261_248
+    # r x (in + out) per projection: 32 x (8192 + 5120 + 5120 + 8192 + 3 x 18432) x 32 layers
+    assert m["n_adapter_params"] == 32 * 81920 * 32
+    assert m["base_weights"] == pytest.approx(2 * 8_030_261_248 / 1024**3)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+@pytest.mark.parametrize("targets", [PARTIAL, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj")])
+def test_activation_estimate_matches_the_bytes_autograd_saves(dropout, targets):
+    sys.path.insert(0, os.path.join(os.path.dirname(FINETUNE), "bench"))
+    import lora_step
+    import validate_config
+
+    from config import load_config
+    from model import ModelConfig
+
+    mc = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=192,
+                     norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, block_size=512)
+    torch.manual_seed(0)
+    model = apply_lora(GPT(mc), LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=targets))
+    B, T = 2, 256
+    x, y = torch.randint(0, 64, (B, T)), torch.randint(0, 64, (B, T))
+    measured = lora_step.saved_bytes(lambda a, b: model(a, b)[1], x, y, model)
+    cfg = load_config(None, ["model.name_or_path=x", f"lora.dropout={dropout}", "lora.r=4",
+                             f"lora.target_modules=[{','.join(targets)}]"])
+    # the blocks, plus the final norm's fp32 input and the fused loss's grad_x (N, d) and head gradient (V, d)
+    estimate = validate_config.activation_bytes_per_token(mc, cfg, 4) * B * T + B * T * 64 * 4 * 2 + 64 * 64 * 4
+    assert 0.9 < estimate / measured < 1.1, (estimate, measured)
+
+
+def test_validate_config_evaluates_a_checkpoint_as_peft_does(tmp_path, capsys):
+    import validate_config
+    from sft_data import load_examples, tokenize_examples
+
+    base = _tiny_with_tokenizer(tmp_path)
+    config = _math_config(tmp_path, base)
+    adapter = str(tmp_path / "checkpoint-3")
+    _adapter(base, adapter, "pissa", seed=3)
+    capsys.readouterr()
+    assert validate_config.main(["--config", config, "--checkpoint", adapter, "--device", "cpu", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    rows = tokenize_examples(load_examples(str(tmp_path / "test.jsonl"), template="qa"), base, 48)
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for ids, labels in rows:
+            logits = peft_model(input_ids=torch.tensor([ids[:-1]])).logits[0]
+            y = torch.tensor(labels[1:])
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, ignore_index=-1, reduction="sum").item()
+            correct += int(((logits.argmax(-1) == y) & (y != -1)).sum())
+            n += int((y != -1).sum())
+    assert metrics["examples"] == 3
+    assert metrics["eval/loss"] == pytest.approx(loss_sum / n, abs=1e-5)
+    assert metrics["eval/token_accuracy"] == pytest.approx(correct / n)
+    assert 0 <= metrics["eval/answer_accuracy"] <= 1
+
+
+def test_validate_config_bad_input_is_one_error_line(tmp_path, capsys):
+    import validate_config
+
+    base = _tiny_with_tokenizer(tmp_path)
+    config = _math_config(tmp_path, base)
+    capsys.readouterr()
+    cases = [
+        (["--config", config, "lora.alpah=4"], "alpha"),
+        (["--config", config, "lora.r=40"], "lower lora.r"),
+        (["--config", config, "dataset.max_length=100"], "context of 64 tokens"),
+        (["--config", config, f"dataset.source={tmp_path / 'none.jsonl'}"], "none.jsonl"),
+        (["--config", config, "--checkpoint", str(tmp_path)], "adapter_config.json"),
+        (["--config", config, "--model_config", str(tmp_path / "x.py")], "not found"),
+        (["--config", config, "--wrld_size", "2"], "unknown flag --wrld_size"),
+        (["--config", config, "--world_size", "3", "training.effective_batch_size=4"], "not a multiple"),
+    ]
+    for argv, words in cases:
+        assert validate_config.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
