@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -278,3 +279,19 @@ def test_validate_config_bad_input_is_one_error_line(tmp_path, capsys):
         assert validate_config.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NANOLLM_DEMO_TEST"),
+                    reason="opt-in with NANOLLM_DEMO_TEST=1: the SmolLM2 demo takes minutes on a CPU")
+def test_smollm2_demo_runs_end_to_end(tmp_path):
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "demo"), PYTHON=sys.executable)
+    tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
+            "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", "dataset.max_new_tokens=8",
+            "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
+    p = subprocess.run(["bash", os.path.join(FINETUNE, "examples", "demo_smollm2_cpu.sh"), *tiny], env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "before (step   0)" in p.stdout and "after (step   2)" in p.stdout
+    assert os.path.isfile(tmp_path / "demo" / "merged" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "demo" / "merged" / "tokenizer.json")
