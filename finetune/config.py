@@ -29,7 +29,7 @@ import yaml
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _p in (os.path.dirname(_HERE), _HERE):  # the repository root (configurator) and finetune/ (lora)
     if _p not in sys.path:
-        sys.path.insert(0, _p)
+        sys.path.append(_p)  # after what is there: finetune/train.py must never shadow the root's train.py
 
 from configurator import ConfigError, coerce, suggest  # noqa: E402
 

@@ -45,7 +45,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _p in (os.path.dirname(_HERE), _HERE):  # the repository root (token_loader) and finetune/ (answers)
     if _p not in sys.path:
-        sys.path.insert(0, _p)
+        sys.path.append(_p)  # after what is there: finetune/train.py must never shadow the root's train.py
 
 from answers import extract_marked  # noqa: E402
 

@@ -19,7 +19,7 @@ with this backend's seams:
 - a checkpoint holds the adapters (model.pt), their optimizer state, the loader position, every rank's
   RNG, the initial factors (lora_init.pt: the PiSSA residual is rebuilt from the original base without
   an SVD) and the adapter in PEFT's format (a PiSSA adapter converted to apply to the original base);
-  never the base weights.
+  never the base weights. At the end, the last step's PEFT adapter is also written into output_dir.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from dataclasses import asdict
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
-# the repository root first: `import train` is the shared loop (../train.py), not this file
-sys.path[:] = [ROOT, _HERE] + [p for p in sys.path if p not in (ROOT, _HERE, "")]
+# the repository root first: `import train` is the shared loop (../train.py), never this file; finetune/
+# (this script's own folder when run as one) after it, for config, lora, sft_data, answers
+sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -103,9 +106,9 @@ def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype
     """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
     from lora import apply_lora
 
-    model = GPT.from_hf(path, dtype=torch.float32).to(device)
-    if dtype != torch.float32:
-        model.to(dtype)  # the base only: the adapters are created (fp32) after this
+    # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
+    # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
+    model = GPT.from_hf(path, dtype=dtype).to(device)
     apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
     if cfg.training.gradient_checkpointing:
         checkpoint_blocks(model)
@@ -294,18 +297,25 @@ def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, tor
             checkpoint._load_tensor_file(os.path.join(path, "lora_init.pt")))
 
 
+def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str) -> None:
+    """adapter_model.safetensors + adapter_config.json (PEFT format, a PiSSA adapter converted to apply to the
+    original base) into an existing folder: written apart, then each renamed in, the config last."""
+    from lora import save_peft_adapter
+
+    tmp = os.path.join(folder, ".peft.tmp")
+    save_peft_adapter(model, lora_config(cfg), tmp, cfg.model.name_or_path, convert_pissa_to_original_base=True,
+                      state=state)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     """Train the adapters of cfg; resume: a checkpoint-N folder to continue exactly."""
-    from lora import (
-        load_lora_state_dict,
-        lora_init_state,
-        lora_parameters,
-        lora_state_dict,
-        save_peft_adapter,
-    )
+    from lora import load_lora_state_dict, lora_init_state, lora_parameters, lora_state_dict
     from sft_data import DATASETS, SFTLoader, eval_batches, load_examples, tokenize_examples
 
     import runlog
@@ -409,12 +419,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         def write_extra(tmp: str) -> None:
             checkpoint._save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
                                          os.path.join(tmp, "lora_init.pt"))
-            peft_dir = os.path.join(tmp, "peft")
-            save_peft_adapter(model, lora_config(cfg), peft_dir, cfg.model.name_or_path,
-                              convert_pissa_to_original_base=True, state=sd)
-            for f in os.listdir(peft_dir):
-                os.replace(os.path.join(peft_dir, f), os.path.join(tmp, f))
-            os.rmdir(peft_dir)
+            write_peft_adapter(model, cfg, sd, tmp)
 
         meta = {**asdict(run), "kind": "lora", "config": cfg.to_dict(), "loader": loader.state_dict(), "best": best,
                 "base_model": cfg.model.name_or_path}
@@ -443,6 +448,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
             if d.is_master:
                 for path in prune_checkpoints(t.output_dir, t.save_total_limit):
                     log.event({"iter": it, "event": "checkpoint_removed", "path": path})
+        if it > start_iter and done:  # the final adapter in output_dir itself, as merge_adapter.py expects
+            sd = adapter_state()
+            if d.is_master:
+                write_peft_adapter(model, cfg, sd, t.output_dir)
+                log.event({"iter": it, "event": "final_adapter", "path": t.output_dir})
 
     def after_step(run: shared.RunState) -> None:
         if run.iter_num in refactors:

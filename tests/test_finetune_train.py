@@ -14,7 +14,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
-sys.path[:0] = [os.path.join(FINETUNE, "data")]
+sys.path.append(os.path.join(FINETUNE, "data"))
 
 import make_math  # noqa: E402
 
@@ -117,6 +117,26 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
         assert grad_accum_steps(c, 8) == batch // 32  # 4 per device x 8 GPUs x {4, 2}
 
 
+def test_schedule_refactor_steps_and_rewarm():
+    """The seed's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
+    a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
+    import train as shared
+
+    cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                      ["trainer.refactor_opt_state=reset", "trainer.refactor_rewarm_steps=4"])
+    total, warmup = 586, ft.warmup_steps(cfg, 586)
+    assert warmup == 59 and ft.refactor_steps(cfg, total, warmup) == [100, 200, 300, 400, 500]
+    lr = ft.make_lr(cfg, total, warmup, [100, 200])
+    base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
+    assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
+    assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
+    keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                       ["trainer.refactor_opt_state=keep"])
+    assert ft.make_lr(keep, total, warmup, [100])(100) == base[100]
+    assert ft.refactor_steps(load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
+                                         ["trainer.name=Trainer"]), total, warmup) == []
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.learnig_rate=1e-4", "unknown config key 'training.learnig_rate' (did you mean 'learning_rate'?)"),
     ("trainr.name=Trainer", "(did you mean 'trainer'?)"),
@@ -196,6 +216,8 @@ def test_checkpoint_holds_adapters_not_the_base(straight):
     assert state["kind"] == "lora" and state["iter_num"] == 8 and state["loader"]["step"] == 8
     evals = straight["log"]["evaluations"]
     assert [e["iter"] for e in evals] == [0, 4, 8]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the final adapter in output_dir too
+        assert (straight["out"] / name).read_bytes() == (ckpt / name).read_bytes()
     assert all(0 <= e["eval/answer_accuracy"] <= 1 and 0 <= e["eval/token_accuracy"] <= 1 for e in evals)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune")
-sys.path[:0] = [FINETUNE, os.path.join(FINETUNE, "data")]
+sys.path += [FINETUNE, os.path.join(FINETUNE, "data")]  # after the root: finetune/train.py must not shadow train.py
 
 import make_math  # noqa: E402
 from sft_data import (  # noqa: E402

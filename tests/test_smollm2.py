@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))  # after the root: finetune/train.py must not shadow train.py
 
 import smollm2  # noqa: E402
 from sft_data import tokenize_examples  # noqa: E402
