@@ -28,7 +28,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "finetune")]
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "finetune"))  # after the root: finetune/train.py never shadows train.py
 
 from lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
 

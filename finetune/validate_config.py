@@ -30,7 +30,10 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
-sys.path[:] = [ROOT, _HERE] + [p for p in sys.path if p not in (ROOT, _HERE, "")]
+# the repository root first (`import train` is the shared loop, never finetune/train.py); finetune/ after it
+sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 from config import ConfigError, FinetuneConfig, grad_accum_steps, load_config  # noqa: E402
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune")
-sys.path.insert(0, FINETUNE)
+sys.path.append(FINETUNE)  # after the root: finetune/train.py must not shadow train.py
 
 import inference  # noqa: E402
 import merge_adapter  # noqa: E402
@@ -211,7 +211,7 @@ def test_memory_estimate_of_llama31_8b_from_its_shape():
 @pytest.mark.parametrize("targets", [PARTIAL, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj")])
 def test_activation_estimate_matches_the_bytes_autograd_saves(dropout, targets):
-    sys.path.insert(0, os.path.join(os.path.dirname(FINETUNE), "bench"))
+    sys.path.append(os.path.join(os.path.dirname(FINETUNE), "bench"))
     import lora_step
     import validate_config
 
