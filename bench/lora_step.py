@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "finetune"))  # after the root: finetune/train.py never shadows train.py
 
 from lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
+from model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
 
-import hf_checkpoint  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, rope_theta=500000.0)
@@ -56,27 +56,13 @@ class BenchError(ValueError):
     """A bad flag: one `error:` line."""
 
 
-def hf_twin(model: GPT, dtype: torch.dtype):
-    """LlamaForCausalLM (sdpa attention) holding our base weights, in dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_cfg = hf_checkpoint.config_to_hf(model.config, torch.float32)
-    model_type = hf_cfg.pop("model_type")
-    hf_cfg.pop("architectures")
-    config = AutoConfig.for_model(model_type, **hf_cfg)
-    config._attn_implementation = "sdpa"
-    hf = AutoModelForCausalLM.from_config(config)
-    hf.load_state_dict(hf_checkpoint.state_dict_to_hf(model), strict=False)
-    return hf.to(dtype)
-
-
 def build_pair(mc: ModelConfig, cfg: LoRAConfig, dtype: torch.dtype, device: str):
     """(ours, theirs): the same random base in dtype and the same nonzero fp32 adapters, on device."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     base = GPT(mc)
-    theirs = get_peft_model(hf_twin(base, dtype), LoraConfig(
+    theirs = get_peft_model(hf_twin(base).to(dtype), LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         use_rslora=cfg.use_rslora))
     ours = apply_lora(base.to(dtype), cfg, seed=0)
