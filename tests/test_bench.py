@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from test_train import ROOT, ok
 
 
@@ -50,3 +51,15 @@ def test_loss_bench_smoke_runs_every_variant_against_the_reference():
     for name in ("fused:scatter", "fused:where", "fused:where_addmm"):
         assert by_name[name]["loss_abs_diff_vs_reference"] < 1e-5 and by_name[name]["ms"] > 0
     assert by_name["liger"]["skipped"] == "liger_kernel not installed"
+
+
+@pytest.mark.slow  # ~30 s on a shared 2-core box: transformers + peft imports and two models
+def test_lora_step_smoke_matches_peft_and_reports_the_ratio():
+    (r,) = _bench("bench/lora_step.py", "--smoke", "--json")
+    assert r["max_abs_logits_diff"] < 1e-5  # ours and HF+peft compute the same function before timing
+    assert r["ratio"] > 0 and r["ours_tokens_per_sec"] > 0 and r["hf_tokens_per_sec"] > 0
+    assert r["n_adapter_params"] == 2 * 32 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 160))  # 2 layers, r=32
+    assert 0 < r["ours_saved_gib"] and 0 < r["hf_saved_gib"] and r["gen_tokens_equal"]
+    p = subprocess.run([sys.executable, "bench/lora_step.py", "--dtype=bfloat16"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: --dtype=bfloat16 is for --device cuda")

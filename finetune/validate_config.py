@@ -1,0 +1,291 @@
+"""
+Check a fine-tuning YAML without a GPU, estimate its memory per GPU, and evaluate a checkpoint.
+
+    cd finetune
+    python validate_config.py --config configs/Llama-3.1/llama3.1_8b_metamath.yaml --model_config ../config/llama3.1_8b.py
+    python validate_config.py --config configs/smollm2/smollm2_math_cpu.yaml --checkpoint outputs/smollm2_math_cpu/checkpoint-best
+
+Checks, each failure one `error:` line: every key known and typed (config.py's load_config, with the
+closest name suggested); the base model's shape (its config.json, or --model_config for a hub id that
+is not downloaded: a config.json or one of ../config/*.py) against the LoRA targets and rank and
+dataset.max_length; the dataset found (a local file read and counted; gsm8k/metamathqa are hub
+datasets fetched at train time); the effective batch against --world_size.
+
+The memory estimate per GPU (GiB) is LoRA-aware: the frozen base in bf16 (fp32 on CPU), fp32 adapters,
+their gradients and AdamW moments, the fused loss's buffers, and the activations autograd keeps for one
+micro-batch of per_device_train_batch_size x max_length tokens, with and without activation
+checkpointing. A frozen linear keeps no input for a weight gradient; each adapter keeps its own
+dropped-out input (dropout > 0) or shares the normed input. CUDA context and allocator slack are not
+included (add ~1-2 GiB). --checkpoint DIR evaluates DIR's adapter (base + adapter_config.json +
+adapter_model.safetensors) on the test split: eval/loss, eval/token_accuracy, eval/answer_accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(_HERE)
+# the repository root first (`import train` is the shared loop, never finetune/train.py); finetune/ after it
+sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+from config import ConfigError, FinetuneConfig, grad_accum_steps, load_config  # noqa: E402
+
+GIB = 1024**3
+
+
+def model_shape(cfg: FinetuneConfig, model_config: str | None):
+    """The base's ModelConfig from --model_config (config.json, its folder, or ../config/*.py) or the
+    local model folder; None when the base is a hub id that is not on disk."""
+    import hf_checkpoint
+
+    path = model_config or os.path.expanduser(cfg.model.name_or_path)
+    if model_config and model_config.endswith(".py"):
+        import configurator
+        from model import ModelConfig
+        from train import TrainConfig
+
+        if not os.path.isfile(model_config):
+            raise ConfigError(f"--model_config={model_config} not found")
+        (_, mc), _ = configurator.load([model_config], [TrainConfig, ModelConfig])
+        return mc
+    if os.path.isfile(path) and path.endswith(".json"):
+        with open(path) as f:
+            return hf_checkpoint.hf_to_config(json.load(f))
+    if os.path.isdir(path):
+        return hf_checkpoint.hf_to_config(hf_checkpoint.read_config(path))
+    if model_config:
+        raise ConfigError(f"--model_config={model_config} is not a config.json, a model folder or a config/*.py file")
+    return None
+
+
+def projections(mc) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each HF-named projection of one block of mc."""
+    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
+    out = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "up_proj": (d, h),
+           "down_proj": (h, d)}
+    if mc.mlp == "swiglu":
+        out["gate_proj"] = (d, h)
+    return out
+
+
+def check_shapes(cfg: FinetuneConfig, mc) -> list[str]:
+    """ConfigError when the LoRA section or max_length cannot fit the base; notes otherwise."""
+    import hf_checkpoint
+
+    lo, proj = cfg.lora, projections(mc)
+    missing = [t for t in lo.target_modules if t not in proj]
+    if missing:
+        raise ConfigError(f"lora.target_modules has {missing[0]}, which this base ({mc.mlp} MLP) does not have; "
+                          f"choose among {', '.join(proj)}")
+    smallest = min(min(proj[t]) for t in lo.target_modules)
+    if lo.r > smallest:
+        raise ConfigError(f"lora.r={lo.r} exceeds the smallest adapted dimension {smallest}; lower lora.r")
+    if cfg.dataset.max_length > mc.block_size:
+        raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds the base's context of "
+                          f"{mc.block_size} tokens; lower dataset.max_length")
+    if hf_checkpoint.hf_architecture(mc) == "GPT2LMHeadModel":
+        raise ConfigError("a GPT-2 base has fused q/k/v (Conv1D c_attn), so its adapters cannot be written in PEFT's "
+                          "format that every checkpoint holds; fine-tune a Llama/Qwen3-architecture base")
+    return [f"shape: {mc.arch_string}, vocab {mc.vocab_size}, context {mc.block_size}; r={lo.r} fits "
+            f"{len(lo.target_modules)} target projections"]
+
+
+def check_dataset(cfg: FinetuneConfig) -> list[str]:
+    """Local files read and counted (DataError when unreadable); hub datasets noted."""
+    from sft_data import DATASETS, load_examples
+
+    ds, notes = cfg.dataset, []
+    evals = (ds.eval_source or ds.source, ds.eval_split, ds.eval_fields or (None if ds.eval_source else ds.fields))
+    for role, (source, split, fields) in (("train", (ds.source, ds.split, ds.fields)), ("eval", evals)):
+        if source in DATASETS:
+            notes.append(f"{role} data: {source} ({split}) from the Hugging Face hub ({DATASETS[source]['hub'][0]}), "
+                         f"downloaded at train time")
+            continue
+        n = len(load_examples(source, split, fields=fields, template=ds.template))
+        notes.append(f"{role} data: {source}, {n:,} examples")
+    return notes
+
+
+def adapter_params(mc, cfg: FinetuneConfig) -> int:
+    """Trainable parameters: r x (in + out) per adapted projection per block."""
+    proj = projections(mc)
+    return mc.n_layer * sum(cfg.lora.r * sum(proj[t]) for t in cfg.lora.target_modules)
+
+
+def activation_bytes_per_token(mc, cfg: FinetuneConfig, act_bytes: int) -> int:
+    """Bytes one block keeps for backward per token under LoRA (eager, SDPA/flash attention: no T x T).
+
+    Frozen linears keep no input (their weight gets no gradient); the residual stream and the norms'
+    inputs are fp32; SDPA keeps q and k after RoPE, v (a view that keeps the fused q/k/v output alive)
+    and its output; SwiGLU keeps the fused gate/up output and silu(gate). o_proj's and down_proj's inputs
+    are kept only for their adapters. Each adapter keeps its input: its own dropped-out copy plus a
+    1-byte mask with dropout, else the shared normed input. Within 5% of the bytes counted by
+    saved_tensors_hooks on CPU (tests/test_finetune_tools.py).
+    """
+    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
+    targets, p = cfg.lora.target_modules, projections(mc)
+    norms = 2 * 4 * d  # fp32 inputs of the two norms
+    attention = act_bytes * (q + kv + (q + 2 * kv) + q)  # q, k after RoPE; the fused output; SDPA's output
+    mlp = act_bytes * (3 * h if mc.mlp == "swiglu" else h)  # the fused gate/up output, silu(gate); or up
+    kept = norms + attention + mlp
+    if "o_proj" in targets:  # the inputs of o_proj and down_proj only serve their adapters' gradients
+        kept += act_bytes * q
+    if "down_proj" in targets:
+        kept += act_bytes * h
+    if cfg.lora.dropout > 0:
+        kept += sum((act_bytes + 1) * p[t][0] for t in targets)
+    else:  # the normed inputs of attention and MLP, when an adapter reads them
+        kept += act_bytes * d * (any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
+                                 + any(t in targets for t in ("gate_proj", "up_proj")))
+    kept += sum(4 * cfg.lora.r for _ in targets)  # A x (r values, fp32) for B's gradient
+    return mc.n_layer * kept
+
+
+def estimate_memory(mc, cfg: FinetuneConfig, world_size: int, on_gpu: bool = True) -> dict[str, float]:
+    """GiB per GPU of the run (see the module docstring), activations with and without checkpointing."""
+    import torch
+
+    from model import GPT, loss_chunk_tokens
+
+    with torch.device("meta"):
+        n_base = GPT(mc).num_params()
+    t = cfg.training
+    fsdp, zero1 = t.parallel == "fsdp" and world_size > 1, t.parallel == "zero1" and world_size > 1
+    act_bytes = 2 if t.bf16 and on_gpu else 4
+    n_ad = adapter_params(mc, cfg)
+    tokens = t.per_device_train_batch_size * cfg.dataset.max_length
+    d, vocab = mc.n_embd, mc.vocab_size
+    chunk = min(tokens, loss_chunk_tokens(vocab))
+    per_token = activation_bytes_per_token(mc, cfg, act_bytes)
+    out = {
+        "base_weights": act_bytes * n_base / (world_size if fsdp else 1),
+        "adapters": 4 * n_ad / (world_size if fsdp else 1),
+        "adapter_grads": 4 * n_ad / (world_size if fsdp else 1),
+        "adam_state": 8 * n_ad / (world_size if fsdp or zero1 else 1),
+        # the fused loss keeps grad_x (N, d), the head's gradient (V, d) fp32, and one chunk of logits
+        "loss_buffers": tokens * d * act_bytes + 4 * vocab * d + chunk * vocab * (4 + act_bytes),
+        "activations": tokens * per_token,
+        # checkpointing keeps each block's fp32 input; one block's activations live during its backward
+        "activations_checkpointed": tokens * (mc.n_layer * 4 * d + per_token // mc.n_layer),
+    }
+    fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
+    out["total"] = fixed + out["activations"]
+    out["total_checkpointed"] = fixed + out["activations_checkpointed"]
+    return {k: v / GIB for k, v in out.items()} | {"n_base_params": n_base, "n_adapter_params": n_ad,
+                                                   "tokens_per_micro_batch": tokens}
+
+
+def memory_lines(m: dict, cfg: FinetuneConfig, world_size: int) -> list[str]:
+    """The estimate as readable lines."""
+    t = cfg.training
+    using = "on" if t.gradient_checkpointing else "off"
+    return [
+        f"memory per GPU ({t.parallel} on {world_size} GPU(s), micro-batch {t.per_device_train_batch_size} x "
+        f"{cfg.dataset.max_length} = {m['tokens_per_micro_batch']:,} tokens; estimate, CUDA context not included):",
+        f"  base weights {m['base_weights']:.2f} GiB ({m['n_base_params']:,} params, frozen), adapters "
+        f"{m['adapters']:.2f} + grads {m['adapter_grads']:.2f} + AdamW {m['adam_state']:.2f} GiB "
+        f"({m['n_adapter_params']:,} params, fp32), loss buffers {m['loss_buffers']:.2f} GiB",
+        f"  activations {m['activations']:.2f} GiB -> total {m['total']:.2f} GiB without activation checkpointing",
+        f"  activations {m['activations_checkpointed']:.2f} GiB -> total {m['total_checkpointed']:.2f} GiB with it "
+        f"(training.gradient_checkpointing is {using})",
+    ]
+
+
+def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str) -> dict[str, float]:
+    """Test-split metrics of the base + checkpoint's adapter (the base alone when checkpoint is None),
+    through finetune/train.py's evaluate."""
+    import contextlib
+
+    import torch
+    from merge_adapter import load_adapted
+    from sft_data import DATASETS, eval_batches, load_examples, tokenize_examples
+
+    import parallel
+
+    spec = importlib.util.spec_from_file_location("finetune_train", os.path.join(_HERE, "train.py"))
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)  # its own name: `train` is the shared loop at the root
+    ds, t = cfg.dataset, cfg.training
+    path = ft.resolve_model_path(cfg.model.name_or_path)
+    tokenizer = cfg.model.tokenizer or path
+    template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
+    fields = ds.eval_fields or (None if ds.eval_source else ds.fields)
+    examples = load_examples(ds.eval_source or ds.source, ds.eval_split, fields=fields, limit=ds.max_eval_samples,
+                             template=template)
+    d = parallel.Dist(0, 0, 1, parallel.resolve_device(device))
+    dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
+    model = load_adapted(path, checkpoint).to(device=d.device, dtype=dtype)
+    batches = eval_batches(tokenize_examples(examples, tokenizer, ds.max_length), t.per_device_eval_batch_size,
+                           0, 1, d.device)
+    answer_ex = [e for e in examples if e["answer"] is not None][:ds.answer_eval_samples]
+    autocast = torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return ft.evaluate(model, batches, answer_ex, tokenizer, cfg, autocast, d, False) | {"examples": len(examples)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise ConfigError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
+    parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
+    parser.add_argument("--model_config", default=None,
+                        help="the base's shape when model.name_or_path is a hub id not on disk: a config.json, "
+                             "a model folder or ../config/*.py")
+    parser.add_argument("--world_size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="GPUs the run will use (the effective batch and the sharding depend on it)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint-N folder (or any PEFT adapter folder) "
+                                                           "to evaluate on the test split")
+    parser.add_argument("--base", action="store_true", help="evaluate the base model alone on the test split")
+    parser.add_argument("--device", default="auto", help="for --checkpoint/--base: auto | cpu | cuda")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    try:
+        args, overrides = parser.parse_known_args(argv)
+        bad = [a for a in overrides if a.startswith("--") and "." not in a.split("=", 1)[0]]
+        if bad:
+            raise ConfigError(f"unknown flag {bad[0]}; config values are written section.key=value")
+        if args.world_size < 1:
+            raise ConfigError(f"--world_size={args.world_size} must be >= 1")
+        if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "adapter_config.json")):
+            raise ConfigError(f"--checkpoint={args.checkpoint} holds no adapter_config.json; pass an "
+                              f"output_dir/checkpoint-N folder")
+        cfg = load_config(args.config, overrides)
+        accum = grad_accum_steps(cfg, args.world_size)
+        lines = [f"config {args.config}: every key known and typed; {cfg.training.per_device_train_batch_size} per "
+                 f"GPU x {accum} accumulation x {args.world_size} GPU(s) per optimizer step"]
+        mc = model_shape(cfg, args.model_config)
+        result: dict = {"config": args.config, "grad_accum": accum}
+        if mc is None:
+            lines.append(f"shape: {cfg.model.name_or_path} is not on disk; pass --model_config (its config.json "
+                         f"or ../config/*.py) to check shapes and estimate memory")
+        else:
+            lines += check_shapes(cfg, mc)
+        lines += check_dataset(cfg)
+        if mc is not None:
+            memory = estimate_memory(mc, cfg, args.world_size, on_gpu=cfg.training.device != "cpu")
+            lines += memory_lines(memory, cfg, args.world_size)
+            result["memory_gib"] = memory
+        print("\n".join(lines), flush=True)
+        if args.checkpoint is not None or args.base:
+            metrics = evaluate_checkpoint(cfg, args.checkpoint, args.device)
+            print(f"test metrics of {args.checkpoint or 'the base model'} on {metrics['examples']} examples: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples"))
+            result["metrics"] = metrics
+    except (ValueError, OSError) as e:  # ConfigError, DataError, HFCheckpointError, a bad adapter
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
