@@ -298,6 +298,9 @@ def test_smollm2_demo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NANOLLM_DEMO_TEST"),
+                    reason="opt-in with NANOLLM_DEMO_TEST=1: ~2 min on 2 cores; the same inference path is checked "
+                           "against HF+peft on a tiny model, and the SmolLM2 import in test_smollm2.py")
 def test_inference_on_smollm2_with_an_adapter_equals_hf_peft(tmp_path, capsys):
     import smollm2
 
