@@ -7,7 +7,9 @@ Generation tokens/s of GPT.generate with the KV cache against the uncached loop,
 
 Bench-only flags: --prompt_len (default 64), --new_tokens (64), --rounds (3), --smoke. The model's
 block_size is raised to fit prompt_len + new_tokens. Both routes decode greedily from the same random
-prompts (their tokens are checked equal first), in alternating rounds; the median round is reported.
+prompts (their tokens are checked equal first: the exit status is 1 if they differ in float32; in
+bfloat16, --dtype's GPU default, the share of equal new tokens is reported), in alternating rounds; the
+median round is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
-from train import TrainConfig  # noqa: E402
+from train import TrainConfig, resolve_dtype  # noqa: E402
 
 BENCH_FLAGS = {"prompt_len": 64, "new_tokens": 64, "rounds": 3}
 
@@ -53,15 +55,18 @@ def main(argv: list[str]) -> int:
     mc.block_size = max(mc.block_size, bench["prompt_len"] + bench["new_tokens"])
     device = "cuda" if tc.device == "auto" and torch.cuda.is_available() else (
         "cpu" if tc.device == "auto" else tc.device)
+    dtype = resolve_dtype(tc.dtype, torch.device(device))  # 'auto': bfloat16 on a GPU, as inference runs
     torch.manual_seed(0)
-    model = GPT(mc).to(device).eval()
+    model = GPT(mc).to(device=device, dtype=dtype).eval()
     B, T, N = tc.batch_size, bench["prompt_len"], bench["new_tokens"]
     prompt = torch.randint(0, mc.vocab_size, (B, T), device=device)
 
     def run(use_cache: bool) -> torch.Tensor:
         return model.generate(prompt, N, temperature=0, use_cache=use_cache)
 
-    same = torch.equal(run(True), run(False))  # also the warmup
+    cached, uncached = run(True), run(False)  # also the warmup
+    same = torch.equal(cached, uncached)
+    agree = (cached[:, T:] == uncached[:, T:]).float().mean().item()
     times: dict[str, list[float]] = {"uncached": [], "cached": []}
     for _ in range(bench["rounds"]):
         for name in times:
@@ -76,11 +81,14 @@ def main(argv: list[str]) -> int:
     print(f"model: {mc.arch_string}, {model.num_params():,} params, vocab {mc.vocab_size}")
     print(f"device: {device} ({torch.get_num_threads()} threads), batch {B}, prompt {T}, new tokens {N}, "
           f"torch {torch.__version__}")
-    print(f"cached tokens equal uncached: {same}")
+    print(f"dtype {str(dtype).removeprefix('torch.')}: cached tokens equal uncached: {same} "
+          f"({agree:.1%} of new tokens agree)")
     for name in times:
         print(f"{name:>8}: {tok[name]:10,.1f} tokens/s")
     print(f"KV cache speedup (cached/uncached): {tok['cached'] / tok['uncached']:.2f}x")
-    return 0 if same else 1
+    # fp32 must agree token for token; in bf16 the two routes round differently (other matmul shapes)
+    # and greedy decoding amplifies a near-tie into a different continuation, so that is reported only
+    return 0 if same or dtype != torch.float32 else 1
 
 
 if __name__ == "__main__":

@@ -59,13 +59,15 @@ class BenchConfig:
     profile: str = ""  # a file: after timing, profile one more step and write the top kernels by GPU time there
 
 
-def sdpa_choice(mc: ModelConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype) -> str:
-    """The SDPA kernel torch picks for this model's attention call (GQA included), by name."""
+def sdpa_choice(mc: ModelConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype,
+                request: str = "auto") -> str:
+    """The SDPA kernel torch picks for this model's attention call (GQA included) under --sdpa, by name."""
     if device.type != "cuda":
         return "cpu"
     q = torch.randn(batch, mc.n_head, seq, mc.head_dim, device=device, dtype=dtype)
     kv = torch.randn(batch, mc.n_kv_head, seq, mc.head_dim, device=device, dtype=dtype)
-    choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=mc.n_kv_head != mc.n_head)
+    with sdpa_context(request):  # the same restriction the timed steps run under
+        choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=mc.n_kv_head != mc.n_head)
     from torch.nn.attention import SDPBackend
 
     names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
@@ -204,7 +206,7 @@ def run(argv: list[str]) -> dict:
         "seq": tc.block_size, "dtype": str(dtype).removeprefix("torch."), "compile": tc.compile,
         "compile_mode": tc.compile_mode if tc.compile else None, "cuda_graphs": tc.use_cuda_graphs,
         "fp8": tc.fp8 or None, "fp8_linears": fp8_summary, "sdpa": bc.sdpa,
-        "sdpa_choice": sdpa_choice(mc, tc.batch_size, tc.block_size, d.device, dtype),
+        "sdpa_choice": sdpa_choice(mc, tc.batch_size, tc.block_size, d.device, dtype, bc.sdpa),
         "parallelism": "fsdp" if tc.use_fsdp else "zero1" if tc.use_zero1 else "ddp" if d.world_size > 1 else "single",
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "gc_freeze": bc.gc_freeze, "data": bc.data, "steps": bc.steps, "warmup": bc.warmup,

@@ -9,7 +9,9 @@
 # micro (GEMMs, fp8 GEMMs, SDPA backends), tests (pytest -m gpu), fp8 (tensorwise/rowwise vs bf16 on
 # the same data), hf (ours vs HF LlamaForCausalLM, compiled, same weights and batch), memory
 # (measured peak vs the dry-run estimate at three batch sizes), fp8wide (bf16 vs fp8 at the 8B shape's widths), tune (SDPA backend, micro-batch,
-# expandable segments, CUDA graphs, gc.freeze), profile (top kernels of one 1.5B step), families (Qwen3 1.8B and GPT-2 1.36B, 8 layers).
+# expandable segments, gc.freeze), profile (top kernels of one 1.5B step), families (Qwen3 1.8B and GPT-2 1.36B, 8 layers),
+# graphs (CUDA graphs on/off, compile_mode=model), lora (LoRA peak memory vs validate_config's estimate),
+# generate (KV cache vs uncached, fp32 and bf16), loss (fused-loss variants compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -65,6 +67,25 @@ for part in "$@"; do
     families)
       step 200 config/full_qwen3_1.8b_optimal.py --n_layer=8 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=10 --warmup=3
       step 200 config/full_gpt2_1.36b.py --n_layer=8 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=blocks --steps=10 --warmup=3 ;;
+    graphs)  # CUDA graphs (reduce-overhead) need compile_mode=model: timed against the same without graphs
+      for g in False True; do
+        step 300 $L15 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=model \
+          --use_cuda_graphs=$g --steps=10 --warmup=3
+      done ;;
+    lora)  # peak memory of a LoRA step against validate_config.py's estimate: the seed's 8B config, and 1B
+      Y=finetune/configs/Llama-3.1/llama3.1_8b_metamath.yaml
+      for args in "--preset 8b" "--preset 8b training.gradient_checkpointing=false" \
+                  "--preset 1b dataset.max_length=2048 training.gradient_checkpointing=false"; do
+        timeout 200 "$PY" bench/lora_memory.py $Y $args >> "$RESULTS/lora_memory.jsonl" 2>> "$RESULTS/lora_memory.err" \
+          || echo "{\"failed\": \"exit $?\", \"argv\": \"$args\"}" >> "$RESULTS/lora_memory.jsonl"
+      done ;;
+    generate)  # KV-cache generation against the uncached loop at the 1.5B shape, fp32 and bf16 weights
+      for dt in float32 bfloat16; do
+        timeout 150 "$PY" bench/generate_bench.py $L15 --device=cuda --dtype=$dt --batch_size=4 --prompt_len=512 \
+          --new_tokens=128 --rounds=2 >> "$RESULTS/generate.txt" 2>&1
+      done ;;
+    loss)  # the fused-loss variants, compiled
+      timeout 240 "$PY" bench/loss_bench.py --device=cuda --compile >> "$RESULTS/loss.jsonl" 2>> "$RESULTS/loss.err" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

@@ -169,8 +169,8 @@ def estimate_memory(mc, cfg: FinetuneConfig, world_size: int, on_gpu: bool = Tru
         "adapters": 4 * n_ad / (world_size if fsdp else 1),
         "adapter_grads": 4 * n_ad / (world_size if fsdp else 1),
         "adam_state": 8 * n_ad / (world_size if fsdp or zero1 else 1),
-        # the fused loss keeps grad_x (N, d), the head's gradient (V, d) fp32, and one chunk of logits
-        "loss_buffers": tokens * d * act_bytes + 4 * vocab * d + chunk * vocab * (4 + act_bytes),
+        # the fused loss keeps grad_x (N, d) and one chunk of logits; the head is frozen, so no (V, d) gradient
+        "loss_buffers": tokens * d * act_bytes + chunk * vocab * (4 + act_bytes),
         "activations": tokens * per_token,
         # checkpointing keeps each block's fp32 input; one block's activations live during its backward
         "activations_checkpointed": tokens * (mc.n_layer * 4 * d + per_token // mc.n_layer),

@@ -63,3 +63,19 @@ def test_lora_step_smoke_matches_peft_and_reports_the_ratio():
     p = subprocess.run([sys.executable, "bench/lora_step.py", "--dtype=bfloat16"], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: --dtype=bfloat16 is for --device cuda")
+
+
+def test_lora_memory_smoke_runs_the_finetune_step_and_reports_the_estimate():
+    (r,) = _bench("bench/lora_memory.py", "finetune/configs/Llama-3.1/llama3.1_8b_metamath.yaml", "--preset", "smoke",
+                  "--device", "cpu", "dataset.max_length=64", "training.per_device_train_batch_size=2")
+    assert r["tokens_per_micro_batch"] == 128 and r["gradient_checkpointing"] is True and r["r"] == 32
+    assert r["losses"][-1] < r["losses"][0]  # the adapters train
+    assert r["estimate_gib"] == r["estimate_parts_gib"]["total_checkpointed"] > 0
+    assert r["peak_allocated_gib"] is None  # CPU: no allocator peak to compare
+
+
+def test_vs_nanogpt_smoke_times_both_sides_on_the_same_data(char_dataset):
+    *runs, summary = _bench("bench/vs_nanogpt.py", "--smoke", f"--dataset={char_dataset}")
+    assert [(r["round"], r["side"]) for r in runs] == [(0, "ours"), (0, "nanogpt")]
+    assert all(r["ms_per_iter"] > 0 and r["last_loss"] < 2.9 for r in runs)  # both train: ln(19) = 2.94 at init
+    assert summary["ratio"] == round(summary["ours_ms_per_iter"] / summary["nanogpt_ms_per_iter"], 4)

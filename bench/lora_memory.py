@@ -1,0 +1,124 @@
+"""
+Peak GPU memory of a LoRA fine-tuning step against finetune/validate_config.py's estimate for the same YAML.
+
+The step is finetune/train.py's: the base in bf16 (fp32 on CPU) with fp32 adapters (lora.apply_lora with
+the YAML's lora section), activation checkpointing when training.gradient_checkpointing is set,
+parallel.wrap and parallel.build_optimizer as there, autocast, the fused loss, backward, AdamW. The base is
+random (a hub model cannot be downloaded on the GPU box) and every row is max_length tokens long, the
+worst case the estimate describes. lora.init is set to gaussian: PiSSA gives the same shapes, and its
+SVDs would take minutes at 8B.
+
+    python bench/lora_memory.py finetune/configs/Llama-3.1/llama3.1_8b_metamath.yaml --preset 8b
+    python bench/lora_memory.py CONFIG --preset 1b training.per_device_train_batch_size=8
+    python bench/lora_memory.py CONFIG --preset smoke --device cpu     # seconds; what tests/test_bench.py runs
+
+Prints one JSON line: the shape, tokens per micro-batch, gradient checkpointing, peak allocated and
+reserved GiB after --steps steps (CUDA only), the estimate's total (with or without checkpointing, as
+the YAML says) and measured / estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "finetune"))  # after the root: finetune/train.py never shadows train.py
+sys.path.append(os.path.join(ROOT, "bench"))
+
+from lora_step import PRESETS  # noqa: E402
+from validate_config import estimate_memory  # noqa: E402
+
+import parallel  # noqa: E402
+from config import ConfigError, load_config, lora_config  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        raise ConfigError(message)
+
+
+def main(argv: list[str]) -> int:
+    p = Parser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
+    p.add_argument("--preset", default="8b", help=f"the base's shape: {', '.join(PRESETS)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=3)
+    try:
+        a = p.parse_intermixed_args(argv)
+        if a.preset not in PRESETS:
+            raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")
+        if a.steps < 1:
+            raise ConfigError(f"--steps={a.steps} must be >= 1")
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device={a.device} but no CUDA device is visible; use --device cpu")
+        cfg = load_config(a.config, [*a.overrides, "lora.init=gaussian", f"training.device={a.device}"])
+    except (ConfigError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    t = cfg.training
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if t.bf16 and cuda else torch.float32
+    B, T = t.per_device_train_batch_size, cfg.dataset.max_length
+    mc = ModelConfig(block_size=T, **PRESETS[a.preset])
+
+    # finetune/train.py's build_lora_model, from a random base instead of GPT.from_hf
+    with torch.device("meta"):
+        model = GPT(mc)
+    model.to(dtype).to_empty(device=device)
+    model.init_weights()
+    torch.manual_seed(t.seed)
+    from lora import apply_lora
+
+    apply_lora(model, lora_config(cfg), seed=t.seed)
+    if t.gradient_checkpointing:
+        from finetune.train import checkpoint_blocks
+
+        checkpoint_blocks(model)
+    d = parallel.Dist(rank=0, local_rank=0, world_size=1, device=device)
+    train_model = parallel.wrap(model, d, fsdp=False, compile=False, cuda_graphs=False, dtype=dtype)
+    optimizer = parallel.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                         weight_decay=t.weight_decay)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)
+    y = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for _ in range(a.steps):
+        with autocast:
+            _, loss = train_model(x, y)
+        loss.backward()
+        parallel.clip_grad_norm([q for q in model.parameters() if q.requires_grad], t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    est = estimate_memory(mc, cfg, world_size=1, on_gpu=cuda)
+    estimate = est["total_checkpointed" if t.gradient_checkpointing else "total"]
+    peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else None
+    print(json.dumps({
+        "config": a.config, "preset": a.preset, "architecture": mc.arch_string, "n_params": model.num_params(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "batch_size": B, "max_length": T, "tokens_per_micro_batch": B * T,
+        "gradient_checkpointing": t.gradient_checkpointing, "r": cfg.lora.r, "losses": losses,
+        "peak_allocated_gib": peak,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 1024**3 if cuda else None,
+        "estimate_gib": estimate, "estimate_parts_gib": {k: v for k, v in est.items() if not k.startswith(("n_", "tok"))},
+        "measured_over_estimate": peak / estimate if cuda else None,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
