@@ -276,8 +276,11 @@ def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     refactors = [e for e in _log(multi)["events"] if e["event"] == "spectral_refactor"]
     assert [e["iter"] for e in refactors] == [3, 6] and all(e["ranks_identical"] for e in refactors)
     a, b = _adapters(single / "checkpoint-8"), _adapters(multi / "checkpoint-8")
+    # The factors within 3e-5, 1% of one AdamW step at lr 3e-3: Adam's normalised update turns last-bit
+    # differences of the reduced gradients (2-rank sum vs one process's accumulation) into ~1e-5 on an
+    # element whose gradient is near zero (1.02e-5 measured on an AMD EPYC; below 1e-5 on an Intel CPU).
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b[k], a[k], atol=3e-5, rtol=0)
     if mode == "fsdp":  # and an exact resume of the sharded run (DCP optimizer state, gathered adapters)
         resumed = tmp_path / "resumed"
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -90,8 +90,21 @@ def _base(case: str, tmp_path) -> str:
     return path
 
 
+def _aligned(hf: torch.nn.Module) -> torch.nn.Module:
+    """Copy every parameter into fresh (64-byte aligned) memory.
+
+    Loaded tensors can sit at odd offsets of the safetensors buffer (ours: the unfused linears; HF's:
+    all), and MKL's float32 GEMM rounds differently on unaligned input on some CPUs (measured on an AMD
+    EPYC with AVX2: svd_lowrank's factors differ by ~1e-7 for the same values). The math is the same;
+    bitwise comparisons need both sides at the same alignment."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.data = p.data.clone()
+    return hf
+
+
 def _peft(path: str, cfg: LoRAConfig, init) -> torch.nn.Module:
-    hf = AutoModelForCausalLM.from_pretrained(path)
+    hf = _aligned(AutoModelForCausalLM.from_pretrained(path))
     pc = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -147,7 +160,7 @@ def test_pissa_init_bitwise_equal_to_peft(case, rslora, init, tmp_path, monkeypa
 
     monkeypatch.setattr(peft_layer, "svd_lowrank", seeded_svd_lowrank)
     theirs = _peft(path, cfg, init)
-    ours = apply_lora(GPT.from_hf(path), cfg, seed=7)
+    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg, seed=7)
     pairs = _pairs(ours, theirs)
     assert len(pairs) == 2 * 7 * 2
     for a, b in pairs + _residuals(ours, theirs):
@@ -156,7 +169,9 @@ def test_pissa_init_bitwise_equal_to_peft(case, rslora, init, tmp_path, monkeypa
 
 
 def _train_compare(ours: GPT, theirs, vocab: int, steps: int = 5) -> None:
-    """Logits and every LoRA gradient within 1e-6; logits within 1e-5 after `steps` AdamW steps."""
+    """Logits within 2e-6 and every LoRA gradient within 1e-6 at the start; logits within 1e-5 after `steps`
+    AdamW steps. (Our fused q/k/v and gate/up GEMMs round differently from HF's separate ones: the step-0
+    logits differ by up to ~1e-6 on some CPUs.)"""
     idx, tgt = _idx(vocab), _idx(vocab, seed=4)
     pairs = _pairs(ours, theirs)
     opt_o = torch.optim.AdamW([p for p, _ in pairs], lr=1e-2, weight_decay=0.01)
@@ -164,7 +179,7 @@ def _train_compare(ours: GPT, theirs, vocab: int, steps: int = 5) -> None:
     for step in range(steps + 1):
         lo, _ = ours(idx)
         lt = theirs(input_ids=idx).logits
-        torch.testing.assert_close(lo, lt, atol=1e-6 if step == 0 else 1e-5, rtol=0)
+        torch.testing.assert_close(lo, lt, atol=2e-6 if step == 0 else 1e-5, rtol=0)
         if step == steps:
             break
         F.cross_entropy(lo.flatten(0, 1), tgt.flatten()).backward()
@@ -184,7 +199,7 @@ def test_pissa_training_matches_peft(case, targets, tmp_path):
     path = _base(case, tmp_path)
     cfg = LoRAConfig(r=4, alpha=8, use_rslora=True, init="pissa", target_modules=targets)
     theirs = _peft(path, cfg, "pissa")
-    ours = apply_lora(GPT.from_hf(path), cfg)
+    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
     assert {id(p) for p in lora_parameters(ours)} == {id(p) for p in ours.parameters() if p.requires_grad}
     _train_compare(ours, theirs, 96)
 
@@ -194,7 +209,7 @@ def test_default_and_gaussian_init_match_peft_when_A_is_copied(init, peft_init, 
     path = _base("llama_gqa2", tmp_path)
     cfg = LoRAConfig(r=4, alpha=6, init=init, target_modules=PARTIAL)
     theirs = _peft(path, cfg, peft_init)
-    ours = apply_lora(GPT.from_hf(path), cfg)
+    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
     for p, q in _pairs(ours, theirs):
         assert p.shape == q.shape
         if p.size(0) == cfg.r:  # A: our own draw has peft's distribution; copy peft's
@@ -391,7 +406,7 @@ def test_pissa_conversion_is_peft_route(rslora, tmp_path):
     theirs.peft_config["default"].init_lora_weights = True  # peft's documented recipe for the initial copy
     theirs.save_pretrained(str(tmp_path / "init" / "pissa_init"))
     theirs.peft_config["default"].init_lora_weights = "pissa"
-    ours = apply_lora(GPT.from_hf(path), cfg)
+    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
     _perturb_B(ours)
     with torch.no_grad():
         for p, q in _pairs(ours, theirs):
