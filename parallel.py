@@ -175,14 +175,16 @@ def grad_norms_by_module(model: nn.Module, scale: float = 1.0) -> dict[str, floa
 def build_optimizer(
     model: nn.Module, d: Dist, *, zero1: bool, lr: float, betas: tuple[float, float], weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW, fused on GPU; weight decay on 2-D weights only (not biases, norms). ZeRO-1 shards its state.
+    """AdamW, torch's fused kernel on GPU and CPU; weight decay on 2-D weights only (not
+    biases, norms). ZeRO-1 shards its state.
 
-    On CPU torch's default implementation is used: its fused kernel is ~15x slower there.
+    On CPU the fused kernel is 3-5x faster than torch's default per-tensor loop (torch 2.13, 2 cores:
+    1.2 vs 5.8 ms per step at the quickstart's 0.8M parameters, 49 vs 241 ms for 12 layers at width 1024).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=lr, betas=betas, fused=d.device.type == "cuda")
+    kwargs = dict(lr=lr, betas=betas, fused=d.device.type in ("cuda", "cpu"))
     if zero1 and d.world_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -198,8 +200,8 @@ def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def optimizer_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
     """Step unless found_inf (a 0/1 tensor, equal on every rank) is set.
 
-    The fused GPU AdamW reads found_inf on device and skips there, with no host sync; on CPU,
-    reading the flag costs nothing, so the step is skipped in Python.
+    The fused AdamW reads found_inf on device and skips there, with no host sync; any other reads the
+    flag and skips in Python.
     """
     inner = local_optimizer(opt)
     if inner.defaults.get("fused"):

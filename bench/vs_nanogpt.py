@@ -15,11 +15,12 @@ rule: no padding).
     python bench/vs_nanogpt.py --smoke --dataset PATH   # seconds; what tests/test_bench.py runs
 
 The sides alternate (ours, nanoGPT, ours, ...), each run a fresh process with the machine's default
-threads. A side's time per iteration is the wall time of iterations --skip..--iters divided by their
-number, evaluation and checkpointing excluded (ours: train.py's own dt_ms, which excludes them; the
-reference runs neither). Prints one JSON line per run, then a summary line: the median run of each side
-and ratio = ours / nanoGPT (the issue's goal: at most 0.95). The machine may be shared: rerun when
-runs disagree.
+threads. Both are timed the same way: the mean time per iteration over each window of 10 iterations past
+--skip, ending at a logging step's loss.item() (ours: train.py's own dt_ms, which excludes evaluation and
+checkpointing; the reference runs neither). Prints one JSON line per run (its mean over windows), then a
+summary line: each side's median window over all its runs, and ratio = ours / nanoGPT (the issue's
+goal: at most 0.95). A shared VM's speed drifts by 10% and more within minutes: the alternation and
+the median over windows are there for that; rerun with more --rounds when runs disagree.
 """
 
 from __future__ import annotations
@@ -178,10 +179,8 @@ def nanogpt_run(dataset: str, iters: int, skip: int) -> dict:
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=False)
     X, Y = get_batch()
-    t_start, loss_value = None, float("nan")
+    t_prev, windows, loss_value = None, [], float("nan")
     for it in range(iters):
-        if it == skip:
-            t_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it)
         _, loss = model(X, Y)
@@ -192,8 +191,12 @@ def nanogpt_run(dataset: str, iters: int, skip: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if it % log_interval == 0 or it == iters - 1:
             loss_value = loss.item()
-    elapsed = time.perf_counter() - t_start
-    return {"ms_per_iter": 1000 * elapsed / (iters - skip), "last_loss": loss_value}
+        if it % log_interval == 0:  # windows of 10 iterations, like ours' dt_ms
+            now = time.perf_counter()
+            if t_prev is not None and it > skip:
+                windows.append(1000 * (now - t_prev) / log_interval)
+            t_prev = now
+    return {"ms_per_iter": statistics.fmean(windows), "windows": windows, "last_loss": loss_value}
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +215,8 @@ def run_ours(a: argparse.Namespace) -> dict:
             records = json.load(f)["training_iterations"]
     # each record's dt_ms is the mean over the 10 iterations before it; keep the windows past --skip
     windows = [r["dt_ms"] for r in records if r["dt_ms"] is not None and r["iter"] > a.skip]
-    return {"ms_per_iter": statistics.fmean(windows), "last_loss": records[-1]["loss"], "command": " ".join(cmd[1:4])}
+    return {"ms_per_iter": statistics.fmean(windows), "windows": windows, "last_loss": records[-1]["loss"],
+            "command": " ".join(cmd[1:4])}
 
 
 def run_nanogpt(a: argparse.Namespace) -> dict:
@@ -235,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.rounds):
         for side, fn in (("ours", run_ours), ("nanogpt", run_nanogpt)):
             res = fn(a)
-            runs[side].append(res["ms_per_iter"])
+            runs[side].extend(res["windows"])
             print(json.dumps({"round": r, "side": side, "ms_per_iter": round(res["ms_per_iter"], 3),
                               "last_loss": round(res["last_loss"], 4)}), flush=True)
     ours, ref = statistics.median(runs["ours"]), statistics.median(runs["nanogpt"])
     print(json.dumps({"summary": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "cpus": os.cpu_count(), "iters": a.iters, "skip": a.skip, "rounds": a.rounds,
+                      "windows_per_side": len(runs["ours"]),
                       "ours_ms_per_iter": round(ours, 3), "nanogpt_ms_per_iter": round(ref, 3),
                       "ratio": round(ours / ref, 4)}))
     return 0

@@ -1,5 +1,6 @@
 """model.py: parity with Hugging Face transformers, backends, loss, FLOPs, init, compile, presets."""
 
+import json
 import math
 import warnings
 
@@ -35,6 +36,10 @@ HF_CASES = {
     # GPT-2: 3 heads (not a power of two), tied embeddings
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(n_embd=48, n_layer=2, n_head=3, vocab_size=500, n_positions=64)
+    ),
+    # GPT-2 with HF's erf GELU (activation_function="gelu"): our mlp="gelu_exact", nanoGPT's GELU
+    "gpt2_exact_gelu": lambda: GPT2LMHeadModel(
+        GPT2Config(n_embd=48, n_layer=2, n_head=3, vocab_size=500, n_positions=64, activation_function="gelu")
     ),
     # LLaMA-2: multi-head attention, 6 heads, theta 10k, untied
     "llama2_mha": lambda: LlamaForCausalLM(
@@ -148,6 +153,26 @@ def test_hf_parity_both_ways(case, tmp_path):
     assert type(reloaded) is type(hf)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(idx).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_gelu_variants_are_told_apart(tmp_path):
+    """GPT-2's tanh GELU ("gelu_new", ours "gelu") and the erf GELU ("gelu", ours "gelu_exact") import and
+    export as themselves, and differ enough at these sizes that the parity cases above tell them apart."""
+    for case, mlp, act in (("gpt2", "gelu", "gelu_new"), ("gpt2_exact_gelu", "gelu_exact", "gelu")):
+        hf = _hf_model(case)
+        hf.save_pretrained(tmp_path / case)
+        ours = GPT.from_hf(str(tmp_path / case)).eval()
+        assert ours.config.mlp == mlp
+        ours.to_hf(str(tmp_path / f"{case}_export"))
+        with open(tmp_path / f"{case}_export" / "config.json") as f:
+            assert json.load(f)["activation_function"] == act
+        idx = torch.randint(0, hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = hf(idx).logits
+            for block in ours.h:  # the other GELU
+                block.mlp.approximate = "none" if mlp == "gelu" else "tanh"
+            wrong, _ = ours(idx)
+        assert (wrong - expected).abs().max() > 1e-4
 
 
 def test_hf_loss_parity(tmp_path):
