@@ -180,7 +180,7 @@ def nanogpt_run(dataset: str, iters: int, skip: int) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=False)
     X, Y = get_batch()
     t_prev, windows, loss_value = None, [], float("nan")
-    for it in range(iters):
+    for it in range(iters + 1):  # iterations 0..iters, as nanoGPT's loop and ours run
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it)
         _, loss = model(X, Y)
@@ -189,9 +189,8 @@ def nanogpt_run(dataset: str, iters: int, skip: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if it % log_interval == 0 or it == iters - 1:
-            loss_value = loss.item()
-        if it % log_interval == 0:  # windows of 10 iterations, like ours' dt_ms
+        if it % log_interval == 0:
+            loss_value = loss.item()  # windows of 10 iterations, like ours' dt_ms
             now = time.perf_counter()
             if t_prev is not None and it > skip:
                 windows.append(1000 * (now - t_prev) / log_interval)
