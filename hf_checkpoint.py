@@ -70,14 +70,19 @@ def _rope_params(hf: dict) -> dict:
     return params
 
 
+# GPT-2's activation_function -> our mlp, and the name each of ours is exported under
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+GPT2_EXPORT_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu"}
+
+
 def hf_to_config(hf: dict, overrides: dict | None = None) -> ModelConfig:
     """ModelConfig for a transformers config.json dict."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        if act not in GPT2_ACTIVATIONS:
             raise HFCheckpointError(
-                f"GPT-2 activation {act!r} is not supported (only gelu_new, gelu_pytorch_tanh and gelu)"
+                f"GPT-2 activation {act!r} is not supported (only {', '.join(GPT2_ACTIVATIONS)})"
             )
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise HFCheckpointError(
@@ -92,7 +97,7 @@ def hf_to_config(hf: dict, overrides: dict | None = None) -> ModelConfig:
             intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
             norm="layernorm",
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            mlp="gelu_exact" if act == "gelu" else "gelu",
+            mlp=GPT2_ACTIVATIONS[act],
             position_embedding="learned",
             bias=True,
             tie_embeddings=hf.get("tie_word_embeddings", True),
@@ -212,7 +217,7 @@ def hf_architecture(c: ModelConfig) -> str:
     """The transformers class that computes the same function as this config, or a ValueError."""
     gpt2 = dict(position_embedding="learned", norm="layernorm", qk_norm=False, bias=True)
     llama = dict(position_embedding="rope", norm="rmsnorm", mlp="swiglu")
-    if c.mlp in ("gelu", "gelu_exact") and all(getattr(c, k) == v for k, v in gpt2.items()):
+    if c.mlp in GPT2_EXPORT_ACTIVATION and all(getattr(c, k) == v for k, v in gpt2.items()):
         if c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.n_embd:
             raise HFCheckpointError("GPT2LMHeadModel has no grouped-query attention or separate head_dim")
         return "GPT2LMHeadModel"
@@ -246,7 +251,7 @@ def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
             n_layer=c.n_layer,
             n_head=c.n_head,
             n_inner=c.intermediate_size,
-            activation_function="gelu" if c.mlp == "gelu_exact" else "gelu_new",
+            activation_function=GPT2_EXPORT_ACTIVATION[c.mlp],
             layer_norm_epsilon=c.norm_eps,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
