@@ -22,43 +22,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 
 import torch
 
+import atomic
+from configurator import UserError
 from model import GPT, ModelConfig
 from parallel import Dist, barrier, local_optimizer
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do."""
 
 
-def _save_tensor_file(obj: object, path: str) -> None:
+def save_tensor_file(obj: object, path: str) -> None:
+    """torch.save(obj) to path, fsync'd (into a checkpoint's temp folder: the folder swap makes it atomic)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-_fault_hits: dict[str, int] = {}
-
-
-def _fault_point(name: str) -> None:
-    """Fault injection for the crash tests: NANOLLM_CRASH_AT=<name>[:n[:kill]] ends the process the n-th
-    time (default 1st) it reaches this point, with exit status 17 (or kill -9 with ':kill')."""
-    target, _, rest = os.environ.get("NANOLLM_CRASH_AT", "").partition(":")
-    nth, _, how = rest.partition(":")
-    if target == name:
-        _fault_hits[name] = _fault_hits.get(name, 0) + 1
-        if _fault_hits[name] == int(nth or 1):
-            if how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            os._exit(17)
 
 
 def remove_temps(out_dir: str) -> None:
@@ -113,23 +99,23 @@ def save(
         os.makedirs(tmp)
     barrier(d)
     if d.is_master:
-        _save_tensor_file(model_sd, os.path.join(tmp, "model.pt"))
-    _fault_point("after_model")
+        save_tensor_file(model_sd, os.path.join(tmp, "model.pt"))
+    atomic.fault_point("after_model")
     if mode == "fsdp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer_dcp"))
     elif mode == "zero1":
-        _save_tensor_file(local_optimizer(optimizer).state_dict(), os.path.join(tmp, f"optimizer_rank{d.rank}.pt"))
+        save_tensor_file(local_optimizer(optimizer).state_dict(), os.path.join(tmp, f"optimizer_rank{d.rank}.pt"))
     elif d.is_master:
-        _save_tensor_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_tensor_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     rng = {"torch": torch.get_rng_state()}
     if d.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    _save_tensor_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+    save_tensor_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
     if scaler is not None and d.is_master:
-        _save_tensor_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        save_tensor_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
     if write_extra is not None and d.is_master:
         write_extra(tmp)
     barrier(d)
@@ -139,14 +125,7 @@ def save(
             json.dump(state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fault_point("before_swap")
-        final, old = os.path.join(out_dir, name), os.path.join(out_dir, name + ".old")
-        if os.path.exists(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        _fault_point("between_renames")
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(tmp, os.path.join(out_dir, name))
     barrier(d)
     return os.path.join(out_dir, name)
 
@@ -168,7 +147,8 @@ def read_state(path: str) -> dict:
         raise CheckpointError(f"corrupt checkpoint {path}: state.json unreadable ({e}); delete it or use another out_dir") from e
 
 
-def _load_tensor_file(path: str) -> object:
+def load_tensor_file(path: str) -> object:
+    """torch.load(path, weights_only=True) on CPU, or a CheckpointError naming the missing or corrupt file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"corrupt checkpoint: {path} is missing; delete the checkpoint or use another out_dir")
     try:
@@ -192,7 +172,7 @@ def load_model(path: str, config: ModelConfig | None = None) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     try:
-        model.load_state_dict(_load_tensor_file(os.path.join(path, "model.pt")), strict=True, assign=True)
+        model.load_state_dict(load_tensor_file(os.path.join(path, "model.pt")), strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit the model ({str(e).splitlines()[0]})") from None
     return model
@@ -226,14 +206,14 @@ def load_into(
         dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer_dcp"))
         set_optimizer_state_dict(model, optimizer, osd["optimizer"])
     elif mode == "zero1":
-        local_optimizer(optimizer).load_state_dict(_load_tensor_file(os.path.join(path, f"optimizer_rank{d.rank}.pt")))
+        local_optimizer(optimizer).load_state_dict(load_tensor_file(os.path.join(path, f"optimizer_rank{d.rank}.pt")))
     else:
-        optimizer.load_state_dict(_load_tensor_file(os.path.join(path, "optimizer.pt")))
+        optimizer.load_state_dict(load_tensor_file(os.path.join(path, "optimizer.pt")))
     rng_file = os.path.join(path, f"rng_rank{d.rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: those start fresh
-        rng = _load_tensor_file(rng_file)
+        rng = load_tensor_file(rng_file)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and d.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], d.device)
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-        scaler.load_state_dict(_load_tensor_file(os.path.join(path, "scaler.pt")))
+        scaler.load_state_dict(load_tensor_file(os.path.join(path, "scaler.pt")))

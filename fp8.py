@@ -3,8 +3,9 @@ FP8 training: a transform of the raw model (torchao's float8 linears), applied a
 built and before parallel.wrap compiles and shards it.
 
     model = build_model(...)
-    report = fp8.convert(model, "tensorwise", emulate=False)   # swaps nn.Linear -> Float8Linear
+    plan, hooks = fp8.convert(model, "tensorwise", emulate=False)   # swaps nn.Linear -> Float8Linear
     train_model = parallel.wrap(model, ...)
+    loop.Loop(..., after_step=hooks)     # what the conversion needs after each optimizer step
 
 Each block linear's matmuls run in float8 (e4m3 inputs and weights, e5m2 or e4m3 gradients) with
 dynamic scales: one per tensor ("tensorwise") or one per row ("rowwise"). Master weights, the
@@ -22,8 +23,12 @@ MFU of an FP8 run is reported against the bf16 peak ("bf16-equivalent"), as torc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
+
+from configurator import UserError
 
 RECIPES = ("tensorwise", "rowwise")
 KEPT_HEAD = "output head: the fused loss reads its weight"
@@ -31,7 +36,7 @@ KEPT_NOT_16 = "a dimension not divisible by 16"
 KEPT_SMALL = "below torchao's size threshold for the recipe"
 
 
-class FP8Error(ValueError):
+class FP8Error(UserError):
     """FP8 asked for where it cannot run; one line naming the fix."""
 
 
@@ -92,11 +97,13 @@ def _large_enough(recipe: str, n: int, k: int) -> bool:
     return not (n <= 2048 or k <= 1024 or (n <= 4096 and k <= 2048))
 
 
-def convert(model: nn.Module, recipe: str, emulate: bool = False, fsdp: bool = False) -> dict[str, str]:
-    """Swap the linears that plan() marks 'fp8' for torchao Float8Linear, in place; returns the plan.
+def convert(model: nn.Module, recipe: str, emulate: bool = False,
+            fsdp: bool = False) -> tuple[dict[str, str], list[Callable[[object], None]]]:
+    """Swap the linears that plan() marks 'fp8' for torchao Float8Linear, in place.
 
-    fsdp: all-gather the weights in float8 (tensorwise only); the loop must then call
-    precompute_fsdp_scales(model) after each optimizer step.
+    Returns (the plan, the hooks to call after each optimizer step). fsdp with tensorwise: the weights
+    are all-gathered in float8, and the one hook recomputes their scales (one fused amax for all of
+    them) after each step, once the optimizer has changed the weights.
     """
     _import_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -111,25 +118,18 @@ def convert(model: nn.Module, recipe: str, emulate: bool = False, fsdp: bool = F
         raise FP8Error(f"fp8={recipe}: no linear of this model qualifies (all are below the size threshold "
                        "or not multiples of 16); train in bf16")
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: decisions.get(fqn) == "fp8")
-    return decisions
+    hooks = []
+    if config.enable_fsdp_float8_all_gather:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        hooks.append(lambda run: precompute_float8_dynamic_scale_for_fsdp(model))
+    return decisions, hooks
 
 
 def _config_fields(config: object) -> dict:
     from dataclasses import fields
 
     return {f.name: getattr(config, f.name) for f in fields(config)}
-
-
-def uses_fsdp_float8_all_gather(model: nn.Module) -> bool:
-    return any(getattr(getattr(m, "config", None), "enable_fsdp_float8_all_gather", False)
-               for m in model.modules() if type(m).__name__ == "Float8Linear")
-
-
-def precompute_fsdp_scales(model: nn.Module) -> None:
-    """After an optimizer step under FSDP2 with float8 all-gather: one fused amax for all weights."""
-    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-
-    precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def summary(decisions: dict[str, str]) -> str:

@@ -58,6 +58,13 @@ def mfu(flops_per_token: int, tokens_per_sec: float, n_gpus: int, peak: float | 
     return flops_per_token * tokens_per_sec / (n_gpus * peak)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a dtype name: 'auto' is bfloat16 on GPUs that support it, else float32."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
 def device_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 

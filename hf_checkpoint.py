@@ -21,12 +21,13 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from configurator import UserError
 from model import GPT, ModelConfig
 
 SHARD_BYTES = 5 * 1024**3  # as transformers' save_pretrained: shards of at most 5 GB
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError):
     """A Hugging Face folder we cannot read or a model we cannot express as one."""
 
 

@@ -16,6 +16,7 @@ a single process is world size 1 and goes through the same calls.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -23,8 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from configurator import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError):
     """A device or launch setting that cannot work here; one line naming the fix."""
 
 
@@ -72,6 +75,15 @@ def setup(device: str) -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
+def mode(d: Dist, *, zero1: bool, fsdp: bool) -> str:
+    """'fsdp', 'zero1', 'ddp' or 'single' (ZeRO-1 over one process is plain AdamW): checkpoint layouts differ."""
+    if fsdp:
+        return "fsdp"
+    if d.world_size > 1:
+        return "zero1" if zero1 else "ddp"
+    return "single"
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -97,14 +109,19 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def wrap(model: nn.Module, d: Dist, *, fsdp: bool, compile: bool, cuda_graphs: bool, dtype: torch.dtype,
-         compile_mode: str = "model") -> nn.Module:
+         compile_mode: str = "model", activation_checkpointing: bool = False) -> nn.Module:
     """The module to train. `model` stays the raw module (FSDP shards it in place; "blocks" compiles in place).
+
+    activation_checkpointing: each Block keeps only its input for backward and recomputes the rest there
+    (non-reentrant torch.utils.checkpoint), applied first, as torchtitan orders it: AC, compile, FSDP.
 
     compile_mode "model": one graph for the whole forward (around DDP when world size > 1).
     compile_mode "blocks": each Block compiled in place, plus the head and loss compiled apart
     (torchtitan's structure): one block's graph is compiled once and reused by every layer, so an
     18-layer model compiles about as fast as a 1-layer one. FSDP always compiles per block.
     """
+    if activation_checkpointing:
+        checkpoint_blocks(model)
     compile_kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
     if compile and (fsdp or compile_mode == "blocks"):
         for block in model.h:
@@ -134,6 +151,17 @@ def wrap(model: nn.Module, d: Dist, *, fsdp: bool, compile: bool, cuda_graphs: b
     return train_model
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every block, in place: its activations are recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def recompute(forward, *args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for block in model.h:
+        block.forward = functools.partial(recompute, block.forward)
+
+
 def no_sync(train_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce/reduce-scatter unless sync (the last micro-step)."""
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
@@ -145,7 +173,7 @@ def no_sync(train_model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP) reduced to a plain tensor; plain tensors pass through."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -153,7 +181,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global gradient norm over all ranks' shards, clipping to max_norm when it is > 0. No host sync."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = _full(torch.nn.utils.get_total_norm(grads, foreach=True))
+    total = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
@@ -166,7 +194,7 @@ def grad_norms_by_module(model: nn.Module, scale: float = 1.0) -> dict[str, floa
         if p.grad is not None:
             parts = name.split(".")
             key = ".".join(parts[:2]) if parts[0] == "h" else parts[0]
-            groups.setdefault(key, []).append(_full(p.grad.norm()) / scale)
+            groups.setdefault(key, []).append(full_tensor(p.grad.norm()) / scale)
     names = list(groups)
     norms = torch.stack([torch.linalg.vector_norm(torch.stack(groups[k])) for k in names]).tolist()
     return dict(zip(names, norms))

@@ -24,7 +24,6 @@ loop never branches on who logs. wandb and tensorboard are optional extra sinks.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import platform
 import resource
@@ -35,10 +34,11 @@ import time
 
 import torch
 
-from checkpoint import _fault_point
+import atomic
+from configurator import UserError
 
 
-class RunLogError(ValueError):
+class RunLogError(UserError):
     """An optional sink that cannot start; one line naming the fix."""
 
 
@@ -76,16 +76,6 @@ def host_peak_gb() -> float:
     """Peak resident set size of this process so far, in GiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
-
-
-def atomic_write_json(path: str, obj: object) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fault_point("log_before_replace")
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -140,7 +130,7 @@ class RunLog:
     def flush(self) -> None:
         if self.enabled:
             self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            atomic_write_json(self.path, self.data)
+            atomic.write_json(self.path, self.data, indent=1)
 
     def close(self) -> None:
         self.flush()

@@ -417,8 +417,8 @@ def plot(flops: float, out: str, seq_len: int, fit: Fit, grid: Grid) -> None:
     import matplotlib.pyplot as plt
 
     import configurator
+    from configurator import TrainConfig
     from model import ModelConfig
-    from train import TrainConfig
 
     _check_budget(flops, seq_len)
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from configurator import UserError
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FORMAT = "nanollm-tokens-v1"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -51,7 +53,7 @@ EVAL_SEED = 0x5EED_E7A1  # key of the fixed evaluation windows, independent of t
 MASK64 = (1 << 64) - 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset problem; the one-line message names the problem and the fix."""
 
 

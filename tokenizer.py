@@ -42,6 +42,8 @@ from itertools import chain
 
 import numpy as np
 
+from configurator import UserError
+
 NAMES = ("gpt2", "llama2", "llama3", "qwen3", "char")
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -85,7 +87,7 @@ HUB_FILES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer cannot be loaded; the one-line message says how to get one."""
 
 

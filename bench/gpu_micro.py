@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
-import train  # noqa: E402
+from configurator import TrainConfig  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, rowwise: bool) -> Callable[[], 
 
 
 def run(argv: list[str]) -> list[dict]:
-    (tc, mc, cfg), _ = configurator.load(argv, [train.TrainConfig, ModelConfig, MicroConfig])
+    (tc, mc, cfg), _ = configurator.load(argv, [TrainConfig, ModelConfig, MicroConfig])
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     if cfg.smoke:
         cfg.iters, cfg.warmup, cfg.rounds = 1, 1, 1
@@ -144,13 +144,12 @@ def run(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    try:
+    def body() -> int:
         for record in run(argv):
             print(json.dumps(record), flush=True)
         return 0
-    except configurator.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

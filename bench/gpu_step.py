@@ -1,6 +1,7 @@
 """
-Training-step speed and memory of one configuration, built from train.py's own pieces (the same
-model build, FP8 transform, parallel.wrap, optimizer, clipping and step), on synthetic tokens:
+Training-step speed and memory of one configuration, built from the pieces train.py uses (the model
+on the meta device, the FP8 transform and its hooks, parallel.wrap, the optimizer) and timed through
+loop.train_step, the step every run takes (GradScaler, clipping and skipping included), on synthetic tokens:
 no evaluation, no checkpoint, no data files. Prints one JSON line. Run one process per
 configuration, so that an OOM or a compile failure ends only that line (bench/gpu_suite.sh does).
 
@@ -23,6 +24,7 @@ allocated and reserved GiB, the dry run's estimate and measured/estimate, first 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -33,15 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import configurator  # noqa: E402
 import fp8  # noqa: E402
 import hardware  # noqa: E402
+import loop  # noqa: E402
 import parallel  # noqa: E402
-import train  # noqa: E402
-from model import ModelConfig  # noqa: E402
+import runlog  # noqa: E402
+from configurator import TrainConfig  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -75,8 +78,6 @@ def sdpa_choice(mc: ModelConfig, batch: int, seq: int, device: torch.device, dty
 
 
 def sdpa_context(name: str):
-    import contextlib
-
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -84,91 +85,93 @@ def sdpa_context(name: str):
     return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
-def batches(bc: BenchConfig, tc: train.TrainConfig, mc: ModelConfig, d: parallel.Dist, accum: int):
-    """An endless iterator of (x, y) micro-batches on the device."""
-    if bc.data != "synthetic":
-        import token_loader
+class Within:
+    """Autocast and the --sdpa kernel restriction, entered together around each forward (Loop.autocast)."""
 
-        loader = token_loader.TokenLoader(token_loader.resolve_data_dir(bc.data), "train", tc.block_size,
-                                          tc.batch_size, accum, d.rank, d.world_size, tc.seed, mc.vocab_size,
-                                          d.device)
-        while True:
-            yield loader.next_batch()
-    g = torch.Generator(device="cpu").manual_seed(tc.seed)
-    pool = []
-    for _ in range(bc.pool):
-        seq = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.block_size + 1), generator=g)
-        pool.append((seq[:, :-1].to(d.device), seq[:, 1:].to(d.device)))
-    i = 0
-    while True:
-        yield pool[i % len(pool)]
-        i += 1
+    def __init__(self, autocast: contextlib.AbstractContextManager, sdpa: str) -> None:
+        self.autocast, self.sdpa = autocast, sdpa
+
+    def __enter__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(self.autocast)
+        self.stack.enter_context(sdpa_context(self.sdpa))
+
+    def __exit__(self, *exc) -> bool | None:
+        return self.stack.__exit__(*exc)
+
+
+class Batches:
+    """(x, y) micro-batches on the device: a fixed pool of random batches cycled, so the loss must fall if
+    the step trains (--data=synthetic), or a prepared dataset's TokenLoader."""
+
+    def __init__(self, bc: BenchConfig, tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, accum: int) -> None:
+        self.loader, self.pool, self.i = None, [], 0
+        if bc.data != "synthetic":
+            import token_loader
+
+            self.loader = token_loader.TokenLoader(token_loader.resolve_data_dir(bc.data), "train", tc.block_size,
+                                                   tc.batch_size, accum, d.rank, d.world_size, tc.seed,
+                                                   mc.vocab_size, d.device)
+            return
+        g = torch.Generator(device="cpu").manual_seed(tc.seed)
+        for _ in range(bc.pool):
+            seq = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.block_size + 1), generator=g)
+            self.pool.append((seq[:, :-1].to(d.device), seq[:, 1:].to(d.device)))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.loader is not None:
+            return self.loader.next_batch()
+        self.i += 1
+        return self.pool[(self.i - 1) % len(self.pool)]
 
 
 def run(argv: list[str]) -> dict:
-    (tc, mc, bc), explicit = configurator.load(argv, [train.TrainConfig, ModelConfig, BenchConfig])
+    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig])
     if bc.sdpa != "auto" and bc.sdpa not in SDPA_BACKENDS:
         raise configurator.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
     if bc.smoke:  # a few eager steps of whatever (tiny) config on CPU: proves the script runs
         tc.device, bc.steps, bc.warmup = "cpu", min(bc.steps, 3), min(bc.warmup, 1)
         tc.compile = tc.compile and "compile" in explicit
-    d = parallel.setup(tc.device)
-    dtype = train.resolve_dtype(tc.dtype, d.device)
+    d = loop.start(tc.device)
+    dtype = hardware.resolve_dtype(tc.dtype, d.device)
     if tc.fp8:
         fp8.check_supported(tc.fp8, d.device, tc.fp8_emulate)
     accum = tc.gradient_accumulation_steps // d.world_size
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(tc.seed)
-    model = train.build_model(tc, mc, d.device, None)
+    with torch.device("meta"):
+        model = GPT(mc)
+    model.to_empty(device=d.device)
+    model.init_weights()
     est = hardware.estimate_memory(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
-                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
-                                   tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs)
-    fp8_summary = fp8.summary(fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)) if tc.fp8 else None
+                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile, accum, tc.use_cuda_graphs)
+    hooks, fp8_summary = [], None
+    if tc.fp8:
+        plan, hooks = fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)
+        fp8_summary = fp8.summary(plan)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)
     optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
                                          betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tc.use_cuda_graphs:
-        for p in params:
-            p.grad = torch.zeros_like(p)
-    autocast = torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    data = batches(bc, tc, mc, d, accum)
+    autocast, scaler = loop.precision(dtype, d.device)
+    steps = loop.Loop(
+        d, model, train_model, optimizer, Batches(bc, tc, mc, d, accum), runlog.RunLog("", False, {}), accum,
+        max_iters=bc.warmup + bc.steps,
+        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
+        evaluate_and_save=lambda run, done: None, save=lambda run: None, after_step=hooks, grad_clip=tc.grad_clip,
+        scaler=scaler, autocast=Within(autocast, bc.sdpa), use_cuda_graphs=tc.use_cuda_graphs)
     cuda = d.device.type == "cuda"
-    fsdp_fp8_scales = tc.use_fsdp and tc.fp8 and fp8.uses_fsdp_float8_all_gather(model)
-
-    def step(it: int) -> torch.Tensor:
-        lr = train.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            x, y = next(data)
-            with parallel.no_sync(train_model, sync=micro == accum - 1):
-                if tc.use_cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with autocast, sdpa_context(bc.sdpa):
-                    _, loss = train_model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        events["fwd_bwd_end"].append(_event(cuda))
-        grad_norm = parallel.clip_grad_norm(params, tc.grad_clip)
-        bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)
-        parallel.optimizer_step(optimizer, parallel.all_reduce_max(bad.float(), d))
-        if fsdp_fp8_scales:
-            fp8.precompute_fsdp_scales(model)
-        optimizer.zero_grad(set_to_none=not tc.use_cuda_graphs)
-        return loss_sum
-
+    run_state = loop.RunState()
     events: dict[str, list] = {"start": [], "fwd_bwd_end": [], "end": []}
     losses = []
-    t0 = time.perf_counter()
-    for it in range(bc.warmup):
+
+    def step() -> None:
         events["start"].append(_event(cuda))
-        losses.append(step(it))
+        losses.append(loop.train_step(steps, run_state, mark=lambda: events["fwd_bwd_end"].append(_event(cuda))).loss)
         events["end"].append(_event(cuda))
+
+    t0 = time.perf_counter()
+    for _ in range(bc.warmup):
+        step()
     _sync(cuda)
     warmup_s = time.perf_counter() - t0
     if bc.gc_freeze:
@@ -179,15 +182,13 @@ def run(argv: list[str]) -> dict:
     for key in events:
         events[key].clear()
     t0 = time.perf_counter()
-    for it in range(bc.warmup, bc.warmup + bc.steps):
-        events["start"].append(_event(cuda))
-        losses.append(step(it))
-        events["end"].append(_event(cuda))
+    for _ in range(bc.steps):
+        step()
     _sync(cuda)
     elapsed = time.perf_counter() - t0
     step_s = elapsed / bc.steps
     if bc.profile:
-        profile_step(lambda: step(bc.warmup + bc.steps), bc.profile, cuda)
+        profile_step(step, bc.profile, cuda)
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     tokens_per_sec = tokens_per_step / step_s
     peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
@@ -207,7 +208,7 @@ def run(argv: list[str]) -> dict:
         "compile_mode": tc.compile_mode if tc.compile else None, "cuda_graphs": tc.use_cuda_graphs,
         "fp8": tc.fp8 or None, "fp8_linears": fp8_summary, "sdpa": bc.sdpa,
         "sdpa_choice": sdpa_choice(mc, tc.batch_size, tc.block_size, d.device, dtype, bc.sdpa),
-        "parallelism": "fsdp" if tc.use_fsdp else "zero1" if tc.use_zero1 else "ddp" if d.world_size > 1 else "single",
+        "parallelism": parallel.mode(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp),
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "gc_freeze": bc.gc_freeze, "data": bc.data, "steps": bc.steps, "warmup": bc.warmup,
         "compile_s": round(max(0.0, warmup_s - bc.warmup * step_s), 2),
@@ -251,14 +252,11 @@ def _sync(cuda: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    try:
+    def body() -> int:
         print(json.dumps(run(argv)), flush=True)
         return 0
-    except train.user_errors() as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.teardown()
+
+    return configurator.run_command(body, cleanup=parallel.teardown)
 
 
 if __name__ == "__main__":

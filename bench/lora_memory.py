@@ -2,8 +2,8 @@
 Peak GPU memory of a LoRA fine-tuning step against finetune/validate_config.py's estimate for the same YAML.
 
 The step is finetune/train.py's: the base in bf16 (fp32 on CPU) with fp32 adapters (lora.apply_lora with
-the YAML's lora section), activation checkpointing when training.gradient_checkpointing is set,
-parallel.wrap and parallel.build_optimizer as there, autocast, the fused loss, backward, AdamW. The base is
+the YAML's lora section), parallel.wrap (activation checkpointing when training.gradient_checkpointing is
+set) and parallel.build_optimizer as there, and loop.py's own forward_backward and optimizer_step. The base is
 random (a hub model cannot be downloaded on the GPU box) and every row is max_length tokens long, the
 worst case the estimate describes. lora.init is set to gaussian: PiSSA gives the same shapes, and its
 SVDs would take minutes at 8B.
@@ -19,51 +19,54 @@ the YAML says) and measured / estimate.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.append(os.path.join(ROOT, "finetune"))  # after the root: finetune/train.py never shadows train.py
-sys.path.append(os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from lora_step import PRESETS  # noqa: E402
-from validate_config import estimate_memory  # noqa: E402
-
+import configurator  # noqa: E402
+import loop  # noqa: E402
 import parallel  # noqa: E402
-from config import ConfigError, load_config, lora_config  # noqa: E402
+import runlog  # noqa: E402
+from bench.lora_step import PRESETS  # noqa: E402
+from finetune.config import ConfigError, load_config, lora_config  # noqa: E402
+from finetune.lora import apply_lora  # noqa: E402
+from finetune.validate_config import estimate_memory  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        raise ConfigError(message)
-
-
 def main(argv: list[str]) -> int:
-    p = Parser(description=__doc__.strip().splitlines()[0])
+    return configurator.run_command(lambda: run(argv))
+
+
+class FixedBatch:
+    """A loader whose every micro-batch is the same (x, y): the worst case of max_length rows."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.batch = (x, y)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+
+def run(argv: list[str]) -> int:
+    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--preset", default="8b", help=f"the base's shape: {', '.join(PRESETS)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=3)
-    try:
-        a = p.parse_intermixed_args(argv)
-        if a.preset not in PRESETS:
-            raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")
-        if a.steps < 1:
-            raise ConfigError(f"--steps={a.steps} must be >= 1")
-        if a.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device={a.device} but no CUDA device is visible; use --device cpu")
-        cfg = load_config(a.config, [*a.overrides, "lora.init=gaussian", f"training.device={a.device}"])
-    except (ConfigError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    a = p.parse_intermixed_args(argv)
+    if a.preset not in PRESETS:
+        raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")
+    if a.steps < 1:
+        raise ConfigError(f"--steps={a.steps} must be >= 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={a.device} but no CUDA device is visible; use --device cpu")
+    cfg = load_config(a.config, [*a.overrides, "lora.init=gaussian", f"training.device={a.device}"])
     t = cfg.training
     device = torch.device(a.device)
     cuda = device.type == "cuda"
@@ -71,39 +74,30 @@ def main(argv: list[str]) -> int:
     B, T = t.per_device_train_batch_size, cfg.dataset.max_length
     mc = ModelConfig(block_size=T, **PRESETS[a.preset])
 
-    # finetune/train.py's build_lora_model, from a random base instead of GPT.from_hf
+    # finetune/train.py's model, from a random base instead of hf_checkpoint.from_hf
     with torch.device("meta"):
         model = GPT(mc)
     model.to(dtype).to_empty(device=device)
     model.init_weights()
     torch.manual_seed(t.seed)
-    from lora import apply_lora
-
     apply_lora(model, lora_config(cfg), seed=t.seed)
-    if t.gradient_checkpointing:
-        from finetune.train import checkpoint_blocks
-
-        checkpoint_blocks(model)
     d = parallel.Dist(rank=0, local_rank=0, world_size=1, device=device)
-    train_model = parallel.wrap(model, d, fsdp=False, compile=False, cuda_graphs=False, dtype=dtype)
+    train_model = parallel.wrap(model, d, fsdp=False, compile=False, cuda_graphs=False, dtype=dtype,
+                                activation_checkpointing=t.gradient_checkpointing)
     optimizer = parallel.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                          weight_decay=t.weight_decay)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast, _ = loop.precision(dtype, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)
+    steps = loop.Loop(d, model, train_model, optimizer, FixedBatch(x, y), runlog.RunLog("", False, {}), accum=1,
+                      max_iters=a.steps, lr_at=lambda it: t.learning_rate, evaluate_and_save=lambda run, done: None,
+                      save=lambda run: None, grad_clip=t.max_grad_norm, autocast=autocast)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    losses = []
-    for _ in range(a.steps):
-        with autocast:
-            _, loss = train_model(x, y)
-        loss.backward()
-        parallel.clip_grad_norm([q for q in model.parameters() if q.requires_grad], t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    run = loop.RunState()
+    losses = [loop.train_step(steps, run).loss.item() for _ in range(a.steps)]
     est = estimate_memory(mc, cfg, world_size=1, on_gpu=cuda)
     estimate = est["total_checkpointed" if t.gradient_checkpointing else "total"]
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else None

@@ -27,13 +27,11 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.append(os.path.join(ROOT, "finetune"))  # after the root: finetune/train.py never shadows train.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
-from model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
-
+import configurator  # noqa: E402
+from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
+from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, rope_theta=500000.0)
@@ -52,7 +50,7 @@ SHAPE_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "interm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class BenchError(ValueError):
+class BenchError(configurator.UserError):
     """A bad flag: one `error:` line."""
 
 
@@ -154,13 +152,8 @@ def generation(model: GPT, prompt: torch.Tensor, n: int, device: str, dtype: tor
             "gen_cache_speedup": rate[True] / rate[False], "gen_tokens_equal": bool(torch.equal(out[True], out[False]))}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise BenchError(message)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
+    p = configurator.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="a model shape (Llama architecture)")
     for name in SHAPE_FLAGS:
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's")
@@ -268,14 +261,13 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    try:
+    def body() -> int:
         args = parse(argv)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    r = run(args)
-    print(json.dumps(r) if args.json else report(r))
-    return 0
+        r = run(args)
+        print(json.dumps(r) if args.json else report(r))
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

@@ -13,25 +13,19 @@ save/eval intervals given as fractions of training) are derived by the functions
 not stored: the file says what the user asked for.
 
 Importing this module pulls in no torch; load_config() and lora_config() import finetune/lora.py
-(and refactor.py for a SpectralRefactorTrainer) to reuse their own argument checks.
+(and spectral.py for a SpectralRefactorTrainer) to reuse their own argument checks.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (os.path.dirname(_HERE), _HERE):  # the repository root (configurator) and finetune/ (lora)
-    if _p not in sys.path:
-        sys.path.append(_p)  # after what is there: finetune/train.py must never shadow the root's train.py
-
-from configurator import ConfigError, coerce, suggest  # noqa: E402
+from configurator import ConfigError, coerce, suggest
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")
@@ -126,7 +120,7 @@ class TrainerArgs:
     name: str = "Trainer"  # Trainer | SpectralRefactorTrainer
     refactor_every: int = 200
     refactor_start: int | None = None  # first step a refactor may run at; None: after the LR warmup
-    refactor_mode: str = "balanced"  # balanced | exact | clamp (finetune/refactor.py)
+    refactor_mode: str = "balanced"  # balanced | exact | clamp (finetune/spectral.py)
     refactor_lambda: float = 0.85  # balanced: S~ = (1 - lambda) S + lambda mean(S)
     refactor_bound: float | None = None  # clamp: bound on the spectral norm of scaling * B A
     refactor_opt_state: str = "reset"  # reset | map_first_moment | keep
@@ -239,7 +233,9 @@ def _check(cfg: FinetuneConfig) -> None:
     if tr.refactor_start is not None and tr.refactor_start < 0:
         raise ConfigError(f"trainer.refactor_start={tr.refactor_start} must be >= 0")
     if tr.name == "SpectralRefactorTrainer":
-        from refactor import _check as check_refactor  # pure argument checks; refactor.py needs torch
+        from finetune.spectral import (
+            check_args as check_refactor,  # pure argument checks; spectral.py needs torch
+        )
 
         try:
             check_refactor(tr.refactor_mode, tr.refactor_lambda, tr.refactor_bound, tr.refactor_opt_state)
@@ -300,7 +296,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 def lora_config(cfg: FinetuneConfig):  # -> lora.LoRAConfig (imported lazily: lora.py needs torch)
     """The finetune/lora.py LoRAConfig of this run."""
-    from lora import LoRAConfig
+    from finetune.lora import LoRAConfig
 
     lo = cfg.lora
     try:
@@ -344,3 +340,18 @@ def interval_steps(value: float | int, total: int) -> int:
 def warmup_steps(cfg: FinetuneConfig, total: int) -> int:
     """Linear warmup length: ceil(warmup_ratio x total), as Hugging Face's Trainer computes it."""
     return math.ceil(cfg.training.warmup_ratio * total)
+
+
+def resolve_model_path(name: str) -> str:
+    """A local Hugging Face folder (~ expanded); a hub id (org/name) downloaded with huggingface_hub (HF_TOKEN for gated)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError(f"model.name_or_path={name} is not a folder; give a Hugging Face model folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, gated, or no such repository
+        raise ConfigError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); download it "
+                          f"yourself (set HF_TOKEN for gated models) and set model.name_or_path to the folder") from None

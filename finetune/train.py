@@ -1,5 +1,5 @@
 """
-LoRA fine-tuning of a released model on math SFT data, with the shared training loop of ../train.py.
+LoRA fine-tuning of a released model on math SFT data, with the shared training loop (../loop.py).
 
     cd finetune
     python train.py --config configs/Llama-3.1/llama3.1_8b_gsm8k.yaml [--resume_from_checkpoint DIR] [section.key=value ...]
@@ -8,14 +8,14 @@ LoRA fine-tuning of a released model on math SFT data, with the shared training 
 The story of a run: read the YAML (config.py) -> join the process group -> load the base (a Hugging Face
 folder, GPT.from_hf; bf16 on GPU) -> apply LoRA (lora.py; PiSSA's SVD, or the saved initial factors on a
 resume) -> optional activation checkpointing per block -> wrap (DDP / ZeRO-1 / FSDP2: only the adapters
-train, so only they are reduced) -> tokenize the SFT data (sft_data.py) -> run ../train.py's run_loop
+train, so only they are reduced) -> tokenize the SFT data (sft_data.py) -> run loop.run_loop
 with this backend's seams:
 - lr_at: warmup_ratio, then cosine (or linear/constant) to min_lr_ratio; after a refactor that reset
   Adam's moments, the LR ramps up again over refactor_rewarm_steps;
-- maintenance: eval (eval/loss, eval/token_accuracy, eval/answer_accuracy strict and flexible) every
+- evaluate_and_save: eval (eval/loss, eval/token_accuracy, eval/answer_accuracy strict and flexible) every
   eval_steps, a checkpoint-N/ folder every save_steps, checkpoint-best by answer accuracy (by eval/loss
   when answer_eval_samples is 0), save_total_limit;
-- after_step: the spectral refactor every refactor_every steps (trainer.name: SpectralRefactorTrainer);
+- an after_step hook: the spectral refactor every refactor_every steps (trainer.name: SpectralRefactorTrainer);
 - a checkpoint holds the adapters (model.pt), their optimizer state, the loader position, every rank's
   RNG, the initial factors (lora_init.pt: the PiSSA residual is rebuilt from the original base without
   an SVD) and the adapter in PEFT's format (a PiSSA adapter converted to apply to the original base);
@@ -24,41 +24,49 @@ with this backend's seams:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import functools
 import os
 import re
 import shutil
 import sys
 from dataclasses import asdict
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(_HERE)
-# the repository root first: `import train` is the shared loop (../train.py), never this file; finetune/
-# (this script's own folder when run as one) after it, for config, lora, sft_data, answers
-sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
-import hardware  # noqa: E402
+import loop  # noqa: E402
 import parallel  # noqa: E402
-import train as shared  # noqa: E402
-from config import (  # noqa: E402
+from finetune.config import (  # noqa: E402
     ConfigError,
     FinetuneConfig,
     grad_accum_steps,
     interval_steps,
     load_config,
     lora_config,
+    resolve_model_path,
     total_steps,
     warmup_steps,
 )
+from finetune.lora import (  # noqa: E402
+    apply_lora,
+    load_lora_state_dict,
+    lora_init_state,
+    lora_parameters,
+    lora_state_dict,
+    save_peft_adapter,
+)
+from finetune.sft_data import (  # noqa: E402
+    DATASETS,
+    SFTLoader,
+    eval_batches,
+    evaluate,
+    load_examples,
+    tokenize_examples,
+)
+from finetune.spectral import refactor_factors, spectral_refactor  # noqa: E402
+from loop import RunState, print0  # noqa: E402
 from model import GPT  # noqa: E402
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -75,43 +83,13 @@ SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "t
 # -- the model: base, adapters, activation checkpointing -------------------------------------------
 
 
-def resolve_model_path(name: str) -> str:
-    """A local Hugging Face folder (~ expanded); a hub id (org/name) downloaded with huggingface_hub (HF_TOKEN for gated)."""
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.expanduser(name)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError(f"model.name_or_path={name} is not a folder; give a Hugging Face model folder or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-    except Exception as e:  # offline, gated, or no such repository
-        raise ConfigError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); download it "
-                          f"yourself (set HF_TOKEN for gated models) and set model.name_or_path to the folder") from None
-
-
-def checkpoint_blocks(model: GPT) -> None:
-    """Non-reentrant activation checkpointing of every block: its activations are recomputed in backward."""
-    from torch.utils.checkpoint import checkpoint as recompute
-
-    def wrapped(forward, *args, **kwargs):
-        return recompute(forward, *args, use_reentrant=False, **kwargs)
-
-    for block in model.h:
-        block.forward = functools.partial(wrapped, block.forward)
-
-
 def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype: torch.dtype,
                      init_state: dict[str, torch.Tensor] | None) -> GPT:
     """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
-    from lora import apply_lora
-
     # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
     # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
     model = GPT.from_hf(path, dtype=dtype).to(device)
     apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
-    if cfg.training.gradient_checkpointing:
-        checkpoint_blocks(model)
     return model
 
 
@@ -128,8 +106,6 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
     to the moments this rank owns. FSDP: each factor is gathered, refactored in full on every rank and
     redistributed to the shards; the moments are reset (or kept) shard by shard.
     """
-    from refactor import refactor_factors, spectral_refactor
-
     tr = cfg.trainer
     kw = dict(mode=tr.refactor_mode, lam=tr.refactor_lambda, bound=tr.refactor_bound)
     if mode != "fsdp":
@@ -146,7 +122,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
     for m in (m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")):
         for name in m.names:
             A, B = m.lora_A[name], m.lora_B[name]
-            full_A, full_B = parallel._full(A.data), parallel._full(B.data)  # collective, same order everywhere
+            full_A, full_B = parallel.full_tensor(A.data), parallel.full_tensor(B.data)  # collective, same order everywhere
             if not full_A.any() or not full_B.any():
                 skipped += 1
                 continue
@@ -170,9 +146,8 @@ def ranks_identical(model: torch.nn.Module, d: parallel.Dist) -> bool:
     if d.world_size == 1:
         return True
     import torch.distributed as dist
-    from lora import lora_parameters
 
-    flat = torch.cat([parallel._full(p.data).flatten().double() for p in lora_parameters(model)])
+    flat = torch.cat([parallel.full_tensor(p.data).flatten().double() for p in lora_parameters(model)])
     lo, hi = flat.clone(), flat.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -198,59 +173,11 @@ def make_lr(cfg: FinetuneConfig, total: int, warmup: int, refactors: list[int]):
         if t.lr_scheduler_type == "linear" and it >= warmup:
             lr = floor + (peak - floor) * max(0.0, 1 - (it - warmup) / max(1, total - warmup))
         else:
-            lr = shared.get_lr(it, peak, warmup, total, floor, decay_lr=t.lr_scheduler_type == "cosine")
+            lr = loop.get_lr(it, peak, warmup, total, floor, decay_lr=t.lr_scheduler_type == "cosine")
         since = [it - s for s in refactors if 0 <= it - s < rewarm]  # steps since a reset, within the ramp
         return lr * (since[0] + 1) / (rewarm + 1) if since else lr
 
     return lr_at
-
-
-# -- evaluation --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict], tokenizer: str, cfg: FinetuneConfig,
-             autocast, d: parallel.Dist, fsdp: bool) -> dict[str, float]:
-    """eval/loss and eval/token_accuracy over the eval set, eval/answer_accuracy(_flexible) by greedy decoding.
-
-    Sums over ranks. Under FSDP every forward is collective, so every rank runs every batch (the
-    caller gives each rank all of them) and decodes every answer example, and nothing is summed.
-    """
-    from answers import answer_accuracy
-    from sft_data import generate_answers
-
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, targets
-    for x, y in batches:
-        with autocast:
-            logits, _ = model(x)
-        logits = logits.float()  # (B, T, V)
-        valid = y != -1
-        sums[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").double()
-        sums[1] += ((logits.argmax(-1) == y) & valid).sum()
-        sums[2] += valid.sum()
-    if d.world_size > 1 and not fsdp:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums)
-    metrics = {"eval/loss": float(sums[0] / sums[2].clamp(min=1)),
-               "eval/token_accuracy": float(sums[1] / sums[2].clamp(min=1))}
-    if answer_examples:
-        mine = answer_examples if fsdp else answer_examples[d.rank::d.world_size]
-        with autocast:
-            texts = generate_answers(model, mine, tokenizer, max_new_tokens=cfg.dataset.max_new_tokens,
-                                     batch_size=cfg.training.per_device_eval_batch_size, device=d.device)
-        acc = answer_accuracy(texts, [e["answer"] for e in mine])
-        counts = torch.tensor([acc["strict"] * len(mine), acc["flexible"] * len(mine), len(mine)],
-                              dtype=torch.float64, device=d.device)
-        if d.world_size > 1 and not fsdp:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
-        metrics["eval/answer_accuracy"] = float(counts[0] / counts[2])
-        metrics["eval/answer_accuracy_flexible"] = float(counts[1] / counts[2])
-    model.train()
-    return metrics
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -293,15 +220,13 @@ def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, tor
     if state.get("kind") != "lora":
         raise checkpoint.CheckpointError(f"{path} is not a LoRA fine-tuning checkpoint; pass a checkpoint-N folder "
                                          f"that finetune/train.py wrote")
-    return (state, checkpoint._load_tensor_file(os.path.join(path, "model.pt")),
-            checkpoint._load_tensor_file(os.path.join(path, "lora_init.pt")))
+    return (state, checkpoint.load_tensor_file(os.path.join(path, "model.pt")),
+            checkpoint.load_tensor_file(os.path.join(path, "lora_init.pt")))
 
 
 def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str) -> None:
     """adapter_model.safetensors + adapter_config.json (PEFT format, a PiSSA adapter converted to apply to the
     original base) into an existing folder: written apart, then each renamed in, the config last."""
-    from lora import save_peft_adapter
-
     tmp = os.path.join(folder, ".peft.tmp")
     save_peft_adapter(model, lora_config(cfg), tmp, cfg.model.name_or_path, convert_pissa_to_original_base=True,
                       state=state)
@@ -315,14 +240,9 @@ def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.T
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     """Train the adapters of cfg; resume: a checkpoint-N folder to continue exactly."""
-    from lora import load_lora_state_dict, lora_init_state, lora_parameters, lora_state_dict
-    from sft_data import DATASETS, SFTLoader, eval_batches, load_examples, tokenize_examples
-
-    import runlog
-
     t, ds, tr = cfg.training, cfg.dataset, cfg.trainer
-    d = parallel.setup(t.device)
-    mode = shared.parallel_mode(d, zero1=t.parallel == "zero1", fsdp=t.parallel == "fsdp" and d.world_size > 1)
+    d = loop.start(t.device)
+    mode = parallel.mode(d, zero1=t.parallel == "zero1", fsdp=t.parallel == "fsdp" and d.world_size > 1)
     if mode in ("zero1", "fsdp") and tr.name == "SpectralRefactorTrainer" and tr.refactor_opt_state == "map_first_moment":
         raise ConfigError(f"trainer.refactor_opt_state=map_first_moment needs each rank to hold both factors' "
                           f"moments; with training.parallel={t.parallel} use reset or keep")
@@ -363,17 +283,18 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
             raise
         raise checkpoint.CheckpointError(f"{resume} does not fit this config's model and lora sections "
                                          f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
-    train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype)
+    train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype,
+                                activation_checkpointing=t.gradient_checkpointing)
     optimizer = parallel.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
                                          betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     for group in parallel.local_optimizer(optimizer).param_groups:
         group["eps"] = t.adam_epsilon
-    autocast = torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    run, best = shared.RunState(), {"step": None, "value": None}
+    autocast, _ = loop.precision(dtype, d.device)
+    run, best = RunState(), {"step": None, "value": None}
     if state is not None:
         checkpoint.load_into(resume, d, model, optimizer, mode, state)
         loader.load_state_dict(state["loader"])
-        run = shared.RunState(state["iter_num"], state["tokens_seen"], state["best_val_loss"])
+        run = RunState(state["iter_num"], state["tokens_seen"], state["best_val_loss"])
         best = state["best"]
     else:
         torch.manual_seed(t.seed + d.rank)  # adapter dropout differs by rank; a resume restores the saved RNG
@@ -381,30 +302,27 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     # the run log
     seq = max(1, round(sum(len(ids) for ids, _ in train_tok) / len(train_tok)))
     fpt = model.flops_per_token(seq)
-    peak, peak_note = hardware.peak_flops(hardware.device_name(d.device), str(dtype).removeprefix("torch."))
     n_trainable = sum(p.numel() for p in lora_parameters(model))
-    header = {"config": {"finetune": cfg.to_dict(), "model": asdict(model.config)},
-              "environment": runlog.environment(d.world_size, d.device) | {"dtype": str(dtype), "peak_flops": peak,
-                                                                              "mfu_note": peak_note},
-              "model": {"architecture": model.config.arch_string, "n_params": model.num_params(),
-                        "n_params_trainable": n_trainable, "flops_per_token": fpt, "mean_example_tokens": seq},
-              "schedule": {"total_steps": total, "warmup_steps": warmup, "save_every": save_every,
-                           "eval_every": eval_every, "refactor_steps": refactors, "grad_accum_per_rank": accum,
-                           "steps_per_epoch": loader.steps_per_epoch}}
-    wandb = {"project": t.wandb_project or "nanollm-finetune",
-             "name": t.run_name or os.path.basename(os.path.normpath(t.output_dir))} if "wandb" in t.report_to else None
-    log = runlog.RunLog(t.output_dir, d.is_master, header, wandb, "tensorboard" in t.report_to, names=SINK_NAMES,
-                        tensorboard_subdir="logs")
-    shared.print0(d, f"model {model.config.arch_string}: {model.num_params():,} parameters, {n_trainable:,} trainable "
-                     f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {mode} on {d.world_size} x {d.device.type}, "
-                     f"{str(dtype).removeprefix('torch.')}")
-    shared.print0(d, f"{len(train_tok):,} training examples, {loader.steps_per_epoch} steps/epoch of "
-                     f"{loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
-                     f"{d.world_size} processes); {total} steps, warmup {warmup}, eval every {eval_every}, save every "
-                     f"{save_every}" + (f", refactor at {len(refactors)} steps" if refactors else ""))
+    log, peak, _ = loop.open_run_log(
+        t.output_dir, d, dtype,
+        {"config": {"finetune": cfg.to_dict(), "model": asdict(model.config)},
+         "model": {"architecture": model.config.arch_string, "n_params": model.num_params(),
+                   "n_params_trainable": n_trainable, "flops_per_token": fpt, "mean_example_tokens": seq},
+         "schedule": {"total_steps": total, "warmup_steps": warmup, "save_every": save_every,
+                      "eval_every": eval_every, "refactor_steps": refactors, "grad_accum_per_rank": accum,
+                      "steps_per_epoch": loader.steps_per_epoch}},
+        wandb={"project": t.wandb_project or "nanollm-finetune",
+               "name": t.run_name or os.path.basename(os.path.normpath(t.output_dir))} if "wandb" in t.report_to else None,
+        tensorboard="tensorboard" in t.report_to, names=SINK_NAMES, tensorboard_subdir="logs")
+    print0(d, f"model {model.config.arch_string}: {model.num_params():,} parameters, {n_trainable:,} trainable "
+              f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {mode} on {d.world_size} x {d.device.type}, "
+              f"{str(dtype).removeprefix('torch.')}")
+    print0(d, f"{len(train_tok):,} training examples, {loader.steps_per_epoch} steps/epoch of "
+              f"{loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
+              f"{d.world_size} processes); {total} steps, warmup {warmup}, eval every {eval_every}, save every "
+              f"{save_every}" + (f", refactor at {len(refactors)} steps" if refactors else ""))
     if state is not None:
-        shared.print0(d, f"resumed from {resume} at step {run.iter_num}")
-        log.event({"iter": run.iter_num, "event": "resumed", "from": resume})
+        loop.announce_resume(d, log, resume, run.iter_num)
 
     # the seams
     def adapter_state() -> dict[str, torch.Tensor]:
@@ -413,12 +331,12 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
             return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
         return {k: v.cpu() for k, v in lora_state_dict(model).items()}
 
-    def save(run: shared.RunState, name: str | None = None) -> str:
+    def save(run: RunState, name: str | None = None) -> str:
         sd = adapter_state()
 
         def write_extra(tmp: str) -> None:
-            checkpoint._save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
-                                         os.path.join(tmp, "lora_init.pt"))
+            checkpoint.save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
+                                        os.path.join(tmp, "lora_init.pt"))
             write_peft_adapter(model, cfg, sd, tmp)
 
         meta = {**asdict(run), "kind": "lora", "config": cfg.to_dict(), "loader": loader.state_dict(), "best": best,
@@ -426,17 +344,18 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         path = checkpoint.save(t.output_dir, d, model, optimizer, mode, meta, name=name or f"checkpoint-{run.iter_num}",
                                model_state=lambda: sd, write_extra=write_extra)
         log.event({"iter": run.iter_num, "event": "checkpoint", "path": path})
-        shared.print0(d, f"saved {path}")
+        print0(d, f"saved {path}")
         return path
 
     start_iter = run.iter_num
 
-    def maintenance(run: shared.RunState, done: bool) -> None:
+    def evaluate_and_save(run: RunState, done: bool) -> None:
         it = run.iter_num
         if (it % eval_every == 0 or done) and not (state is not None and it == start_iter):
-            metrics = evaluate(model, batches, answer_ex, tokenizer, cfg, autocast, d, mode == "fsdp")
+            metrics = evaluate(model, batches, answer_ex, tokenizer, max_new_tokens=ds.max_new_tokens,
+                               batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, fsdp=mode == "fsdp")
             log.evaluation({"iter": it, **metrics, "tokens_seen": run.tokens_seen})
-            shared.print0(d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            print0(d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             run.best_val_loss = min(run.best_val_loss, metrics["eval/loss"])
             key = "eval/answer_accuracy" if "eval/answer_accuracy" in metrics else "eval/loss"
             value = metrics[key] if key != "eval/loss" else -metrics[key]  # higher is better
@@ -454,29 +373,22 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
                 write_peft_adapter(model, cfg, sd, t.output_dir)
                 log.event({"iter": it, "event": "final_adapter", "path": t.output_dir})
 
-    def after_step(run: shared.RunState) -> None:
+    def spectral_refactor_hook(run: RunState) -> None:
         if run.iter_num in refactors:
             stats = refactor(model, optimizer, cfg, mode, d)
             log.event({"iter": run.iter_num, "event": "spectral_refactor", "mode": tr.refactor_mode, **stats})
 
-    loop = shared.Loop(d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log,
-                       accum=accum, max_iters=total, lr_at=make_lr(cfg, total, warmup, refactors),
-                       maintenance=maintenance, save=save, after_step=after_step, grad_clip=t.max_grad_norm,
-                       autocast=autocast, log_interval=t.logging_steps, flops_per_token=fpt, peak_flops=peak,
-                       resume_hint=f"resume with --resume_from_checkpoint={t.output_dir}/checkpoint-N")
-    return shared.run_loop(loop, run)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ConfigError(message)
+    return loop.run_loop(loop.Loop(
+        d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
+        max_iters=total, lr_at=make_lr(cfg, total, warmup, refactors), evaluate_and_save=evaluate_and_save,
+        save=save, after_step=[spectral_refactor_hook] if refactors else [], grad_clip=t.max_grad_norm,
+        autocast=autocast, log_interval=t.logging_steps, flops_per_token=fpt, peak_flops=peak,
+        resume_hint=f"resume with --resume_from_checkpoint={t.output_dir}/checkpoint-N"), run)
 
 
 def main(argv: list[str]) -> int:
-    from token_loader import DataError
-
     def body() -> int:
-        parser = _Parser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser = configurator.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
         parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
         parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
         args, overrides = parser.parse_known_args(argv)
@@ -487,7 +399,7 @@ def main(argv: list[str]) -> int:
                                   f"; config values are written section.key=value")
         return finetune(load_config(args.config, overrides), args.resume_from_checkpoint)
 
-    return shared.run_command(body, (DataError,))
+    return configurator.run_command(body, cleanup=parallel.teardown)
 
 
 if __name__ == "__main__":

@@ -22,20 +22,15 @@ adapter_model.safetensors) on the test split: eval/loss, eval/token_accuracy, ev
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(_HERE)
-# the repository root first (`import train` is the shared loop, never finetune/train.py); finetune/ after it
-sys.path[:] = [ROOT] + [p for p in sys.path if p != ROOT]
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from config import ConfigError, FinetuneConfig, grad_accum_steps, load_config  # noqa: E402
+import configurator  # noqa: E402
+import hf_checkpoint  # noqa: E402
+from finetune.config import ConfigError, FinetuneConfig, grad_accum_steps, load_config, resolve_model_path  # noqa: E402
 
 GIB = 1024**3
 
@@ -43,17 +38,11 @@ GIB = 1024**3
 def model_shape(cfg: FinetuneConfig, model_config: str | None):
     """The base's ModelConfig from --model_config (config.json, its folder, or ../config/*.py) or the
     local model folder; None when the base is a hub id that is not on disk."""
-    import hf_checkpoint
-
     path = model_config or os.path.expanduser(cfg.model.name_or_path)
     if model_config and model_config.endswith(".py"):
-        import configurator
-        from model import ModelConfig
-        from train import TrainConfig
-
         if not os.path.isfile(model_config):
             raise ConfigError(f"--model_config={model_config} not found")
-        (_, mc), _ = configurator.load([model_config], [TrainConfig, ModelConfig])
+        _, mc, _ = configurator.load_train([model_config])
         return mc
     if os.path.isfile(path) and path.endswith(".json"):
         with open(path) as f:
@@ -77,8 +66,6 @@ def projections(mc) -> dict[str, tuple[int, int]]:
 
 def check_shapes(cfg: FinetuneConfig, mc) -> list[str]:
     """ConfigError when the LoRA section or max_length cannot fit the base; notes otherwise."""
-    import hf_checkpoint
-
     lo, proj = cfg.lora, projections(mc)
     missing = [t for t in lo.target_modules if t not in proj]
     if missing:
@@ -99,7 +86,7 @@ def check_shapes(cfg: FinetuneConfig, mc) -> list[str]:
 
 def check_dataset(cfg: FinetuneConfig) -> list[str]:
     """Local files read and counted (DataError when unreadable); hub datasets noted."""
-    from sft_data import DATASETS, load_examples
+    from finetune.sft_data import DATASETS, load_examples
 
     ds, notes = cfg.dataset, []
     evals = (ds.eval_source or ds.source, ds.eval_split, ds.eval_fields or (None if ds.eval_source else ds.fields))
@@ -200,20 +187,16 @@ def memory_lines(m: dict, cfg: FinetuneConfig, world_size: int) -> list[str]:
 
 def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str) -> dict[str, float]:
     """Test-split metrics of the base + checkpoint's adapter (the base alone when checkpoint is None),
-    through finetune/train.py's evaluate."""
-    import contextlib
-
+    through the evaluation fine-tuning runs (sft_data.evaluate)."""
     import torch
-    from merge_adapter import load_adapted
-    from sft_data import DATASETS, eval_batches, load_examples, tokenize_examples
 
+    import loop
     import parallel
+    from finetune.lora import load_adapted
+    from finetune.sft_data import DATASETS, eval_batches, evaluate, load_examples, tokenize_examples
 
-    spec = importlib.util.spec_from_file_location("finetune_train", os.path.join(_HERE, "train.py"))
-    ft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ft)  # its own name: `train` is the shared loop at the root
     ds, t = cfg.dataset, cfg.training
-    path = ft.resolve_model_path(cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = cfg.model.tokenizer or path
     template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
     fields = ds.eval_fields or (None if ds.eval_source else ds.fields)
@@ -225,17 +208,14 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
     batches = eval_batches(tokenize_examples(examples, tokenizer, ds.max_length), t.per_device_eval_batch_size,
                            0, 1, d.device)
     answer_ex = [e for e in examples if e["answer"] is not None][:ds.answer_eval_samples]
-    autocast = torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    return ft.evaluate(model, batches, answer_ex, tokenizer, cfg, autocast, d, False) | {"examples": len(examples)}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ConfigError(message)
+    autocast, _ = loop.precision(dtype, d.device)
+    metrics = evaluate(model, batches, answer_ex, tokenizer, max_new_tokens=ds.max_new_tokens,
+                       batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d)
+    return metrics | {"examples": len(examples)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
+    parser = configurator.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
     parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
     parser.add_argument("--model_config", default=None,
                         help="the base's shape when model.name_or_path is a hub id not on disk: a config.json, "
@@ -247,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", action="store_true", help="evaluate the base model alone on the test split")
     parser.add_argument("--device", default="auto", help="for --checkpoint/--base: auto | cpu | cuda")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    try:
+
+    def body() -> int:
         args, overrides = parser.parse_known_args(argv)
         bad = [a for a in overrides if a.startswith("--") and "." not in a.split("=", 1)[0]]
         if bad:
@@ -279,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"test metrics of {args.checkpoint or 'the base model'} on {metrics['examples']} examples: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "examples"))
             result["metrics"] = metrics
-    except (ValueError, OSError) as e:  # ConfigError, DataError, HFCheckpointError, a bad adapter
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result))
-    return 0
+        if args.json:
+            print(json.dumps(result))
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

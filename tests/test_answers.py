@@ -1,13 +1,9 @@
 """Answer extraction and accuracy for math SFT evaluation (finetune/answers.py)."""
 
-import os
-import sys
 
 import pytest
 
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))  # after the root: finetune/train.py must not shadow train.py
-
-from answers import (  # noqa: E402
+from finetune.answers import (  # noqa: E402
     answer_accuracy,
     answers_equal,
     extract_answer,

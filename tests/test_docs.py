@@ -8,8 +8,8 @@ import shlex
 import pytest
 
 import configurator
+from configurator import TrainConfig
 from model import ModelConfig
-from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "SYSTEM_OVERVIEW.md", "TESTING.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]

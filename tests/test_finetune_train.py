@@ -14,12 +14,10 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
-sys.path.append(os.path.join(FINETUNE, "data"))
-
-import make_math  # noqa: E402
 
 import finetune.train as ft  # noqa: E402
 from finetune.config import ConfigError, grad_accum_steps, interval_steps, load_config  # noqa: E402
+from finetune.data import make_math  # noqa: E402
 
 
 def _write_assets(out: str) -> dict:
@@ -120,7 +118,7 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
 def test_schedule_refactor_steps_and_rewarm():
     """The seed's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
     a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
-    import train as shared
+    import loop as shared
 
     cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                       ["trainer.refactor_opt_state=reset", "trainer.refactor_rewarm_steps=4"])
@@ -223,9 +221,10 @@ def test_checkpoint_holds_adapters_not_the_base(straight):
 
 def test_checkpoint_adapter_loads_in_peft_on_the_original_base(straight, assets):
     """The PEFT adapter of a PiSSA checkpoint (rank-2r conversion) on the unmodified HF base gives our logits."""
-    from lora import load_lora_state_dict  # the module finetune/train.py uses (as `lora`, from finetune/)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from finetune.lora import load_lora_state_dict
 
     ckpt = straight["out"] / "checkpoint-8"
     cfg = load_config(straight["config"])

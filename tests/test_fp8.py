@@ -10,8 +10,8 @@ from test_train import ok, read_log, run_train, tiny_args
 
 import configurator
 import fp8
+from configurator import TrainConfig
 from model import GPT, ModelConfig
-from train import TrainConfig
 
 pytest.importorskip("torchao", reason="torchao is pinned in requirements.txt")
 
@@ -49,10 +49,19 @@ def test_convert_swaps_modules_and_keeps_the_state_dict():
 
     model = GPT(_model_config("config/tiny_qwen3.py"))
     keys = {k: v.shape for k, v in model.state_dict().items()}
-    plan = fp8.convert(model, "tensorwise", emulate=True)
+    plan, hooks = fp8.convert(model, "tensorwise", emulate=True)
     converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert converted == {k for k, v in plan.items() if v == "fp8"} and len(converted) == 4 * 4
     assert {k: v.shape for k, v in model.state_dict().items()} == keys
+
+
+@pytest.mark.parametrize("recipe, fsdp, n_hooks", [("tensorwise", False, 0), ("tensorwise", True, 1),
+                                                    ("rowwise", True, 0)])
+def test_convert_brings_its_own_after_step_hooks(recipe, fsdp, n_hooks):
+    """The loop never names FP8: the conversion returns what must run after each optimizer step. Only FSDP
+    with float8 all-gather (tensorwise) needs one, the refresh of the weights' scales."""
+    _, hooks = fp8.convert(GPT(_model_config("config/tiny_qwen3.py")), recipe, emulate=True, fsdp=fsdp)
+    assert len(hooks) == n_hooks and all(callable(h) for h in hooks)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

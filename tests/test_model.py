@@ -20,8 +20,8 @@ from transformers import (
 import configurator
 import hf_checkpoint
 import model as model_module
+from configurator import TrainConfig
 from model import GPT, ModelConfig
-from train import TrainConfig
 
 LLAMA31_ROPE = {
     "rope_type": "llama3",

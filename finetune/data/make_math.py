@@ -12,12 +12,15 @@ function of the seed only, and no test question is also a train question.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
-import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+
+import atomic  # noqa: E402
+import configurator  # noqa: E402
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kira", "Liam"]
 ITEMS = ["apple", "marble", "book", "pencil", "sticker", "cookie", "stamp", "shell", "card", "coin"]
@@ -129,17 +132,9 @@ def _strip_calculator(s: str) -> str:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    """Write records one JSON object per line, atomically (temp file + os.replace)."""
+    """Write records one JSON object per line, atomically (atomic.write_file)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_file(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int) -> dict[str, str]:
@@ -155,25 +150,23 @@ def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int) -> dict[st
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.strip().splitlines()[0])
+    parser = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"))
     parser.add_argument("--n_train", type=int, default=2000)
     parser.add_argument("--n_test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.n_train < 1 or args.n_test < 1 or args.n_train + args.n_test > 200_000:
-        print("error: --n_train and --n_test must be >= 1 and together at most 200000 (the templates' "
-              "distinct problems run out beyond that)", file=sys.stderr)
-        return 2
-    for name, path in write_dataset(args.out_dir, args.n_train, args.n_test, args.seed).items():
-        print(f"{name}: {path}")
-    return 0
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        if args.n_train < 1 or args.n_test < 1 or args.n_train + args.n_test > 200_000:
+            raise configurator.ConfigError("--n_train and --n_test must be >= 1 and together at most 200000 (the "
+                                           "templates' distinct problems run out beyond that)")
+        for name, path in write_dataset(args.out_dir, args.n_train, args.n_test, args.seed).items():
+            print(f"{name}: {path}")
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

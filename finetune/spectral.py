@@ -33,7 +33,7 @@ MODES = ("balanced", "exact", "clamp")
 OPT_STATES = ("reset", "map_first_moment", "keep")
 
 
-def _check(mode: str, lam: float, bound: float | None, opt_state: str) -> None:
+def check_args(mode: str, lam: float, bound: float | None, opt_state: str) -> None:
     if mode not in MODES:
         raise ValueError(f"refactor mode={mode!r} must be one of {', '.join(MODES)}")
     if opt_state not in OPT_STATES:
@@ -57,7 +57,7 @@ def refactor_factors(
     bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """New fp32 factors (A', B') of one adapter, and what map_moments needs (Rb, Ra, U, Vh, root, S)."""
-    _check(mode, lam, bound, "keep")
+    check_args(mode, lam, bound, "keep")
     A32, B32 = A.detach().float(), B.detach().float()
     Qb, Rb = torch.linalg.qr(B32)  # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A32.t())  # (in, r), (r, r)
@@ -99,7 +99,7 @@ def spectral_refactor(
 
     Stats: adapters (refactored), skipped (a zero factor), sv_max_before/after (of scaling * B A).
     """
-    _check(mode, lam, bound, opt_state)
+    check_args(mode, lam, bound, opt_state)
     state = optimizer.state if optimizer is not None else {}
     n = skipped = 0
     sv_before = sv_after = 0.0

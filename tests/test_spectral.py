@@ -1,10 +1,10 @@
-"""finetune/refactor.py: the three modes against independent SVDs of B A, and the optimizer-state policies."""
+"""finetune/spectral.py: the three modes against independent SVDs of B A, and the optimizer-state policies."""
 
 import pytest
 import torch
 
 from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
-from finetune.refactor import map_moments, refactor_factors, spectral_refactor
+from finetune.spectral import map_moments, refactor_factors, spectral_refactor
 from model import GPT, ModelConfig
 
 

@@ -1,0 +1,359 @@
+"""
+How a model is trained: the one loop that pretraining (train.py) and LoRA fine-tuning (finetune/train.py)
+share, and the start-up both entry points run before it.
+
+    d = loop.start(device)                                  # process group, device, TF32
+    autocast, scaler = loop.precision(dtype, d.device)
+    log, peak, note = loop.open_run_log(out_dir, d, dtype, {"config": ..., "model": ...})
+    return loop.run_loop(loop.Loop(d, model, train_model, optimizer, loader, log, ...), RunState())
+
+An optimizer step is three named phases, so that benches time the real step and not a copy:
+forward_backward (the micro-steps: forward under autocast, backward, gradient sync on the last one)
+-> optimizer_step (gradient norms, unscale, clip, skip a non-finite step on device, AdamW, zero the
+gradients) -> the after_step hooks (what a transform or a trainer needs after each step: FP8's scale
+refresh under FSDP, LoRA's spectral refactor). The loop never names either. LogWindow is the log
+interval: the only host sync of the loop, the skipped-step report and the speed window.
+
+What differs between pretraining and fine-tuning are the Loop's seams: the loader (next_batch()),
+lr_at(it), evaluate_and_save(run, done), save(run) on an interrupt, and the hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import hardware
+import parallel
+import runlog
+from configurator import UserError
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must carry to continue exactly: progress and the best val loss."""
+
+    iter_num: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    best_val_loss: float = float("inf")
+
+
+class TrainingError(UserError):
+    """A run that cannot start or go on; the message is one line naming the fix."""
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
+           decay_lr: bool = True) -> float:
+    """Linear warmup from learning_rate / (warmup_iters + 1) to learning_rate, then cosine to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# -- start-up ------------------------------------------------------------------------------------------
+
+
+def start(device: str) -> parallel.Dist:
+    """Join the process group (torchrun's variables; world size 1 otherwise) and turn on TF32 on GPUs."""
+    d = parallel.setup(device)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return d
+
+
+def precision(dtype: torch.dtype, device: torch.device) -> tuple[contextlib.AbstractContextManager,
+                                                                  torch.amp.GradScaler | None]:
+    """(autocast, scaler) for a compute dtype: no autocast in float32, a GradScaler only for float16."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return autocast, scaler
+
+
+def open_run_log(out_dir: str, d: parallel.Dist, dtype: torch.dtype, sections: dict, *, mfu_note: str = "",
+                 **sinks) -> tuple[runlog.RunLog, float | None, str]:
+    """The run log with the header both entry points write: sections (config, model, ...) and the
+    environment with the dtype and the device's peak FLOP/s. sinks go to runlog.RunLog (wandb, ...).
+
+    Returns (log, peak FLOP/s or None where unknown, the MFU note; mfu_note is appended to it)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    peak, note = hardware.peak_flops(hardware.device_name(d.device), dtype_name)
+    if mfu_note and peak is not None:
+        note += f"; {mfu_note}"
+    env = runlog.environment(d.world_size, d.device) | {"dtype": str(dtype), "peak_flops": peak, "mfu_note": note}
+    header = {"config": sections["config"], "environment": env, **{k: v for k, v in sections.items() if k != "config"}}
+    return runlog.RunLog(out_dir, d.is_master, header, **sinks), peak, note
+
+
+def announce_resume(d: parallel.Dist, log: runlog.RunLog, path: str, it: int) -> None:
+    print0(d, f"resumed from {path} at iter {it}")
+    log.event({"iter": it, "event": "resumed", "from": path})
+
+
+def print0(d: parallel.Dist, *args: object) -> None:
+    if d.is_master:
+        print(*args, flush=True)
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+Hook = Callable[[RunState], None]
+
+
+@dataclass
+class Loop:
+    """What the shared training loop runs: the pieces a caller built, and its seams as callbacks.
+
+    train.py fills it for pretraining; finetune/train.py for LoRA (a LoRA model, an SFT loader, an
+    answer-accuracy evaluator, an adapter-only checkpoint, the spectral refactor as a hook).
+    """
+
+    d: parallel.Dist
+    model: torch.nn.Module  # the raw module (saving, eval, hooks)
+    train_model: torch.nn.Module  # the compiled/wrapped module the steps run
+    optimizer: torch.optim.Optimizer  # over the trainable parameters only
+    loader: object  # next_batch() -> (x, y) on device; TokenLoader's interface
+    log: runlog.RunLog
+    accum: int  # micro-steps per rank per optimizer step
+    max_iters: int
+    lr_at: Callable[[int], float]  # learning rate of optimizer step `it`
+    # before every step and once at the end (done=True): evaluate and checkpoint as the caller decides;
+    # its wall time is excluded from the speed figures
+    evaluate_and_save: Callable[[RunState, bool], None]
+    save: Callable[[RunState], None]  # checkpoint now (on Ctrl-C/SIGTERM)
+    after_step: list[Hook] = field(default_factory=list)  # after each optimizer step, in order
+    grad_clip: float = 1.0
+    scaler: torch.amp.GradScaler | None = None
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    use_cuda_graphs: bool = False
+    timing_warmup: int = 1  # steps excluded from speed figures (compilation, graph capture)
+    log_interval: int = 10
+    gradient_log_interval: int = 0
+    max_nonfinite_steps: int = 5
+    flops_per_token: int = 0
+    peak_flops: float | None = None
+    resume_hint: str = ""  # how to continue after an interrupt, printed with it
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.use_cuda_graphs:
+            # Gradients allocated once and zeroed in place: a graph replay reuses its output memory, so a
+            # .grad that autograd took over from one micro-step's replay would be overwritten by the next
+            # (pytorch/pytorch#169545). With .grad preallocated, backward accumulates into it instead.
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+
+
+@dataclass
+class Step:
+    """One optimizer step's results, on device until a log interval reads them."""
+
+    lr: float
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches
+    grad_norm: torch.Tensor  # global, before clipping
+    found_inf: torch.Tensor  # 1 where the step was skipped (non-finite loss or gradient), equal on every rank
+    tokens: int  # tokens of the global batch
+
+
+def set_lr(loop: Loop, lr: float) -> None:
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def forward_backward(loop: Loop) -> tuple[torch.Tensor, int]:
+    """The micro-steps of one optimizer step: (this rank's mean loss, tokens of the global batch).
+
+    Tokens are counted from the batches (x.numel() per micro-batch, times the world size), so padded
+    SFT batches count too.
+    """
+    loss_sum = torch.zeros((), device=loop.d.device)
+    tokens = 0
+    for micro in range(loop.accum):
+        x, y = loop.loader.next_batch()
+        tokens += x.numel() * loop.d.world_size
+        with parallel.no_sync(loop.train_model, sync=micro == loop.accum - 1):
+            if loop.use_cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with loop.autocast:
+                _, loss = loop.train_model(x, y)
+            loss = loss / loop.accum  # the mean over this rank's micro-batches
+            (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum, tokens
+
+
+def optimizer_step(loop: Loop, loss: torch.Tensor, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and step on the accumulated gradients, then zero them: (grad norm, found_inf). No host sync.
+
+    A non-finite loss or gradient norm skips the step on device, on every rank alike. Under fp16 the
+    GradScaler skips gradient overflows itself (they are routine); only a non-finite loss is a fault.
+    """
+    scaler = loop.scaler
+    if loop.gradient_log_interval and it % loop.gradient_log_interval == 0:
+        norms = parallel.grad_norms_by_module(loop.model, scale=scaler.get_scale() if scaler else 1.0)
+        loop.log.gradient_norms({"iter": it, "norms": norms})
+    if scaler:
+        scaler.unscale_(loop.optimizer)
+    grad_norm = parallel.clip_grad_norm(loop.params, loop.grad_clip)
+    if scaler:
+        found_inf = parallel.all_reduce_max((~torch.isfinite(loss)).float(), loop.d)
+        scaler.step(loop.optimizer)
+        scaler.update()
+    else:
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        found_inf = parallel.all_reduce_max(bad.float(), loop.d)
+        parallel.optimizer_step(loop.optimizer, found_inf)
+    loop.optimizer.zero_grad(set_to_none=not loop.use_cuda_graphs)
+    return grad_norm, found_inf
+
+
+def train_step(loop: Loop, run: RunState, mark: Callable[[], None] | None = None) -> Step:
+    """One optimizer step at run.iter_num, then the after_step hooks; advances run.
+
+    mark, if given, runs between the backward passes and the optimizer step (benches record a CUDA event).
+    """
+    lr = loop.lr_at(run.iter_num)
+    set_lr(loop, lr)
+    loss, tokens = forward_backward(loop)
+    if mark is not None:
+        mark()
+    grad_norm, found_inf = optimizer_step(loop, loss, run.iter_num)
+    run.iter_num += 1
+    run.tokens_seen += tokens
+    for hook in loop.after_step:
+        hook(run)
+    return Step(lr, loss, grad_norm, found_inf, tokens)
+
+
+class LogWindow:
+    """The log interval: the loss and skip flags of the steps since the last record (read with one host
+    sync), and the speed window (steps and tokens since the last record, time spent outside steps excluded)."""
+
+    def __init__(self, loop: Loop, start_iter: int) -> None:
+        self.loop, self.start_iter = loop, start_iter
+        self.started: float | None = None  # perf_counter at the window's start; None until timing_warmup steps ran
+        self.steps, self.tokens, self.excluded = 0, 0, 0.0
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (iter, found_inf) not yet read
+        self.nonfinite_streak = 0
+
+    @contextlib.contextmanager
+    def outside_steps(self):
+        """Time spent in here (evaluation, checkpoints) is not part of the speed figures."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def add(self, run: RunState, step: Step) -> None:
+        self.pending.append((run.iter_num - 1, step.found_inf))
+        if run.iter_num - self.start_iter == self.loop.timing_warmup:  # the window starts after compilation
+            if self.loop.d.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._restart()
+        elif self.started is not None:
+            self.steps += 1
+            self.tokens += step.tokens
+
+    def _restart(self) -> None:
+        self.started, self.steps, self.tokens, self.excluded = time.perf_counter(), 0, 0, 0.0
+
+    def record(self, run: RunState, step: Step) -> dict:
+        """The training_iterations record of the step just taken; reports skipped steps. Syncs the host."""
+        loop, d = self.loop, self.loop.d
+        loss = parallel.all_reduce_mean(step.loss, d).item()  # the global-batch mean
+        flags = torch.stack([f for _, f in self.pending]).tolist()
+        for (skipped_it, _), was_bad in zip(self.pending, flags):
+            self.nonfinite_streak = self.nonfinite_streak + 1 if was_bad else 0
+            if was_bad:
+                loop.log.event({"iter": skipped_it, "event": "skipped_nonfinite_step"})
+                print0(d, f"iter {skipped_it}: non-finite loss or gradient norm; optimizer step skipped")
+        self.pending.clear()
+        record = {"iter": run.iter_num - 1, "loss": loss, "lr": step.lr, "grad_norm": step.grad_norm.item(),
+                  "tokens_seen": run.tokens_seen, "dt_ms": None, "tokens_per_sec": None, "mfu": None,
+                  "memory_allocated_gb": None, "memory_peak_gb": None,
+                  "memory_host_peak_gb": runlog.host_peak_gb()}
+        if self.started is not None and self.steps > 0:
+            elapsed = time.perf_counter() - self.started - self.excluded
+            record["dt_ms"] = 1000 * elapsed / self.steps
+            record["tokens_per_sec"] = self.tokens / elapsed
+            record["mfu"] = hardware.mfu(loop.flops_per_token, record["tokens_per_sec"], d.world_size, loop.peak_flops)
+            self._restart()
+        if d.device.type == "cuda":
+            record["memory_allocated_gb"] = torch.cuda.memory_allocated(d.device) / 1024**3
+            record["memory_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1024**3
+        return record
+
+
+def run_loop(loop: Loop, run: RunState) -> int:
+    """Step, log and call the seams until run.iter_num == max_iters.
+
+    Returns 0 when done, 130 when interrupted (after a checkpoint).
+    """
+    window = LogWindow(loop, run.iter_num)
+    with interrupt_flag() as stop:
+        while True:
+            done = run.iter_num >= loop.max_iters
+            with window.outside_steps():
+                loop.evaluate_and_save(run, done)
+            if done:
+                break
+            step = train_step(loop, run)
+            window.add(run, step)
+            it = run.iter_num - 1  # the step just taken
+            if it % loop.log_interval != 0 and run.iter_num != loop.max_iters and not stop["requested"]:
+                continue
+            record = window.record(run, step)
+            loop.log.iteration(record)
+            loop.log.flush()
+            print0(loop.d, format_record(record))
+            if window.nonfinite_streak >= loop.max_nonfinite_steps:
+                loop.log.close()
+                raise TrainingError(f"{window.nonfinite_streak} consecutive non-finite steps up to iter {it}; the "
+                                    "last checkpoint is intact: lower learning_rate or check the data, then resume")
+            if parallel.all_reduce_max(torch.tensor(float(stop["requested"]), device=loop.d.device), loop.d).item():
+                loop.save(run)
+                loop.log.close()
+                print0(loop.d, f"interrupted at iter {run.iter_num}; {loop.resume_hint}")
+                return 130
+    loop.log.close()
+    return 0
+
+
+def format_record(r: dict) -> str:
+    """One console line for a training_iterations record."""
+    text = f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, grad norm {r['grad_norm']:.3f}"
+    if r["dt_ms"] is not None:
+        text += f", {r['dt_ms']:.1f} ms/iter, {r['tokens_per_sec']:,.0f} tok/s"
+    if r["mfu"] is not None:
+        text += f", MFU {100 * r['mfu']:.1f}%"
+    return text
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """Yield {'requested': bool}, set by Ctrl-C or SIGTERM; a second signal kills at once (saves stay atomic)."""
+    stop = {"requested": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["requested"] = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
