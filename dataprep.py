@@ -621,14 +621,9 @@ def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, n
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other error here
-        self.exit(2, f"error: {message}\n")
-
-
 def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     """The flags every data/<name>/prepare.py accepts."""
-    p = _Parser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
+    p = configurator.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
     if spec.source and not spec.hub:
         src = "the bundled corpus"
@@ -655,9 +650,9 @@ def fail(message: str) -> None:
 
 
 def main(spec: Spec, argv: list[str] | None = None) -> None:
-    """Entry point of data/<name>/prepare.py."""
-    args = arg_parser(spec).parse_args(argv)
+    """Entry point of data/<name>/prepare.py: a user error or an OSError is one `error:` line and exit 1."""
     try:
+        args = arg_parser(spec).parse_args(argv)
         configurator.check_output_dir(args.out_dir)
         if args.tokenizer == "char":
             raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
@@ -675,7 +670,7 @@ def main(spec: Spec, argv: list[str] | None = None) -> None:
         meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
                        val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
                        overwrite=args.overwrite, chunk_chars=args.chunk_chars)
-    except (PrepareError, TokenizerError, configurator.ConfigError) as e:
+    except configurator.UserError as e:  # PrepareError, TokenizerError, ConfigError
         fail(str(e))
     except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
         fail(f"{e.strerror or e}: {e.filename or args.out_dir}")

@@ -33,15 +33,15 @@ class ExportConfig:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        (cfg,), _ = configurator.load(argv, [ExportConfig])
-        configurator.check_output_dir(cfg.hf_dir, "hf_dir")
-        path, state = checkpoint.latest(cfg.out_dir)
-        model = checkpoint.load_model(path)
-        model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
-    except (configurator.ConfigError, checkpoint.CheckpointError, hf_checkpoint.HFCheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return configurator.run_command(lambda: export(argv))
+
+
+def export(argv: list[str]) -> int:
+    (cfg,), _ = configurator.load(argv, [ExportConfig])
+    configurator.check_output_dir(cfg.hf_dir, "hf_dir")
+    path, state = checkpoint.latest(cfg.out_dir)
+    model = checkpoint.load_model(path)
+    model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
     print(f"wrote {cfg.hf_dir} ({hf_checkpoint.hf_architecture(model.config)}, iter {state['iter_num']}, {cfg.dtype})")
     return 0
 

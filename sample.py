@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import configurator
+import hardware
 import parallel
 import tokenizer as tokenizers
 from model import GPT
@@ -42,6 +43,8 @@ class SampleConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"top_k={self.top_k} must be > 0 (or None)")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of auto, bfloat16, float16, float32")
 
 
 def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokenizer]:
@@ -63,29 +66,26 @@ def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokeniz
 
 
 def main(argv: list[str]) -> int:
-    try:
-        (cfg,), _ = configurator.load(argv, [SampleConfig])
-        device = parallel.resolve_device(cfg.device)
-        model, tok = load_model_and_tokenizer(cfg)
-        start = cfg.start
-        if start.startswith("FILE:"):
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        ids = tok.encode(start)
-        if tok.bos_id is not None:
-            ids = [tok.bos_id] + ids  # as in training: documents start with BOS
-        if not ids:
-            raise tokenizers.TokenizerError("the prompt is empty for this tokenizer; pass --start=...")
-        if max(ids) >= model.config.vocab_size:
-            raise tokenizers.TokenizerError(f"the prompt has token id {max(ids)} >= the model's vocab_size "
-                                            f"{model.config.vocab_size}; is this the right --tokenizer?")
-    except (configurator.ConfigError, checkpoint.CheckpointError, tokenizers.TokenizerError, parallel.LaunchError,
-            OSError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    dtype = torch.bfloat16 if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported() else {
-        "auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = model.to(device=device, dtype=dtype).eval()
+    return configurator.run_command(lambda: sample(argv))
+
+
+def sample(argv: list[str]) -> int:
+    (cfg,), _ = configurator.load(argv, [SampleConfig])
+    device = parallel.resolve_device(cfg.device)
+    model, tok = load_model_and_tokenizer(cfg)
+    start = cfg.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    ids = tok.encode(start)
+    if tok.bos_id is not None:
+        ids = [tok.bos_id] + ids  # as in training: documents start with BOS
+    if not ids:
+        raise tokenizers.TokenizerError("the prompt is empty for this tokenizer; pass --start=...")
+    if max(ids) >= model.config.vocab_size:
+        raise tokenizers.TokenizerError(f"the prompt has token id {max(ids)} >= the model's vocab_size "
+                                        f"{model.config.vocab_size}; is this the right --tokenizer?")
+    model = model.to(device=device, dtype=hardware.resolve_dtype(cfg.dtype, device)).eval()
     torch.manual_seed(cfg.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(cfg.num_samples):

@@ -26,7 +26,9 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+import configurator
 
 if TYPE_CHECKING:
     from model import ModelConfig
@@ -61,7 +63,7 @@ CHINCHILLA_TOLERANCE = 0.10
 def predicted_loss(n_params: float, n_tokens: float, fit: Fit = FITS["hoffmann"]) -> float:
     """Predicted final training loss of a model with n_params parameters trained on n_tokens tokens."""
     if not (n_params > 0 and n_tokens > 0):
-        raise ValueError(f"parameters ({n_params}) and tokens ({n_tokens}) must be > 0")
+        raise configurator.ConfigError(f"parameters ({n_params}) and tokens ({n_tokens}) must be > 0")
     return fit.E + fit.A / n_params**fit.alpha + fit.B / n_tokens**fit.beta
 
 
@@ -312,9 +314,9 @@ def plan(
 
 def _check_budget(flops: float, seq_len: int) -> None:
     if not (math.isfinite(flops) and flops > 0):
-        raise ValueError(f"--flops must be a positive finite number, got {flops}")
+        raise configurator.ConfigError(f"--flops must be a positive finite number, got {flops}")
     if seq_len <= 0:
-        raise ValueError(f"--seq-len must be a positive integer, got {seq_len}")
+        raise configurator.ConfigError(f"--seq-len must be a positive integer, got {seq_len}")
 
 
 # -----------------------------------------------------------------------------
@@ -416,10 +418,6 @@ def plot(flops: float, out: str, seq_len: int, fit: Fit, grid: Grid) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import configurator
-    from configurator import TrainConfig
-    from model import ModelConfig
-
     _check_budget(flops, seq_len)
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)
     lowest_n, highest_n = math.inf, 0.0
@@ -442,7 +440,7 @@ def plot(flops: float, out: str, seq_len: int, fit: Fit, grid: Grid) -> None:
     ax.plot([], [], "ko", mfc="none", label="seed shapes at our D")
     ax.plot([], [], "kx", label="seed shapes at the seed's D (its loss):")
     for i, (path, seed_tokens, seed_loss, label) in enumerate(SEED_PREDICTIONS, 1):
-        (_, model_cfg), _ = configurator.load([path], [TrainConfig, ModelConfig])
+        _, model_cfg, _ = configurator.load_train([path])
         ours = evaluate(model_cfg, flops, seq_len, fit)
         ax.plot(ours.n_params, ours.loss, "ko", ms=5, mfc="none")
         ax.plot(ours.n_params, seed_loss, "kx", ms=6)
@@ -468,14 +466,6 @@ def plot(flops: float, out: str, seq_len: int, fit: Fit, grid: Grid) -> None:
 # Command line
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: ...' on stderr and exit status 2, no usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _positive_number(text: str) -> float:
     try:
         value = float(text)
@@ -498,8 +488,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The loss, plan and plot commands and their options."""
-    parser = _ArgumentParser(prog="scaling_laws.py", description=__doc__.strip().splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    parser = configurator.ArgumentParser(prog="scaling_laws.py", description=__doc__.strip().splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=configurator.ArgumentParser)
 
     loss = commands.add_parser("loss", help="predicted loss of N parameters trained on D tokens")
     loss.add_argument("--params", type=_positive_number, required=True, help="N, all parameters")
@@ -564,13 +554,13 @@ def run_plan(args: argparse.Namespace) -> None:
         suffix = "_chinchilla" if args.chinchilla else ""
         out = os.path.join("config", f"plan_{args.family}_{budget_tag(args.flops)}{suffix}.py")
     if not os.path.isdir(os.path.dirname(out) or "."):
-        raise ValueError(f"cannot write {out}: no directory {os.path.dirname(out)}")
+        raise configurator.ConfigError(f"cannot write {out}: no directory {os.path.dirname(out)}")
     best, count = plan(family, args.flops, args.seq_len, FITS[args.fit], grid, args.chinchilla, args.top)
     which = f"{args.family} shapes on the {args.grid} grid"
     if args.chinchilla:
         which += f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_TOKENS_PER_PARAM:g}"
     if not best:
-        raise ValueError(f"no {which} at {budget_tag(args.flops)} FLOPs")
+        raise configurator.ConfigError(f"no {which} at {budget_tag(args.flops)} FLOPs")
     print(f"{count:,} {which}, {budget_tag(args.flops)} FLOPs, seq_len {args.seq_len}, fit {args.fit}")
     print(
         "tokens = FLOPs / FLOPs per token (model.py: 6 x matmul weights + 12 x n_layer x n_head x head_dim x seq_len)"
@@ -585,23 +575,22 @@ def run_plan(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     """Run one command; returns the exit status (2 and one `error:` line for bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "loss":
-            fit = FITS[args.fit]
-            loss = predicted_loss(args.params, args.tokens, fit)
-            print(
-                f"{loss:.4f}  predicted loss of N = {args.params:,.0f} parameters trained on "
-                f"D = {args.tokens:,.0f} tokens (D/N {args.tokens / args.params:.1f}, fit {args.fit})"
-            )
-        elif args.command == "plan":
-            run_plan(args)
-        else:
-            plot(args.flops, args.out, args.seq_len, FITS[args.fit], GRIDS[args.grid])
-            print(f"wrote {args.out}")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return configurator.run_command(lambda: run(build_parser().parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "loss":
+        fit = FITS[args.fit]
+        loss = predicted_loss(args.params, args.tokens, fit)
+        print(
+            f"{loss:.4f}  predicted loss of N = {args.params:,.0f} parameters trained on "
+            f"D = {args.tokens:,.0f} tokens (D/N {args.tokens / args.params:.1f}, fit {args.fit})"
+        )
+    elif args.command == "plan":
+        run_plan(args)
+    else:
+        plot(args.flops, args.out, args.seq_len, FITS[args.fit], GRIDS[args.grid])
+        print(f"wrote {args.out}")
     return 0
 
 

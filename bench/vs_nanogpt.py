@@ -37,17 +37,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import configurator  # noqa: E402
+
 CONFIG = "config/train_shakespeare_char.py"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        print(f"error: {message}; see python bench/vs_nanogpt.py --help", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--dataset", default=os.path.join(ROOT, "data", "shakespeare_char"),
                    help="a prepared character-level dataset folder (train.bin, meta.json)")
     p.add_argument("--rounds", type=int, default=3)
@@ -228,7 +226,10 @@ def run_nanogpt(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    return configurator.run_command(lambda: run(parse_args(argv)))
+
+
+def run(a: argparse.Namespace) -> int:
     if a.side == "nanogpt":
         print(json.dumps(nanogpt_run(a.dataset, a.iters, a.skip)))
         return 0

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 
-import runlogs  # plots/runlogs.py: Python puts the script's own folder on sys.path, whatever the cwd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator
+
+import runlogs  # noqa: E402  (plots/runlogs.py: a script's own folder is on sys.path, whatever the cwd)
+
+import configurator  # noqa: E402
 
 WARMUP_FRACTION = 0.1  # of the records
 WARMUP_ITERS = 50  # logged iterations, counted from the first record (a resumed run warms up again)
@@ -188,7 +193,7 @@ def _token_budget(text: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="analyze_run.py", description=__doc__)
+    parser = configurator.ArgumentParser(prog="analyze_run.py", description=__doc__)
     parser.add_argument("log", metavar="RUN.json", help="a run log (out_dir/run_*.json)")
     parser.add_argument(
         "--tokens", type=_token_budget, metavar="N", help="token budget to extrapolate to, e.g. 85e9"
@@ -199,14 +204,13 @@ def main(argv: list[str]) -> int:
         metavar="N",
         help="warm-up records to skip (default: min(10%% of records, records of the first 50 iters))",
     )
-    args = parser.parse_args(argv)
-    try:
-        run = runlogs.load(args.log)
-    except runlogs.RunLogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(report(run, args.skip, args.tokens)))
-    return 0
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        print("\n".join(report(runlogs.load(args.log), args.skip, args.tokens)))
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 import sys
 
-import plot_single_run as single  # the panels of one run, drawn here for several
-import runlogs  # plots/runlogs.py: Python puts the script's own folder on sys.path, whatever the cwd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator
+
+import plot_single_run as single  # noqa: E402  the panels of one run, drawn here for several
+import runlogs  # noqa: E402  (plots/runlogs.py: a script's own folder is on sys.path, whatever the cwd)
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+import configurator  # noqa: E402
 
 
 def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: float) -> None:
@@ -87,7 +91,7 @@ def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="compare_runs.py", description=__doc__)
+    parser = configurator.ArgumentParser(prog="compare_runs.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs to overlay")
     parser.add_argument(
         "--labels",
@@ -107,23 +111,23 @@ def main(argv: list[str]) -> int:
         metavar="FACTOR",
         help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
     )
-    args = parser.parse_args(argv)
-    labels = [runlogs.label(path) for path in args.logs]
-    if args.labels is not None:
-        labels = [name.strip() for name in args.labels.split(",")]
-        if len(labels) != len(args.logs) or not all(labels):
-            parser.error(
-                f"--labels has {len(labels)} names for {len(args.logs)} logs; give one non-empty name each"
-            )
-    out = args.out or os.path.join(os.path.dirname(args.logs[0]), "compare_runs.png")
-    try:
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        labels = [runlogs.label(path) for path in args.logs]
+        if args.labels is not None:
+            labels = [name.strip() for name in args.labels.split(",")]
+            if len(labels) != len(args.logs) or not all(labels):
+                parser.error(
+                    f"--labels has {len(labels)} names for {len(args.logs)} logs; give one non-empty name each"
+                )
+        out = args.out or os.path.join(os.path.dirname(args.logs[0]), "compare_runs.png")
         runs = [runlogs.load(path) for path in args.logs]
         runlogs.save_figure(plot_comparison(runs, labels, args.smooth), out)
-    except (runlogs.RunLogError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

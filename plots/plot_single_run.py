@@ -17,12 +17,16 @@ import os
 import sys
 from collections.abc import Callable
 
-import matplotlib
-import runlogs  # plots/runlogs.py: Python puts the script's own folder on sys.path, whatever the cwd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter, MaxNLocator
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator
+
+import matplotlib  # noqa: E402
+import runlogs  # noqa: E402  (plots/runlogs.py: a script's own folder is on sys.path, whatever the cwd)
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
+
+import configurator  # noqa: E402
 
 
 def draw_smoothed(
@@ -249,7 +253,7 @@ def default_out(paths: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = runlogs.ArgumentParser(prog="plot_single_run.py", description=__doc__)
+    parser = configurator.ArgumentParser(prog="plot_single_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs (several: overlaid)")
     parser.add_argument(
         "--out",
@@ -264,16 +268,16 @@ def main(argv: list[str]) -> int:
         metavar="FACTOR",
         help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
     )
-    args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = parser.parse_args(argv)
         runs = [runlogs.load(path) for path in args.logs]
         out = args.out or default_out(args.logs)
         runlogs.save_figure(plot_runs(runs, args.smooth), out)
-    except (runlogs.RunLogError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return configurator.run_command(body)
 
 
 if __name__ == "__main__":

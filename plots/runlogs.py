@@ -6,7 +6,8 @@ JSON but may hold 0 or 1 records) and any of dt_ms, tokens_per_sec, mfu and memo
 the first steps are untimed, MFU is null where the peak FLOP/s is unknown (CPU), GPU memory is
 only measured on CUDA (memory_host_peak_gb, the host's peak RSS, is there on every device). Series drop null and non-finite values; callers say why a series is empty.
 
-No torch and no train.py here: plotting a log needs neither.
+No torch and no train.py here: plotting a log needs neither. The plot scripts put the repository root
+on sys.path for configurator (one-line errors), which imports no torch either.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import argparse
 import json
 import math
 import os
-import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+from configurator import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,24 +26,8 @@ if TYPE_CHECKING:
 SMOOTHING = 0.9  # EMA factor per logged record: with log_interval 10, about the last 100 iterations
 
 
-class RunLogError(ValueError):
+class RunLogError(UserError):
     """A file that cannot be read as a run log; the message is one line naming the file."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: ...' on stderr and exit status 2, no usage dump.
-
-    --help prints the script's docstring as written, examples included.
-    """
-
-    def __init__(self, prog: str, description: str) -> None:
-        super().__init__(
-            prog=prog, description=description.strip(), formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def smoothing_factor(text: str) -> float:

@@ -14,8 +14,7 @@ import torch  # noqa: E402
 from torchtitan.components.dataloader import BaseDataLoader  # noqa: E402
 from torchtitan.protocols.train_spec import get_train_spec, register_train_spec  # noqa: E402
 
-if NANOLLM_ROOT not in sys.path:
-    sys.path.append(NANOLLM_ROOT)  # our token_loader (numpy + torch only) reads the shards
+sys.path.append(NANOLLM_ROOT)  # after torchtitan's own modules: our token_loader (numpy + torch) reads the shards
 from token_loader import TokenLoader  # noqa: E402
 
 
