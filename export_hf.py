@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         configurator.check_output_dir(cfg.hf_dir, "hf_dir")
         path, state = checkpoint.latest(cfg.out_dir)
         model = checkpoint.load_model(path)
-        model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
+        hf_checkpoint.to_hf(model, cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
     except (configurator.ConfigError, checkpoint.CheckpointError, hf_checkpoint.HFCheckpointError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

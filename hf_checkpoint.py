@@ -1,9 +1,10 @@
 """
 Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM and Qwen3ForCausalLM.
 
-load(path) reads config.json and the safetensors weights of a local folder and returns our
-ModelConfig and a state dict in model.py's names. save(model, path) writes the reverse: a folder
-that transformers.AutoModelForCausalLM.from_pretrained loads without trust_remote_code.
+from_hf(path) reads config.json and the safetensors weights of a local folder into our GPT.
+to_hf(model, path) writes the reverse: a folder that transformers.AutoModelForCausalLM.from_pretrained
+loads without trust_remote_code. Conversion is not a method of the model, so model.py never imports
+this module.
 
 Name and layout differences handled here:
 - GPT-2 stores linear weights transposed (Conv1D, (in, out)); we use nn.Linear's (out, in).
@@ -151,13 +152,19 @@ def hf_to_config(hf: dict, overrides: dict | None = None) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def load(path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a local Hugging Face folder into (ModelConfig, state dict with model.py's names)."""
+def from_hf(path: str, dtype: torch.dtype | None = None, **overrides) -> GPT:
+    """Load a local Hugging Face folder (config.json + safetensors) of GPT2LMHeadModel, LlamaForCausalLM
+    or Qwen3ForCausalLM. overrides replace ModelConfig fields (e.g. attention_backend)."""
     hf = read_config(path)
     config = hf_to_config(hf, overrides)
     w = _read_weights(path)
     sd = _gpt2_to_ours(w, config) if hf["model_type"] == "gpt2" else _llama_to_ours(w, config)
-    return config, sd
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(sd, strict=True, assign=True)  # no random init of 8B weights
+    if dtype is not None:
+        model.to(dtype)
+    return model
 
 
 def _take(w: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -335,8 +342,9 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: GPT, path: str, dtype: torch.dtype | None = None) -> None:
-    """Write config.json and model.safetensors (sharded above 5 GB) atomically into path."""
+def to_hf(model: GPT, path: str, dtype: torch.dtype | None = None) -> None:
+    """Write a folder that transformers.AutoModelForCausalLM.from_pretrained(path) loads as is:
+    config.json and model.safetensors (sharded above 5 GB), atomically."""
     dtype = dtype or next(model.parameters()).dtype
     hf_config = config_to_hf(model.config, dtype)
     tensors = {

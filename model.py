@@ -17,7 +17,7 @@ The parts are chosen by config fields, never by a family's name:
 
 Implementation choices that differ from the Hugging Face modules (the function is the same):
 - q, k and v are one fused linear (c_attn), and so are the SwiGLU gate and up projections (c_fc);
-  one large matmul is faster than three small ones. from_hf/to_hf split and join them.
+  one large matmul is faster than three small ones. hf_checkpoint.py splits and joins them.
 - With targets, forward() computes the loss chunk by chunk (loss.py) without materialising the
   (B, T, vocab) logits, which for 128K-152K vocabularies is the largest activation in the model.
 - generate() keeps a KV cache (KVCache): one token per step, RoPE positions offset by the cache
@@ -610,28 +610,6 @@ class GPT(nn.Module):
         x = self.ln_f(x[:, -1:])
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
         return F.linear(x, head)[:, 0]  # (B, V)
-
-    # -- Hugging Face checkpoints -------------------------------------------------------------
-
-    @classmethod
-    def from_hf(cls, path: str, dtype: torch.dtype | None = None, **overrides) -> GPT:
-        """Load a local Hugging Face folder (config.json + safetensors) of GPT2LMHeadModel,
-        LlamaForCausalLM or Qwen3ForCausalLM. overrides replace ModelConfig fields (e.g. attention_backend)."""
-        import hf_checkpoint
-
-        config, state_dict = hf_checkpoint.load(path, overrides)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(state_dict, strict=True, assign=True)  # no random init of 8B weights
-        if dtype is not None:
-            model.to(dtype)
-        return model
-
-    def to_hf(self, path: str, dtype: torch.dtype | None = None) -> None:
-        """Write a folder that transformers.AutoModelForCausalLM.from_pretrained(path) loads as is."""
-        import hf_checkpoint
-
-        hf_checkpoint.save(self, path, dtype)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import configurator
+import hf_checkpoint
 import parallel
 import tokenizer as tokenizers
 from model import GPT
@@ -55,7 +56,7 @@ def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokeniz
         else:
             tok = tokenizers.tokenizer_from_meta(data["meta"], data["path"])
         return model, tok
-    model = GPT.from_hf(cfg.init_from, dtype=torch.float32)
+    model = hf_checkpoint.from_hf(cfg.init_from, dtype=torch.float32)
     if cfg.tokenizer is None:
         raise tokenizers.TokenizerError("a Hugging Face folder needs --tokenizer=gpt2|llama2|llama3|qwen3 "
                                         "(and --tokenizer_path for a file of your own)")

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     B, T = t.per_device_train_batch_size, cfg.dataset.max_length
     mc = ModelConfig(block_size=T, **PRESETS[a.preset])
 
-    # finetune/train.py's build_lora_model, from a random base instead of GPT.from_hf
+    # finetune/train.py's build_lora_model, from a random base instead of hf_checkpoint.from_hf
     with torch.device("meta"):
         model = GPT(mc)
     model.to(dtype).to_empty(device=device)

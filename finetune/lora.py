@@ -97,7 +97,7 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     """A frozen (fused) nn.Linear plus one adapter per targeted output slice.
 
-    The base weight and bias keep their names (weight, bias), so the model's state dict, to_hf and
+    The base weight and bias keep their names (weight, bias), so the model's state dict, hf_checkpoint.to_hf and
     FLOP counting see the same base; adapters are lora_A.<hf_name> (r, in) and lora_B.<hf_name> (out_i, r).
     """
 
@@ -345,7 +345,7 @@ def _peft_keys(model: GPT) -> dict[tuple[str, str], str]:
     if hf_checkpoint.hf_architecture(model.config) == "GPT2LMHeadModel":
         raise ValueError(
             "PEFT export/import needs separate q/k/v modules; GPT-2 checkpoints fuse them (Conv1D c_attn), "
-            "so merge_lora and to_hf instead"
+            "so merge_lora and hf_checkpoint.to_hf instead"
         )
     out = {}
     for mname, m in lora_modules(model):

@@ -4,10 +4,10 @@ Fold a LoRA adapter into its base model and write a plain Hugging Face folder.
     cd finetune
     python merge_adapter.py --base_model BASE_DIR --adapter_path OUT/checkpoint-best --output_path OUT/merged
 
-The base is a Hugging Face folder (GPT.from_hf); the adapter a PEFT-format folder (adapter_config.json +
+The base is a Hugging Face folder (hf_checkpoint.from_hf); the adapter a PEFT-format folder (adapter_config.json +
 adapter_model.safetensors: what finetune/train.py writes into every checkpoint-N, or what peft's
 save_pretrained writes). The merge runs in fp32 (W_i + scaling * B_i A_i per projection slice), then the
-folder is written in the base's dtype (or --dtype) through to_hf, the base's tokenizer files copied in,
+folder is written in the base's dtype (or --dtype) through hf_checkpoint.to_hf, the base's tokenizer files copied in,
 and renamed into place: an interrupted merge never leaves a folder that looks complete.
 """
 
@@ -63,7 +63,7 @@ def load_adapted(base_model: str, adapter_path: str | None) -> GPT:
     """The base in fp32 with the adapter applied (lora.load_peft_adapter), or the base alone."""
     from lora import load_peft_adapter
 
-    model = GPT.from_hf(base_model, dtype=torch.float32)
+    model = hf_checkpoint.from_hf(base_model, dtype=torch.float32)
     if adapter_path is not None:
         load_peft_adapter(model, adapter_path)
     return model.eval()
@@ -89,7 +89,7 @@ def merge(base_model: str, adapter_path: str, output_path: str, dtype: torch.dty
     tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
     try:
         folder = os.path.join(tmp, "model")
-        model.to_hf(folder, dtype or base_dtype(base_model))
+        hf_checkpoint.to_hf(model, folder, dtype or base_dtype(base_model))
         copied = copy_tokenizer(base_model, folder)
         hf_checkpoint._replace_dir(folder, os.path.abspath(output_path))
     finally:

@@ -106,9 +106,11 @@ def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype
     """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
     from lora import apply_lora
 
+    import hf_checkpoint
+
     # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
     # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
-    model = GPT.from_hf(path, dtype=dtype).to(device)
+    model = hf_checkpoint.from_hf(path, dtype=dtype).to(device)
     apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
     if cfg.training.gradient_checkpointing:
         checkpoint_blocks(model)

@@ -19,13 +19,14 @@ from lora import LoRAConfig, apply_lora, lora_parameters, save_peft_adapter  # n
 from test_lora import PARTIAL, _base, _idx  # noqa: E402
 from test_sft_data import _hf_tokenizer_folder  # noqa: E402
 
+import hf_checkpoint  # noqa: E402
 from model import GPT  # noqa: E402
 
 
 def _adapter(base: str, out: str, init: str, seed: int = 5) -> GPT:
     """Our adapter model on base with nonzero B (a stand-in for training), saved in PEFT's format to out."""
     cfg = LoRAConfig(r=4, alpha=12, use_rslora=True, init=init, target_modules=PARTIAL)
-    ours = apply_lora(GPT.from_hf(base), cfg, seed=1).eval()
+    ours = apply_lora(hf_checkpoint.from_hf(base), cfg, seed=1).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(ours):
@@ -52,7 +53,7 @@ def test_merge_adapter_equals_the_adapter_model_and_peft_merge(init, tmp_path, c
         expected = ours(idx)[0]
         hf = AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(hf(input_ids=idx).logits, expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(GPT.from_hf(out)(idx)[0], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf_checkpoint.from_hf(out)(idx)[0], expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(peft_merged(input_ids=idx).logits, hf(input_ids=idx).logits, atol=1e-5, rtol=0)
     # a second merge replaces the folder
     assert merge_adapter.main(["--base_model", base, "--adapter_path", str(tmp_path / "adapter"),
@@ -184,9 +185,9 @@ def test_validate_config_checks_and_counts(tmp_path, capsys):
     assert "every key known and typed" in out[0] and "1 per GPU" in out[0]
     assert any("train data:" in line and "4 examples" in line for line in out)
     memory = json.loads(out[-1])["memory_gib"]
-    ours = apply_lora(GPT.from_hf(base), LoRAConfig(r=4, alpha=8, init="default"))
+    ours = apply_lora(hf_checkpoint.from_hf(base), LoRAConfig(r=4, alpha=8, init="default"))
     assert memory["n_adapter_params"] == sum(p.numel() for p in lora_parameters(ours))
-    assert memory["n_base_params"] == GPT.from_hf(base).num_params()
+    assert memory["n_base_params"] == hf_checkpoint.from_hf(base).num_params()
     assert memory["total_checkpointed"] < memory["total"]
 
 

