@@ -18,6 +18,7 @@ import configurator
 import hf_checkpoint
 import parallel
 import tokenizer as tokenizers
+from generation import generate
 from model import GPT
 
 
@@ -90,8 +91,8 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(cfg.num_samples):
-        out = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, eos_id=tok.eos_id,
-                             vocab_limit=tok.vocab_size)
+        out = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, eos_id=tok.eos_id,
+                       vocab_limit=tok.vocab_size)
         print(tok.decode(out[0].tolist()))
         print("---------------")
     return 0

@@ -8,7 +8,7 @@ Greedy generation from a fine-tuned model: a merged folder, or a base folder plu
 The model folder is a Hugging Face folder (hf_checkpoint.from_hf) with its tokenizer files (or --tokenizer DIR).
 The prompt is rendered with --template (the training run's dataset.template; `none` sends it as is),
 tokenized as in training (sft_data: the tokenizer's BOS policy) and decoded greedily with the KV cache
-of GPT.generate until EOS or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
+of generation.generate until EOS or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
 per line) prints one JSON line per prompt: prompt, completion and the number answers.py extracts.
 """
 

@@ -20,6 +20,7 @@ from transformers import (
 import configurator
 import hf_checkpoint
 import model as model_module
+from generation import generate
 from model import GPT, ModelConfig
 from train import TrainConfig
 
@@ -244,18 +245,18 @@ def test_greedy_generate_matches_hf(tmp_path):
     ours = hf_checkpoint.from_hf(str(tmp_path)).eval()
     prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(3))
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = ours.generate(prompt, max_new_tokens=12, temperature=0)
+    got = generate(ours, prompt, max_new_tokens=12, temperature=0)
     assert torch.equal(got, expected)
 
 
 def test_generate_sampling_respects_top_k_and_eos():
     m = GPT(_tiny("tiny_gpt2")).eval()
     torch.manual_seed(0)
-    out = m.generate(torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
-    greedy = m.generate(torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=0)
+    out = generate(m, torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
+    greedy = generate(m, torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=0)
     assert torch.equal(out, greedy)  # top_k=1 is greedy whatever the temperature
     first = int(greedy[0, 1])
-    stopped = m.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=20, temperature=0, eos_id=first)
+    stopped = generate(m, torch.zeros(1, 1, dtype=torch.long), max_new_tokens=20, temperature=0, eos_id=first)
     assert stopped.shape == (1, 2)
 
 

@@ -263,6 +263,7 @@ def test_token_accuracy_against_a_hand_computation():
 def test_generate_answers_equals_each_prompt_decoded_alone(tmp_path):
     from test_model import _randomize, _tiny
 
+    from generation import generate
     from model import GPT
 
     folder = _hf_tokenizer_folder(tmp_path / "tok")
@@ -276,7 +277,7 @@ def test_generate_answers_equals_each_prompt_decoded_alone(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     for ex, text in zip(examples, got):
         ids = tok(ex["prompt"])["input_ids"]  # with the BOS, as in training
-        alone = m.generate(torch.tensor([ids]), 6, temperature=0, eos_id=tok.eos_token_id, use_cache=False)[0, len(ids):]
+        alone = generate(m, torch.tensor([ids]), 6, temperature=0, eos_id=tok.eos_token_id, use_cache=False)[0, len(ids):]
         alone = alone.tolist()
         if tok.eos_token_id in alone:
             alone = alone[: alone.index(tok.eos_token_id)]

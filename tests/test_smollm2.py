@@ -12,6 +12,7 @@ import smollm2  # noqa: E402
 from sft_data import tokenize_examples  # noqa: E402
 
 import hf_checkpoint  # noqa: E402
+from generation import generate  # noqa: E402
 
 
 @pytest.mark.slow
@@ -31,7 +32,7 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # greedy decoding with our KV cache gives HF's tokens on a real model
     hf_tokens = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    assert torch.equal(ours.generate(ids, 8, temperature=0), hf_tokens)
+    assert torch.equal(generate(ours, ids, 8, temperature=0), hf_tokens)
     # the SFT tokenization of the same folder: no BOS (SmolLM2 adds none), the response ends in <|im_end|>
     ex = [{"prompt": "Question: 2 + 2?\nAnswer:\n", "response": "2 + 2 = 4\n#### 4", "answer": "4"}]
     [(input_ids, labels)] = tokenize_examples(ex, folder, max_length=64)
