@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_hf_llama
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune")
 sys.path.append(FINETUNE)  # after the root: finetune/train.py must not shadow train.py
@@ -84,16 +85,8 @@ def test_merge_adapter_bad_input_is_one_error_line(tmp_path, capsys):
 
 def _tiny_with_tokenizer(tmp_path) -> str:
     """A random tiny HF Llama whose vocabulary is the test tokenizer's 15 words, saved with it."""
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=15,
-                                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.3)
-    path = str(tmp_path / "tiny")
-    hf.save_pretrained(path)
+    # std=0.3: the weight scale these inference checks were written against
+    path = tiny_hf_llama(tmp_path / "tiny", std=0.3, vocab_size=15, bos_token_id=1, eos_token_id=2)
     return _hf_tokenizer_folder(path)
 
 

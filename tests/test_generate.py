@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from test_model import FAMILIES, _randomize, _tiny
+from conftest import randomize
+from test_model import FAMILIES, _tiny
 
 from generation import KVCache, generate, left_pad
 from model import GPT
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _model(name: str, **overrides) -> GPT:
     m = GPT(_tiny(name, **overrides)).eval()
-    _randomize(m, seed=1)  # larger, distinct weights than the init: logits far from uniform
+    randomize(m, seed=1)  # larger, distinct weights than the init: logits far from uniform
     return m
 
 

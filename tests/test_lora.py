@@ -7,8 +7,9 @@ import peft.tuners.lora.layer as peft_layer
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt, tiny_hf_llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
 import hf_checkpoint
 from finetune.lora import (
@@ -39,56 +40,18 @@ LLAMA31_ROPE = {
 }
 
 
-def _llama(n_kv: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=n_kv,
-            vocab_size=96,
-            max_position_embeddings=64,
-            rope_parameters=LLAMA31_ROPE,
-        )
-    )
-
-
+# case -> tiny_hf_llama overrides: Llama at GQA ratios 1, 2 and 4, and a tied Qwen3 with head_dim 12
 CASES = {
-    "llama_gqa1": lambda: _llama(4),
-    "llama_gqa2": lambda: _llama(2),
-    "llama_gqa4": lambda: _llama(1),
-    "qwen3": lambda: Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=12,
-            vocab_size=96,
-            tie_word_embeddings=True,
-            max_position_embeddings=64,
-        )
-    ),
+    "llama_gqa1": dict(num_key_value_heads=4, rope_parameters=LLAMA31_ROPE),
+    "llama_gqa2": dict(num_key_value_heads=2, rope_parameters=LLAMA31_ROPE),
+    "llama_gqa4": dict(num_key_value_heads=1, rope_parameters=LLAMA31_ROPE),
+    "qwen3": dict(qwen3=True, intermediate_size=40, head_dim=12, tie_word_embeddings=True),
 }
 
 
 def _base(case: str, tmp_path) -> str:
     """Save a randomised tiny HF model; return its folder."""
-    torch.manual_seed(0)
-    hf = CASES[case]()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(
-                (1.0 + 0.2 * torch.randn(p.shape, generator=g))
-                if "norm" in name
-                else 0.1 * torch.randn(p.shape, generator=g)
-            )
-    path = str(tmp_path / f"base_{case}")
-    hf.save_pretrained(path)
-    return path
+    return tiny_hf_llama(tmp_path / f"base_{case}", seed=1, std=0.1, **CASES[case])
 
 
 def _aligned(hf: torch.nn.Module) -> torch.nn.Module:
@@ -230,7 +193,7 @@ def test_gpt2_shape_against_unfused_reference():
     """GPT-2 c_attn (q, k, v with biases): each slice equals its own unfused LoRA linear, forward and
     backward (peft's GPT-2 oracle would adapt the fused Conv1D, a different function)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16))
+    model = tiny_gpt(block_size=32, n_layer=2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -431,7 +394,7 @@ def test_pissa_conversion_is_peft_route(rslora, tmp_path):
 def test_dropout_is_independent_per_projection():
     """Training-mode dropout draws one mask per projection in slice order, as peft's separate modules do."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = tiny_gpt()
     apply_lora(model, LoRAConfig(r=2, dropout=0.5, init="gaussian", target_modules=("q_proj", "v_proj")))
     _perturb_B(model)
     m = model.h[0].attn.c_attn.train()

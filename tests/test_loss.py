@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt
 
 import model
 from loss import LOSS_VARIANTS, linear_cross_entropy
-from model import GPT, ModelConfig
+from model import GPT
 
 
 def _inputs(dtype: torch.dtype, N: int = 90, d: int = 24, V: int = 70) -> tuple[torch.Tensor, ...]:
@@ -71,7 +72,7 @@ def test_frozen_head_or_input_gets_no_gradient_and_the_other_is_unchanged(varian
 
 def _tiny() -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    return tiny_gpt(block_size=64)
 
 
 @pytest.mark.parametrize("tokens,fused", [(16, False), (64, True)])

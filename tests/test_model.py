@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -116,22 +117,10 @@ HF_CASES = {
 }
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give every tensor (norm weights and biases included) distinct random values, so that a
-    mapping mistake anywhere shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def _hf_model(case: str) -> torch.nn.Module:
     torch.manual_seed(0)
     hf = HF_CASES[case]().eval()
-    _randomize(hf)
+    randomize(hf)
     if getattr(hf.config, "tie_word_embeddings", False):
         hf.tie_weights()
     return hf
