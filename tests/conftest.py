@@ -73,7 +73,7 @@ TINY_LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num
                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)  # GQA 2:1
 
 
-def tiny_gpt(**overrides):
+def tiny_gpt(**overrides) -> torch.nn.Module:
     """Our GPT at TINY_GPT's shape (overrides replace ModelConfig fields), with its own init."""
     from model import GPT, ModelConfig
 
