@@ -41,7 +41,7 @@ def export(argv: list[str]) -> int:
     configurator.check_output_dir(cfg.hf_dir, "hf_dir")
     path, state = checkpoint.latest(cfg.out_dir)
     model = checkpoint.load_model(path)
-    model.to_hf(cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
+    hf_checkpoint.to_hf(model, cfg.hf_dir, dtype=getattr(torch, cfg.dtype))
     print(f"wrote {cfg.hf_dir} ({hf_checkpoint.hf_architecture(model.config)}, iter {state['iter_num']}, {cfg.dtype})")
     return 0
 

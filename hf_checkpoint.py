@@ -1,9 +1,10 @@
 """
 Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM and Qwen3ForCausalLM.
 
-load(path) reads config.json and the safetensors weights of a local folder and returns our
-ModelConfig and a state dict in model.py's names. save(model, path) writes the reverse: a folder
-that transformers.AutoModelForCausalLM.from_pretrained loads without trust_remote_code.
+from_hf(path) reads config.json and the safetensors weights of a local folder into our GPT.
+to_hf(model, path) writes the reverse: a folder that transformers.AutoModelForCausalLM.from_pretrained
+loads without trust_remote_code. Conversion is not a method of the model, so model.py never imports
+this module.
 
 Name and layout differences handled here:
 - GPT-2 stores linear weights transposed (Conv1D, (in, out)); we use nn.Linear's (out, in).
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+import atomic
 from configurator import UserError
 from model import GPT, ModelConfig
 
@@ -152,13 +152,19 @@ def hf_to_config(hf: dict, overrides: dict | None = None) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def load(path: str, overrides: dict | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a local Hugging Face folder into (ModelConfig, state dict with model.py's names)."""
+def from_hf(path: str, dtype: torch.dtype | None = None, **overrides) -> GPT:
+    """Load a local Hugging Face folder (config.json + safetensors) of GPT2LMHeadModel, LlamaForCausalLM
+    or Qwen3ForCausalLM. overrides replace ModelConfig fields (e.g. attention_backend)."""
     hf = read_config(path)
     config = hf_to_config(hf, overrides)
     w = _read_weights(path)
     sd = _gpt2_to_ours(w, config) if hf["model_type"] == "gpt2" else _llama_to_ours(w, config)
-    return config, sd
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(sd, strict=True, assign=True)  # no random init of 8B weights
+    if dtype is not None:
+        model.to(dtype)
+    return model
 
 
 def _take(w: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -336,18 +342,16 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: GPT, path: str, dtype: torch.dtype | None = None) -> None:
-    """Write config.json and model.safetensors (sharded above 5 GB) atomically into path."""
+def to_hf(model: GPT, path: str, dtype: torch.dtype | None = None) -> None:
+    """Write a folder that transformers.AutoModelForCausalLM.from_pretrained(path) loads as is:
+    config.json and model.safetensors (sharded above 5 GB), atomically."""
     dtype = dtype or next(model.parameters()).dtype
     hf_config = config_to_hf(model.config, dtype)
     tensors = {
         k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state_dict_to_hf(model).items()
     }
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-    try:
+    with atomic.temp_dir(path, prefix=".tmp-hf-") as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -370,19 +374,4 @@ def save(model: GPT, path: str, dtype: torch.dtype | None = None) -> None:
             total = sum(v.numel() * v.element_size() for v in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Move the finished folder src to dst; an existing dst is swapped out only after src is complete."""
-    if os.path.exists(dst):
-        old = dst.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        atomic.replace_dir(tmp, path)

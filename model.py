@@ -17,14 +17,16 @@ The parts are chosen by config fields, never by a family's name:
 
 Implementation choices that differ from the Hugging Face modules (the function is the same):
 - q, k and v are one fused linear (c_attn), and so are the SwiGLU gate and up projections (c_fc);
-  one large matmul is faster than three small ones. from_hf/to_hf split and join them.
-- With targets, forward() computes the loss chunk by chunk without materialising the (B, T, vocab)
-  logits, which for 128K-152K vocabularies is the largest activation in the model.
-- generate() keeps a KV cache (KVCache): one token per step, RoPE positions offset by the cache
-  length, and left-padded batches through an attention mask with per-row positions (left_pad).
-  The training forward never sees the cache.
+  one large matmul is faster than three small ones. hf_checkpoint.py splits and joins them.
+- With targets, forward() computes the loss chunk by chunk (loss.py) without materialising the
+  (B, T, vocab) logits, which for 128K-152K vocabularies is the largest activation in the model.
+- forward(idx, cache=...) is the decoding step of generation.py: the cache gives each new token's
+  position (per row, for left-padded batches) and the keys it may see, and keeps every layer's keys
+  and values; only the last position's logits are computed. The training forward has no cache.
 
-The model never imports torch.distributed: parallelism wraps it from outside (see parallel.py).
+This file holds only the model: the fused loss is loss.py, sampling and the KV cache are
+generation.py, Hugging Face conversion is hf_checkpoint.py. It imports no project module but loss.py,
+and never torch.distributed: parallelism wraps it from outside (see parallel.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from loss import linear_cross_entropy, loss_chunk_tokens
 
 ATTENTION_BACKENDS = ("flash_attn_2", "sdpa", "manual")
 NORMS = ("layernorm", "rmsnorm")
@@ -48,7 +53,7 @@ class ModelConfig:
     """Every architectural choice of the model. Defaults are GPT-2 small (124M)."""
 
     vocab_size: int = 50304  # GPT-2's 50,257 padded up to a multiple of 64 for fast matmuls
-    block_size: int = 1024  # longest sequence: size of the learned position table; generate() crops to it
+    block_size: int = 1024  # longest sequence: size of the learned position table; generation crops to it
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: int | None = None  # None: same as n_head (multi-head attention)
@@ -202,16 +207,11 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (T, head_dim) for positions 0..T-1, computed in float32 then cast to dtype."""
-    return rope_cos_sin_at(inv_freq, torch.arange(T, device=inv_freq.device), dtype)
-
-
-def rope_cos_sin_at(
+def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (..., T, head_dim) for integer positions (..., T): per-row positions of a
-    left-padded batch, or positions offset by a KV cache's length."""
+    """cos and sin tables (..., T, head_dim) for integer positions (..., T), computed in float32 then cast
+    to dtype: 0..T-1 in training, per-row positions of a left-padded batch, or offset by a KV cache."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): rotate-half layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -252,35 +252,22 @@ def _flash_attn_available() -> bool:
     return False
 
 
-class KVCache:
-    """Keys and values of every layer for generation, preallocated (B, nkv, max_len, hd) on first use
-    in the dtype of the keys (so autocast's dtype), and filled left to right; `length` positions are set."""
+class DecodeCache(Protocol):
+    """The KV cache that forward() decodes with (generation.KVCache): all that model.py asks of it."""
 
-    def __init__(self, n_layer: int, max_len: int) -> None:
-        self.max_len, self.length = max_len, 0
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
+    def extend(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for T new tokens: their positions (B, T) and the mask (B, 1, T, L) of keys each may see."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) after the first `length` positions; return all (B, nkv, length + T, hd)."""
-        if self.k[layer] is None:
-            B, n, _, hd = k.shape
-            self.k[layer] = k.new_zeros(B, n, self.max_len, hd)
-            self.v[layer] = v.new_zeros(B, n, self.max_len, hd)
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store one layer's k, v (B, nkv, T, hd) of the new tokens; return all (B, nkv, L, hd) so far."""
 
 
 @dataclass
 class CacheView:
-    """What one attention layer needs to decode with the cache: the cache, its layer index, and the
-    boolean mask (B, 1, T, length + T) of keys each new query may see."""
+    """What one attention layer needs to decode with a cache: the cache, its layer index, and the
+    boolean mask (B, 1, T, L) of keys each new query may see."""
 
-    cache: KVCache
+    cache: DecodeCache
     layer: int
     mask: torch.Tensor
 
@@ -394,134 +381,6 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loss without the full logits
-
-# The fused loss's ways to form d(loss)/d(logits), selectable by name (bench/loss_bench.py compares them):
-# "scatter"      log_softmax, then exp_() + scatter_add_ in place: fewest passes in eager mode.
-# "where"        lse = logsumexp, then g = where(iota == t, p - 1, p): one pointwise pass that
-#                torch.compile fuses with the cast of g; under bf16 autocast its chunks are 2x larger.
-# "where_addmm"  "where", plus grad_w accumulated by addmm(..., out_dtype=float32) straight from the
-#                bf16 operands (CUDA only; elsewhere, and for fp32 inputs, it is "where").
-LOSS_VARIANTS = ("scatter", "where", "where_addmm")
-# The addmm overload with out_dtype (torch >= 2.8) exists only for CUDA with fp16/bf16 inputs.
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")
-
-
-def default_loss_variant(device_type: str) -> str:
-    """The fused-loss variant used when a model sets none: the fastest measured on that device type."""
-    return "scatter" if device_type == "cpu" else "where"
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (x @ W^T) against targets, chunked over tokens.
-
-    The forward pass computes each chunk's logits, loss and the gradients that are needed (need_x,
-    need_w), and keeps only those: (N, d) and (V, d); no (N, V) tensor outlives its chunk. Backward
-    scales them by grad_output. A frozen head (LoRA) skips the (V, d) gradient and its matmul.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        chunk: int,
-        variant: str,
-        need_x: bool,
-        need_w: bool,
-    ) -> torch.Tensor:
-        # x: (N, d), weight: (V, d), targets: (N,) with -1 for ignored positions
-        w = weight.to(x.dtype)
-        valid = targets != -1
-        safe_targets = targets.clamp(min=0)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = None
-        fp32_accumulate = (
-            variant == "where_addmm" and _ADDMM_OUT_DTYPE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling()  # torch 2.11's fake tensors reject addmm(out_dtype=) (H100 run)
-        )
-        vocab = torch.arange(weight.size(0), device=x.device)  # (V,)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(0), chunk):
-            sl = slice(start, start + chunk)
-            t, v = safe_targets[sl, None], valid[sl, None]  # (c, 1)
-            logits = (x[sl] @ w.t()).float()  # (c, V), fp32
-            # d(loss_i)/d(logits_i) = softmax_i - onehot(target_i)
-            if variant == "scatter":
-                logprobs = torch.log_softmax(logits, dim=-1)
-                loss = loss - (logprobs.gather(1, t) * v).sum()
-                g = logprobs.exp_().scatter_add_(1, t, torch.full_like(t, -1.0, dtype=torch.float32)).to(x.dtype)
-            else:
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
-                loss = loss + ((lse - logits.gather(1, t)) * v).sum()
-                p = torch.exp(logits - lse)
-                g = torch.where(vocab == t, p - 1, p).to(x.dtype)  # (c, V)
-            # ignored rows get zero gradient: mask the (c, d) operands, not the (c, V) one
-            if need_x:
-                grad_x[sl] = (g @ w) * v
-            if need_w:
-                xv = x[sl] * v  # (c, d)
-                if fp32_accumulate:
-                    if grad_w is None:
-                        grad_w = torch.mm(g.t(), xv, out_dtype=torch.float32)
-                    else:
-                        grad_w = torch.addmm(grad_w, g.t(), xv, out_dtype=torch.float32)
-                else:
-                    gw = g.t() @ xv  # (V, d)
-                    grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
-        n_valid = valid.sum().clamp(min=1)
-        ctx.save_for_backward(grad_x, grad_w, n_valid)
-        ctx.weight_dtype = weight.dtype
-        return loss / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x, grad_w, n_valid = ctx.saved_tensors
-        scale = grad_out / n_valid
-        gx = None if grad_x is None else (grad_x * scale).to(grad_x.dtype)
-        gw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
-        return gx, gw, None, None, None, None, None
-
-
-def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, variant: str | None = None
-) -> torch.Tensor:
-    """Mean cross-entropy of x (N, d) @ weight (V, d)^T against targets (N,), -1 ignored, chunk tokens at a time.
-
-    Gradients flow to whichever of x and weight require them; variant is one of LOSS_VARIANTS
-    (None: default_loss_variant of x's device).
-    """
-    variant = variant or default_loss_variant(x.device.type)
-    _check_choice("loss variant", variant, LOSS_VARIANTS)
-    need_x, need_w = x.requires_grad, weight.requires_grad
-    if not (torch.is_grad_enabled() and (need_x or need_w)):
-        return _chunked_cross_entropy_eval(x, weight, targets, chunk)
-    if variant != "scatter" and x.dtype in (torch.bfloat16, torch.float16):
-        chunk *= 2  # no fp32 (c, V) buffer outlives a fused pass: half the bytes per logit
-    return _LinearCrossEntropy.apply(x, weight, targets, chunk, variant, need_x, need_w)
-
-
-def _chunked_cross_entropy_eval(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """Same loss as _LinearCrossEntropy without gradients (eval, no_grad)."""
-    w = weight.to(x.dtype)
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
-    for start in range(0, x.size(0), chunk):
-        logits = (x[start : start + chunk] @ w.t()).float()
-        total = total + F.cross_entropy(
-            logits, targets[start : start + chunk], ignore_index=-1, reduction="sum"
-        )
-    return total / (targets != -1).sum().clamp(min=1)
-
-
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of the fused loss: about 2^28 logits (1 GiB in fp32), at least 256."""
-    return max(256, (1 << 28) // vocab_size // 256 * 256)
-
-
-# -----------------------------------------------------------------------------
 # The model
 
 
@@ -543,7 +402,7 @@ class GPT(nn.Module):
             None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         )
         self.loss_chunk = loss_chunk_tokens(config.vocab_size)
-        self.loss_variant: str | None = None  # one of LOSS_VARIANTS; None: default_loss_variant(device)
+        self.loss_variant: str | None = None  # one of loss.LOSS_VARIANTS; None: loss.default_loss_variant(device)
         if not self.wte.weight.is_meta:
             self.init_weights()
 
@@ -599,28 +458,40 @@ class GPT(nn.Module):
         return matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: DecodeCache | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
         Without targets: logits (B, T, vocab_size) for every position, loss None.
         With targets (B, T), -1 for ignored positions: the mean cross-entropy is computed chunk by
         chunk, without materialising the full logits, and logits is None.
+        With a cache (generation.KVCache), idx continues the cached tokens: their positions and the
+        padding mask come from the cache, every layer's keys and values are appended to it, and logits
+        are (B, 1, vocab_size) for the last position only, so a prefill never builds (B, T, vocab).
         """
         B, T = idx.size()
         if T > self.config.block_size and self.wpe is not None:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        elif targets is not None:
+            raise ValueError("a cache is for decoding; compute the loss without one")
+        else:
+            pos, mask = cache.extend(T)  # (B, T) per row, since a left-padded row starts at 0
         x = self.wte(idx)  # (B, T, d)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(pos)
         else:
             # q and k come out of a linear layer, so under autocast they are in the autocast dtype
             act_dtype = _autocast_dtype(idx.device.type) or x.dtype
-            rope = rope_cos_sin(rope_inv_freq(self.config, idx.device), T, act_dtype)
+            cos, sin = rope_cos_sin(rope_inv_freq(self.config, idx.device), pos, act_dtype)  # (T, hd)
+            rope = (cos, sin) if cache is None else (cos[:, None], sin[:, None])  # cached: (B, 1, T, hd)
         x = self.drop(x)
-        for block in self.h:
-            x = block(x, rope)
+        for i, block in enumerate(self.h):
+            x = block(x, rope) if cache is None else block(x, rope, CacheView(cache, i, mask))
+        if cache is not None:
+            x = x[:, -1:]  # decoding needs only the next token's logits: no (B, T, vocab) in a prefill
         return self.head(x, targets)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -646,134 +517,9 @@ class GPT(nn.Module):
             loss = linear_cross_entropy(x, head, targets, self.loss_chunk, self.loss_variant)
         return None, loss
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        vocab_limit: int | None = None,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy.
-
-        vocab_limit: only ids below it are sampled (a vocabulary padded past the tokenizer's has
-        ids no tokenizer can decode). eos_id: a row that produced it gets eos_id from then on, and
-        generation stops when every row has. attention_mask (B, T): 1 on prompt tokens, 0 on left
-        padding (see left_pad); each row then decodes as it would alone.
-        use_cache: keep every layer's keys and values (KVCache) so each step runs one token. When the
-        prompt plus max_new_tokens exceeds block_size, the loop re-runs the cropped context each step
-        instead, as nanoGPT does (the cache cannot slide a learned-position window).
-        """
-        B, T = idx.shape
-        fits = T + max_new_tokens <= self.config.block_size
-        if attention_mask is not None:
-            if attention_mask.shape != idx.shape:
-                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match idx {tuple(idx.shape)}")
-            if not (use_cache and fits):
-                raise ValueError(f"attention_mask needs use_cache=True and prompt + max_new_tokens <= block_size="
-                                 f"{self.config.block_size}; got {T} + {max_new_tokens}")
-        cached = use_cache and fits
-        if cached:
-            cache = KVCache(self.config.n_layer, T + max_new_tokens)
-            keys = (torch.ones_like(idx) if attention_mask is None else attention_mask).bool()  # (B, L)
-            positions = (keys.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): a padded row starts at 0
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            if cached:
-                new = idx if step == 0 else idx[:, -1:]
-                logits = self._forward_cached(new, positions, keys, cache)
-            else:
-                logits, _ = self(idx[:, -self.config.block_size :])
-                logits = logits[:, -1]
-            logits = logits[:, :vocab_limit].float()  # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            if eos_id is not None:
-                next_id = next_id.masked_fill(finished[:, None], eos_id)
-                finished |= next_id[:, 0] == eos_id
-            idx = torch.cat((idx, next_id), dim=1)
-            if eos_id is not None and bool(finished.all()):
-                break
-            if cached:
-                keys = torch.cat((keys, keys.new_ones(B, 1)), dim=1)
-                positions = positions[:, -1:] + 1
-        return idx
-
-    def _forward_cached(
-        self, idx: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        """Logits (B, V) at the last of the new tokens idx (B, T) at positions (B, T), appending their keys
-        and values to cache; keys (B, cache.length + T) marks the real (not padding) tokens."""
-        T, past = idx.size(1), cache.length
-        x = self.wte(idx)  # (B, T, d)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        else:
-            act_dtype = _autocast_dtype(idx.device.type) or x.dtype
-            cos, sin = rope_cos_sin_at(rope_inv_freq(self.config, idx.device), positions, act_dtype)
-            rope = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
-        # Query i (at past + i) sees key j <= past + i that is not padding, and always itself, so a
-        # padding query has a non-empty softmax (its output is never used).
-        q_at = torch.arange(past, past + T, device=idx.device)[:, None]  # (T, 1)
-        k_at = torch.arange(past + T, device=idx.device)[None, :]  # (1, L)
-        mask = ((k_at <= q_at) & keys[:, None, :]) | (k_at == q_at)  # (B, T, L)
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            x = block(x, rope, CacheView(cache, i, mask[:, None]))
-        cache.length += T
-        x = self.ln_f(x[:, -1:])
-        head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
-        return F.linear(x, head)[:, 0]  # (B, V)
-
-    # -- Hugging Face checkpoints -------------------------------------------------------------
-
-    @classmethod
-    def from_hf(cls, path: str, dtype: torch.dtype | None = None, **overrides) -> GPT:
-        """Load a local Hugging Face folder (config.json + safetensors) of GPT2LMHeadModel,
-        LlamaForCausalLM or Qwen3ForCausalLM. overrides replace ModelConfig fields (e.g. attention_backend)."""
-        import hf_checkpoint
-
-        config, state_dict = hf_checkpoint.load(path, overrides)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(state_dict, strict=True, assign=True)  # no random init of 8B weights
-        if dtype is not None:
-            model.to(dtype)
-        return model
-
-    def to_hf(self, path: str, dtype: torch.dtype | None = None) -> None:
-        """Write a folder that transformers.AutoModelForCausalLM.from_pretrained(path) loads as is."""
-        import hf_checkpoint
-
-        hf_checkpoint.save(self, path, dtype)
-
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype active for device_type, or None outside autocast."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of different lengths as (idx, attention_mask) int64 (B, T_max), padded on the left for generate()."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), T), dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        if p:
-            idx[i, T - len(p) :] = torch.tensor(p, dtype=torch.int64)
-            mask[i, T - len(p) :] = 1
-    return idx.to(device), mask.to(device)

@@ -16,8 +16,10 @@ import torch
 import checkpoint
 import configurator
 import hardware
+import hf_checkpoint
 import parallel
 import tokenizer as tokenizers
+from generation import generate
 from model import GPT
 
 
@@ -58,7 +60,7 @@ def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokeniz
         else:
             tok = tokenizers.tokenizer_from_meta(data["meta"], data["path"])
         return model, tok
-    model = GPT.from_hf(cfg.init_from, dtype=torch.float32)
+    model = hf_checkpoint.from_hf(cfg.init_from, dtype=torch.float32)
     if cfg.tokenizer is None:
         raise tokenizers.TokenizerError("a Hugging Face folder needs --tokenizer=gpt2|llama2|llama3|qwen3 "
                                         "(and --tokenizer_path for a file of your own)")
@@ -89,8 +91,8 @@ def sample(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(cfg.num_samples):
-        out = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, eos_id=tok.eos_id,
-                             vocab_limit=tok.vocab_size)
+        out = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, eos_id=tok.eos_id,
+                       vocab_limit=tok.vocab_size)
         print(tok.decode(out[0].tolist()))
         print("---------------")
     return 0

@@ -69,7 +69,9 @@ def build_model(tc: TrainConfig, mc: ModelConfig, device: torch.device, ckpt_pat
         return checkpoint.load_model(ckpt_path, mc).to(device)
     if tc.init_from != "scratch":
         overrides = {k: getattr(mc, k) for k in RUNTIME_MODEL_KEYS}
-        return GPT.from_hf(tc.init_from, dtype=torch.float32, **overrides).to(device)
+        import hf_checkpoint
+
+        return hf_checkpoint.from_hf(tc.init_from, dtype=torch.float32, **overrides).to(device)
     with torch.device("meta"):
         model = GPT(mc)
     model.to_empty(device=device)

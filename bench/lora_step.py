@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import configurator  # noqa: E402
 from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
 from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
+from generation import generate  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, rope_theta=500000.0)
@@ -135,16 +136,16 @@ def timed(step, x: torch.Tensor, y: torch.Tensor, n: int, device: str) -> float:
 
 @torch.no_grad()
 def generation(model: GPT, prompt: torch.Tensor, n: int, device: str, dtype: torch.dtype) -> dict:
-    """Greedy tokens/s of model.generate with and without the KV cache (equal tokens checked)."""
+    """Greedy tokens/s of generation.generate with and without the KV cache (equal tokens checked)."""
     model.eval()
     out, rate = {}, {}
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     for use_cache in (True, False):
         with autocast:
-            model.generate(prompt, 2, temperature=0, use_cache=use_cache)  # warm-up
+            generate(model, prompt, 2, temperature=0, use_cache=use_cache)  # warm-up
             sync(device)
             t0 = time.perf_counter()
-            out[use_cache] = model.generate(prompt, n, temperature=0, use_cache=use_cache)
+            out[use_cache] = generate(model, prompt, n, temperature=0, use_cache=use_cache)
             sync(device)
         rate[use_cache] = prompt.size(0) * n / (time.perf_counter() - t0)
     model.train()

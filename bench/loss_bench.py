@@ -1,6 +1,6 @@
 """Time and peak memory of the output-head loss, forward + backward, at one (N, d, V).
 
-Compares model.py's fused loss (each variant of model.LOSS_VARIANTS) with F.linear + F.cross_entropy
+Compares loss.py's fused loss (each variant of loss.LOSS_VARIANTS) with F.linear + F.cross_entropy
 and with Liger's fused linear cross-entropy when liger_kernel is importable. One JSON line per
 measurement, ratios against F.linear + F.cross_entropy in the same process.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import model  # noqa: E402
+from loss import _ADDMM_OUT_DTYPE, LOSS_VARIANTS, linear_cross_entropy, loss_chunk_tokens  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--V", type=int, default=128256, help="vocabulary")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--variants", default=",".join(model.LOSS_VARIANTS), help="comma-separated LOSS_VARIANTS")
-    p.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: model.loss_chunk_tokens(V))")
+    p.add_argument("--variants", default=",".join(LOSS_VARIANTS), help="comma-separated LOSS_VARIANTS")
+    p.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: loss_chunk_tokens(V))")
     p.add_argument("--compile", action="store_true", help="torch.compile each loss function")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         args.N, args.d, args.V, args.iters, args.warmup, args.device = 96, 32, 300, 1, 1, "cpu"
         args.chunk = args.chunk or 40  # several uneven chunks
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in model.LOSS_VARIANTS]
+    unknown = [v for v in variants if v not in LOSS_VARIANTS]
     if unknown:
-        print(f"error: unknown --variants {','.join(unknown)}; choose from {','.join(model.LOSS_VARIANTS)}", file=sys.stderr)
+        print(f"error: unknown --variants {','.join(unknown)}; choose from {','.join(LOSS_VARIANTS)}", file=sys.stderr)
         return 2
     if min(args.N, args.d, args.V, args.iters) <= 0 or args.warmup < 0 or args.chunk < 0:
         print("error: --N, --d, --V and --iters must be positive, --warmup and --chunk >= 0", file=sys.stderr)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device=cuda but no CUDA device is visible; use --device=cpu", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    chunk = args.chunk or model.loss_chunk_tokens(args.V)
+    chunk = args.chunk or loss_chunk_tokens(args.V)
     print(
         json.dumps(
             {
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 "threads": torch.get_num_threads(),
                 "N": args.N, "d": args.d, "V": args.V, "dtype": str(dtype), "chunk": chunk, "compile": args.compile,
-                "addmm_out_dtype": model._ADDMM_OUT_DTYPE,
+                "addmm_out_dtype": _ADDMM_OUT_DTYPE,
             }
         ),
         flush=True,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     candidates: dict[str, Callable] = {"F.linear+F.cross_entropy": ref}
     for v in variants:
-        candidates[f"fused:{v}"] = lambda x, w, t, v=v: model.linear_cross_entropy(x, w, t, chunk, v)
+        candidates[f"fused:{v}"] = lambda x, w, t, v=v: linear_cross_entropy(x, w, t, chunk, v)
     liger = liger_loss()
     if liger is not None and device == "cuda":
         candidates["liger"] = lambda x, w, t: liger(x, w.to(x.dtype), t)

@@ -43,7 +43,7 @@ UNSUPPORTED = {
 
 @dataclass
 class ModelArgs:
-    """The base model: a Hugging Face folder (or hub id) loaded through GPT.from_hf."""
+    """The base model: a Hugging Face folder (or hub id) loaded through hf_checkpoint.from_hf."""
 
     name_or_path: str = ""
     tokenizer: str | None = None  # a tokenizer folder; None: the model's folder

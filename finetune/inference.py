@@ -5,10 +5,10 @@ Greedy generation from a fine-tuned model: a merged folder, or a base folder plu
     python inference.py --model_path OUT/merged --prompt "What is 12 + 30?" --template qa
     python inference.py --model_path BASE_DIR --adapter_path OUT/checkpoint-best --input_file prompts.txt
 
-The model folder is a Hugging Face folder (GPT.from_hf) with its tokenizer files (or --tokenizer DIR).
+The model folder is a Hugging Face folder (hf_checkpoint.from_hf) with its tokenizer files (or --tokenizer DIR).
 The prompt is rendered with --template (the training run's dataset.template; `none` sends it as is),
 tokenized as in training (sft_data: the tokenizer's BOS policy) and decoded greedily with the KV cache
-of GPT.generate until EOS or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
+of generation.generate until EOS or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
 per line) prints one JSON line per prompt: prompt, completion and the number answers.py extracts.
 """
 

@@ -29,14 +29,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import atomic
 import hf_checkpoint
 from configurator import UserError
 from model import GPT
@@ -101,7 +100,7 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     """A frozen (fused) nn.Linear plus one adapter per targeted output slice.
 
-    The base weight and bias keep their names (weight, bias), so the model's state dict, to_hf and
+    The base weight and bias keep their names (weight, bias), so the model's state dict, hf_checkpoint.to_hf and
     FLOP counting see the same base; adapters are lora_A.<hf_name> (r, in) and lora_B.<hf_name> (out_i, r).
     """
 
@@ -349,7 +348,7 @@ def _peft_keys(model: GPT) -> dict[tuple[str, str], str]:
     if hf_checkpoint.hf_architecture(model.config) == "GPT2LMHeadModel":
         raise ValueError(
             "PEFT export/import needs separate q/k/v modules; GPT-2 checkpoints fuse them (Conv1D c_attn), "
-            "so merge_lora and to_hf instead"
+            "so merge_lora and hf_checkpoint.to_hf instead"
         )
     out = {}
     for mname, m in lora_modules(model):
@@ -413,22 +412,16 @@ def save_peft_adapter(
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
+    with atomic.temp_dir(out_dir, prefix=".tmp-adapter-") as tmp:
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        hf_checkpoint._replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.replace_dir(tmp, out_dir)
 
 
 def load_adapted(base_model: str, adapter_path: str | None) -> GPT:
     """The base (a Hugging Face folder) in fp32 with a PEFT-format adapter applied, or the base alone."""
-    model = GPT.from_hf(base_model, dtype=torch.float32)
+    model = hf_checkpoint.from_hf(base_model, dtype=torch.float32)
     if adapter_path is not None:
         load_peft_adapter(model, adapter_path)
     return model.eval()

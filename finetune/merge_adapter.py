@@ -4,10 +4,10 @@ Fold a LoRA adapter into its base model and write a plain Hugging Face folder.
     cd finetune
     python merge_adapter.py --base_model BASE_DIR --adapter_path OUT/checkpoint-best --output_path OUT/merged
 
-The base is a Hugging Face folder (GPT.from_hf); the adapter a PEFT-format folder (adapter_config.json +
+The base is a Hugging Face folder (hf_checkpoint.from_hf); the adapter a PEFT-format folder (adapter_config.json +
 adapter_model.safetensors: what finetune/train.py writes into every checkpoint-N, or what peft's
 save_pretrained writes). The merge runs in fp32 (W_i + scaling * B_i A_i per projection slice), then the
-folder is written in the base's dtype (or --dtype) through to_hf, the base's tokenizer files copied in,
+folder is written in the base's dtype (or --dtype) through hf_checkpoint.to_hf, the base's tokenizer files copied in,
 and renamed into place: an interrupted merge never leaves a folder that looks complete.
 """
 
@@ -55,7 +55,7 @@ def merge(base_model: str, adapter_path: str, output_path: str, dtype: torch.dty
     model = merge_lora(load_adapted(base_model, adapter_path))
     with atomic.temp_dir(output_path, prefix=".tmp-merge-") as tmp:
         folder = os.path.join(tmp, "model")
-        model.to_hf(folder, dtype or base_dtype(base_model))
+        hf_checkpoint.to_hf(model, folder, dtype or base_dtype(base_model))
         copied = copy_tokenizer(base_model, folder)
         atomic.replace_dir(folder, os.path.abspath(output_path))
     return copied

@@ -340,10 +340,10 @@ def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer
                      batch_size: int = 16, device: str | torch.device = "cpu") -> list[str]:
     """Greedy completions (text, cut at EOS) of each example's prompt, tokenized as in training.
 
-    Prompts are batched by length with left padding and decoded with the KV cache (GPT.generate),
+    Prompts are batched by length with left padding and decoded with the KV cache (generation.generate),
     so each completion equals decoding its prompt alone. Score them with answers.answer_accuracy.
     """
-    from model import left_pad
+    from generation import generate, left_pad
 
     enc = _Encoder(tokenizer)
     prompts = [enc.bos + list(p) for p in enc.encode([e["prompt"] for e in examples])]
@@ -354,7 +354,7 @@ def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         idx, mask = left_pad([prompts[i] for i in rows], pad_id=enc.eos_id, device=device)
-        new = model.generate(idx, max_new_tokens, temperature=0, eos_id=enc.eos_id, attention_mask=mask)
+        new = generate(model, idx, max_new_tokens, temperature=0, eos_id=enc.eos_id, attention_mask=mask)
         for i, ids in zip(rows, new[:, idx.size(1):].tolist()):
             out[i] = enc.decode(ids[:ids.index(enc.eos_id)] if enc.eos_id in ids else ids)
     model.train(was_training)

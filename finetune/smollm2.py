@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct as a plain Hugging Face folder, built offline from the GGU
 transformers (with the `gguf` package) loads the GGUF into LlamaForCausalLM, dequantizing the Q4_1
 weights to float32, but refuses to save_pretrained a GGUF-loaded model; a LlamaForCausalLM rebuilt
 from its config and state_dict saves fine. The folder (config.json, model.safetensors, tokenizer
-files) then loads with GPT.from_hf and AutoModelForCausalLM like any checkpoint. It is written to a
+files) then loads with hf_checkpoint.from_hf and AutoModelForCausalLM like any checkpoint. It is written to a
 temporary folder and renamed into place, so an interrupted build never leaves a folder that looks done.
 """
 

@@ -6,7 +6,7 @@ LoRA fine-tuning of a released model on math SFT data, with the shared training 
     torchrun --nproc_per_node=8 train.py --config ...        (or: accelerate launch --multi_gpu ... train.py --config ...)
 
 The story of a run: read the YAML (config.py) -> join the process group -> load the base (a Hugging Face
-folder, GPT.from_hf; bf16 on GPU) -> apply LoRA (lora.py; PiSSA's SVD, or the saved initial factors on a
+folder, hf_checkpoint.from_hf; bf16 on GPU) -> apply LoRA (lora.py; PiSSA's SVD, or the saved initial factors on a
 resume) -> optional activation checkpointing per block -> wrap (DDP / ZeRO-1 / FSDP2: only the adapters
 train, so only they are reduced) -> tokenize the SFT data (sft_data.py) -> run loop.run_loop
 with this backend's seams:
@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import hf_checkpoint  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
 from finetune.config import (  # noqa: E402
@@ -88,7 +89,7 @@ def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype
     """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
     # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
     # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
-    model = GPT.from_hf(path, dtype=dtype).to(device)
+    model = hf_checkpoint.from_hf(path, dtype=dtype).to(device)
     apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
     return model
 

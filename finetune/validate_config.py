@@ -139,7 +139,8 @@ def estimate_memory(mc, cfg: FinetuneConfig, world_size: int, on_gpu: bool = Tru
     """GiB per GPU of the run (see the module docstring), activations with and without checkpointing."""
     import torch
 
-    from model import GPT, loss_chunk_tokens
+    from loss import loss_chunk_tokens
+    from model import GPT
 
     with torch.device("meta"):
         n_base = GPT(mc).num_params()

@@ -79,7 +79,7 @@ def main(work: str, data: str) -> None:
     model = GPT(mc)
     model.init_weights()
     hf = os.path.join(work, "hf")
-    hf_checkpoint.save(model, hf, torch.float32)
+    hf_checkpoint.to_hf(model, hf, torch.float32)
 
     ours = run([sys.executable, "train.py", preset, f"--init_from={hf}", "--dtype=bfloat16", "--device=cuda"])
     ours = losses(ours, r"iter (\d+): loss ([0-9.]+)")

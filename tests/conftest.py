@@ -63,3 +63,46 @@ def write_char_dataset(out_dir, n_chars: int = 60_000, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def char_dataset(tmp_path_factory) -> str:
     return write_char_dataset(tmp_path_factory.mktemp("data") / "synthetic_char")
+
+
+# -----------------------------------------------------------------------------
+# Tiny models: test files import these (`from conftest import tiny_gpt`) rather than type out their own.
+
+TINY_GPT = dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)  # GPT-2 features
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)  # GQA 2:1
+
+
+def tiny_gpt(**overrides) -> torch.nn.Module:
+    """Our GPT at TINY_GPT's shape (overrides replace ModelConfig fields), with its own init."""
+    from model import GPT, ModelConfig
+
+    return GPT(ModelConfig(**{**TINY_GPT, **overrides}))
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every tensor (norm weights and biases included) distinct random values, so that a
+    mapping mistake anywhere shows in the logits: norms 1 + 0.2 N(0, 1), the rest std N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def tiny_hf_llama(path, *, seed: int = 0, std: float = 0.05, qwen3: bool = False, **overrides) -> str:
+    """Save a transformers LlamaForCausalLM at TINY_LLAMA's shape (overrides replace LlamaConfig fields),
+    every tensor randomised (randomize(seed, std)), to the folder path; return it.
+
+    qwen3=True saves a Qwen3ForCausalLM instead (the same blocks plus QK-norm) from the same fields.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config, cls = (Qwen3Config, Qwen3ForCausalLM) if qwen3 else (LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(0)  # HF's own init draws from the global RNG: the test's later draws stay repeatable
+    hf = cls(config(**{**TINY_LLAMA, **overrides}))
+    randomize(hf, seed, std)
+    hf.save_pretrained(path)
+    return str(path)

@@ -7,11 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_hf_llama
 from peft import PeftModel
 from test_lora import PARTIAL, _base, _idx
 from test_sft_data import _hf_tokenizer_folder
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import hf_checkpoint
 from finetune import inference, merge_adapter, smollm2, validate_config
 from finetune.lora import LoRAConfig, apply_lora, lora_parameters, save_peft_adapter
 from model import GPT
@@ -22,7 +24,7 @@ FINETUNE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def _adapter(base: str, out: str, init: str, seed: int = 5) -> GPT:
     """Our adapter model on base with nonzero B (a stand-in for training), saved in PEFT's format to out."""
     cfg = LoRAConfig(r=4, alpha=12, use_rslora=True, init=init, target_modules=PARTIAL)
-    ours = apply_lora(GPT.from_hf(base), cfg, seed=1).eval()
+    ours = apply_lora(hf_checkpoint.from_hf(base), cfg, seed=1).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(ours):
@@ -49,7 +51,7 @@ def test_merge_adapter_equals_the_adapter_model_and_peft_merge(init, tmp_path, c
         expected = ours(idx)[0]
         hf = AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(hf(input_ids=idx).logits, expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(GPT.from_hf(out)(idx)[0], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf_checkpoint.from_hf(out)(idx)[0], expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(peft_merged(input_ids=idx).logits, hf(input_ids=idx).logits, atol=1e-5, rtol=0)
     # a second merge replaces the folder
     assert merge_adapter.main(["--base_model", base, "--adapter_path", str(tmp_path / "adapter"),
@@ -80,16 +82,8 @@ def test_merge_adapter_bad_input_is_one_error_line(tmp_path, capsys):
 
 def _tiny_with_tokenizer(tmp_path) -> str:
     """A random tiny HF Llama whose vocabulary is the test tokenizer's 15 words, saved with it."""
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=15,
-                                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.3)
-    path = str(tmp_path / "tiny")
-    hf.save_pretrained(path)
+    # std=0.3: the weight scale these inference checks were written against
+    path = tiny_hf_llama(tmp_path / "tiny", std=0.3, vocab_size=15, bos_token_id=1, eos_token_id=2)
     return _hf_tokenizer_folder(path)
 
 
@@ -180,9 +174,9 @@ def test_validate_config_checks_and_counts(tmp_path, capsys):
     assert "every key known and typed" in out[0] and "1 per GPU" in out[0]
     assert any("train data:" in line and "4 examples" in line for line in out)
     memory = json.loads(out[-1])["memory_gib"]
-    ours = apply_lora(GPT.from_hf(base), LoRAConfig(r=4, alpha=8, init="default"))
+    ours = apply_lora(hf_checkpoint.from_hf(base), LoRAConfig(r=4, alpha=8, init="default"))
     assert memory["n_adapter_params"] == sum(p.numel() for p in lora_parameters(ours))
-    assert memory["n_base_params"] == GPT.from_hf(base).num_params()
+    assert memory["n_base_params"] == hf_checkpoint.from_hf(base).num_params()
     assert memory["total_checkpointed"] < memory["total"]
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import tiny_hf_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
@@ -23,7 +24,7 @@ from finetune.data import make_math  # noqa: E402
 def _write_assets(out: str) -> dict:
     """Offline math data, a word-level tokenizer over it and a tiny random Llama (GQA 2:1) in one HF folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     make_math.write_dataset(os.path.join(out, "math"), n_train=64, n_test=8, seed=0)
     pre = pre_tokenizers.Whitespace()
@@ -40,11 +41,9 @@ def _write_assets(out: str) -> dict:
     model_dir = os.path.join(out, "model")
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                      eos_token_id=2, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    # std=0.02: transformers' initializer_range, the scale this run's losses were written against
+    tiny_hf_llama(model_dir, std=0.02, vocab_size=len(vocab), intermediate_size=64, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
     return {"model": model_dir, "train": os.path.join(out, "math", "gsm8k", "train.jsonl"),
             "test": os.path.join(out, "math", "gsm8k", "test.jsonl")}
 

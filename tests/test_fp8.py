@@ -10,6 +10,7 @@ from test_train import ok, read_log, run_train, tiny_args
 
 import configurator
 import fp8
+import hf_checkpoint
 from configurator import TrainConfig
 from model import GPT, ModelConfig
 
@@ -112,7 +113,7 @@ def test_fp8_run_trains_resumes_and_exports(char_dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(hf)
-    ours = GPT.from_hf(str(hf))
+    ours = hf_checkpoint.from_hf(str(hf))
     idx = torch.randint(0, 60, (2, 16))
     torch.testing.assert_close(hf_model(idx).logits, ours(idx)[0], atol=1e-4, rtol=1e-4)
 

@@ -6,16 +6,18 @@ import sys
 
 import pytest
 import torch
-from test_model import FAMILIES, _randomize, _tiny
+from conftest import randomize
+from test_model import FAMILIES, _tiny
 
-from model import GPT, KVCache, left_pad
+from generation import KVCache, generate, left_pad
+from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _model(name: str, **overrides) -> GPT:
     m = GPT(_tiny(name, **overrides)).eval()
-    _randomize(m, seed=1)  # larger, distinct weights than the init: logits far from uniform
+    randomize(m, seed=1)  # larger, distinct weights than the init: logits far from uniform
     return m
 
 
@@ -27,9 +29,9 @@ def _prompt(B: int, T: int, seed: int = 0) -> torch.Tensor:
 def test_cached_greedy_equals_uncached(name):
     m = _model(name)
     prompt = _prompt(3, 9)
-    uncached = m.generate(prompt, 24, temperature=0, use_cache=False)
-    assert torch.equal(m.generate(prompt, 24, temperature=0), uncached)
-    assert torch.equal(m.generate(prompt, 24, temperature=0, top_k=1), uncached)  # top_k=1 sampling is greedy
+    uncached = generate(m, prompt, 24, temperature=0, use_cache=False)
+    assert torch.equal(generate(m, prompt, 24, temperature=0), uncached)
+    assert torch.equal(generate(m, prompt, 24, temperature=0, top_k=1), uncached)  # top_k=1 sampling is greedy
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -39,21 +41,29 @@ def test_cached_logits_equal_full_forward_at_every_position(name):
     m = _model(name)
     idx = _prompt(2, 16, seed=1)
     full, _ = m(idx)  # (B, T, V)
-    cache = KVCache(m.config.n_layer, 16)
-    keys = torch.ones(2, 5, dtype=torch.bool)
-    got = [m._forward_cached(idx[:, :5], torch.arange(5).expand(2, 5), keys, cache)]
+    cache = KVCache(m.config.n_layer, 16, torch.ones(2, 5, dtype=torch.long))
+    got = [m(idx[:, :5], cache=cache)[0][:, -1]]
     for t in range(5, 16):
-        keys = torch.cat((keys, torch.ones(2, 1, dtype=torch.bool)), dim=1)
-        got.append(m._forward_cached(idx[:, t : t + 1], torch.full((2, 1), t), keys, cache))
+        got.append(m(idx[:, t : t + 1], cache=cache)[0][:, -1])
     assert cache.length == 16
     torch.testing.assert_close(torch.stack(got, 1), full[:, 4:], rtol=0, atol=1e-5)
+
+
+def test_cached_forward_computes_only_the_last_logits():
+    # Vocabularies are 49K-152K tokens: a prefill must not build (B, T, vocab) logits.
+    m = _model("tiny_llama3")
+    cache = KVCache(m.config.n_layer, 16, torch.ones(2, 10, dtype=torch.long))
+    logits, loss = m(_prompt(2, 10), cache=cache)
+    assert logits.shape == (2, 1, m.config.vocab_size) and loss is None
+    with pytest.raises(ValueError, match="cache"):
+        m(_prompt(2, 1), _prompt(2, 1), cache=cache)
 
 
 def test_rope_scaling_is_used_by_the_cached_path():
     # Llama-3.1 scaling changes the function, so a cache that ignored it would decode differently.
     scaled, plain = _model("tiny_llama3"), _model("tiny_llama3", rope_scaling_factor=None)
     prompt = _prompt(2, 8)
-    assert not torch.equal(scaled.generate(prompt, 16, temperature=0), plain.generate(prompt, 16, temperature=0))
+    assert not torch.equal(generate(scaled, prompt, 16, temperature=0), generate(plain, prompt, 16, temperature=0))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -63,9 +73,9 @@ def test_left_padded_batch_equals_each_row_alone(name):
     prompts = [full[0, :3].tolist(), full[1].tolist(), full[2, :7].tolist(), full[3, :1].tolist()]
     idx, mask = left_pad(prompts, pad_id=0)
     assert mask.tolist()[0] == [0] * 8 + [1] * 3
-    out = m.generate(idx, 15, temperature=0, attention_mask=mask)
+    out = generate(m, idx, 15, temperature=0, attention_mask=mask)
     for i, p in enumerate(prompts):
-        alone = m.generate(torch.tensor([p]), 15, temperature=0, use_cache=False)
+        alone = generate(m, torch.tensor([p]), 15, temperature=0, use_cache=False)
         assert torch.equal(out[i, idx.size(1) - len(p) :], alone[0]), f"row {i}"
 
 
@@ -73,14 +83,14 @@ def test_eos_finishes_rows_independently():
     m = _model("tiny_qwen3")
     prompts = [_prompt(1, 4, seed=3)[0].tolist(), _prompt(1, 6, seed=4)[0].tolist()]
     idx, mask = left_pad(prompts, pad_id=0)
-    free = m.generate(idx, 12, temperature=0, attention_mask=mask)
+    free = generate(m, idx, 12, temperature=0, attention_mask=mask)
     eos = int(free[0, idx.size(1) + 2])  # row 0's third new token
-    out = m.generate(idx, 12, temperature=0, attention_mask=mask, eos_id=eos)
+    out = generate(m, idx, 12, temperature=0, attention_mask=mask, eos_id=eos)
     row0 = out[0, idx.size(1) :].tolist()
     first = row0.index(eos)
     assert row0[: first + 1] == free[0, idx.size(1) : idx.size(1) + first + 1].tolist()
     assert all(t == eos for t in row0[first:])  # finished rows keep emitting eos
-    alone = m.generate(torch.tensor([prompts[0]]), 12, temperature=0, eos_id=eos)
+    alone = generate(m, torch.tensor([prompts[0]]), 12, temperature=0, eos_id=eos)
     assert alone[0, len(prompts[0]) :].tolist() == row0[: first + 1]  # alone, it stops at its eos
     if eos not in free[1, idx.size(1) :].tolist():
         assert out.size(1) == free.size(1)  # row 1 never finishes, so all 12 steps run
@@ -90,11 +100,11 @@ def test_longer_than_block_size_falls_back_to_the_sliding_window():
     m = _model("tiny_gpt2", block_size=16)
     prompt = _prompt(2, 10)
     # 10 + 12 > 16: learned positions cannot go past 16, so both paths re-run the cropped window
-    assert torch.equal(m.generate(prompt, 12, temperature=0), m.generate(prompt, 12, temperature=0, use_cache=False))
+    assert torch.equal(generate(m, prompt, 12, temperature=0), generate(m, prompt, 12, temperature=0, use_cache=False))
     with pytest.raises(ValueError, match="block_size"):
-        m.generate(prompt, 12, temperature=0, attention_mask=torch.ones_like(prompt))
+        generate(m, prompt, 12, temperature=0, attention_mask=torch.ones_like(prompt))
     with pytest.raises(ValueError, match="must match"):
-        m.generate(prompt, 2, temperature=0, attention_mask=torch.ones(2, 3, dtype=torch.long))
+        generate(m, prompt, 2, temperature=0, attention_mask=torch.ones(2, 3, dtype=torch.long))
 
 
 def test_generate_bench_smoke():

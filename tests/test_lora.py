@@ -7,9 +7,11 @@ import peft.tuners.lora.layer as peft_layer
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt, tiny_hf_llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
+import hf_checkpoint
 from finetune.lora import (
     LoRAConfig,
     _peft_keys,
@@ -38,56 +40,18 @@ LLAMA31_ROPE = {
 }
 
 
-def _llama(n_kv: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=n_kv,
-            vocab_size=96,
-            max_position_embeddings=64,
-            rope_parameters=LLAMA31_ROPE,
-        )
-    )
-
-
+# case -> tiny_hf_llama overrides: Llama at GQA ratios 1, 2 and 4, and a tied Qwen3 with head_dim 12
 CASES = {
-    "llama_gqa1": lambda: _llama(4),
-    "llama_gqa2": lambda: _llama(2),
-    "llama_gqa4": lambda: _llama(1),
-    "qwen3": lambda: Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=12,
-            vocab_size=96,
-            tie_word_embeddings=True,
-            max_position_embeddings=64,
-        )
-    ),
+    "llama_gqa1": dict(num_key_value_heads=4, rope_parameters=LLAMA31_ROPE),
+    "llama_gqa2": dict(num_key_value_heads=2, rope_parameters=LLAMA31_ROPE),
+    "llama_gqa4": dict(num_key_value_heads=1, rope_parameters=LLAMA31_ROPE),
+    "qwen3": dict(qwen3=True, intermediate_size=40, head_dim=12, tie_word_embeddings=True),
 }
 
 
 def _base(case: str, tmp_path) -> str:
     """Save a randomised tiny HF model; return its folder."""
-    torch.manual_seed(0)
-    hf = CASES[case]()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(
-                (1.0 + 0.2 * torch.randn(p.shape, generator=g))
-                if "norm" in name
-                else 0.1 * torch.randn(p.shape, generator=g)
-            )
-    path = str(tmp_path / f"base_{case}")
-    hf.save_pretrained(path)
-    return path
+    return tiny_hf_llama(tmp_path / f"base_{case}", seed=1, std=0.1, **CASES[case])
 
 
 def _aligned(hf: torch.nn.Module) -> torch.nn.Module:
@@ -160,7 +124,7 @@ def test_pissa_init_bitwise_equal_to_peft(case, rslora, init, tmp_path, monkeypa
 
     monkeypatch.setattr(peft_layer, "svd_lowrank", seeded_svd_lowrank)
     theirs = _peft(path, cfg, init)
-    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg, seed=7)
+    ours = apply_lora(_aligned(hf_checkpoint.from_hf(path)), cfg, seed=7)
     pairs = _pairs(ours, theirs)
     assert len(pairs) == 2 * 7 * 2
     for a, b in pairs + _residuals(ours, theirs):
@@ -200,7 +164,7 @@ def test_pissa_training_matches_peft(case, targets, tmp_path):
     path = _base(case, tmp_path)
     cfg = LoRAConfig(r=4, alpha=8, use_rslora=True, init="pissa", target_modules=targets)
     theirs = _peft(path, cfg, "pissa")
-    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
+    ours = apply_lora(_aligned(hf_checkpoint.from_hf(path)), cfg)
     assert {id(p) for p in lora_parameters(ours)} == {id(p) for p in ours.parameters() if p.requires_grad}
     _train_compare(ours, theirs, 96)
 
@@ -210,7 +174,7 @@ def test_default_and_gaussian_init_match_peft_when_A_is_copied(init, peft_init, 
     path = _base("llama_gqa2", tmp_path)
     cfg = LoRAConfig(r=4, alpha=6, init=init, target_modules=PARTIAL)
     theirs = _peft(path, cfg, peft_init)
-    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
+    ours = apply_lora(_aligned(hf_checkpoint.from_hf(path)), cfg)
     for p, q in _pairs(ours, theirs):
         assert p.shape == q.shape
         if p.size(0) == cfg.r:  # A: our own draw has peft's distribution; copy peft's
@@ -229,7 +193,7 @@ def test_gpt2_shape_against_unfused_reference():
     """GPT-2 c_attn (q, k, v with biases): each slice equals its own unfused LoRA linear, forward and
     backward (peft's GPT-2 oracle would adapt the fused Conv1D, a different function)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16))
+    model = tiny_gpt(block_size=32, n_layer=2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -273,13 +237,13 @@ def _perturb_B(model: GPT, seed: int = 5) -> None:
 def test_export_loads_in_peft(init, convert, tmp_path):
     path = _base("llama_gqa2", tmp_path)
     cfg = LoRAConfig(r=4, alpha=12, use_rslora=True, init=init, target_modules=PARTIAL)
-    ours = apply_lora(GPT.from_hf(path), cfg).eval()
+    ours = apply_lora(hf_checkpoint.from_hf(path), cfg).eval()
     _perturb_B(ours)
     save_peft_adapter(ours, cfg, str(tmp_path / "adapter"), path, convert_pissa_to_original_base=convert)
     base = path
     if init == "pissa" and not convert:
         base = str(tmp_path / "residual")
-        ours.to_hf(base)  # the adapter as trained applies to the residual base
+        hf_checkpoint.to_hf(ours, base)  # the adapter as trained applies to the residual base
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "adapter")
     )
@@ -299,7 +263,7 @@ def test_peft_adapter_imports_with_equal_logits(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     theirs.save_pretrained(str(tmp_path / "peft_adapter"))
-    ours = GPT.from_hf(path)
+    ours = hf_checkpoint.from_hf(path)
     got = load_peft_adapter(ours, str(tmp_path / "peft_adapter"))
     assert (got.r, got.alpha, got.target_modules) == (4, 8, cfg.target_modules)
     idx = _idx()
@@ -307,13 +271,13 @@ def test_peft_adapter_imports_with_equal_logits(tmp_path):
         torch.testing.assert_close(ours(idx)[0], theirs(input_ids=idx).logits, atol=1e-6, rtol=0)
     (tmp_path / "bad").mkdir()
     with pytest.raises(ValueError, match="adapter_config.json"):
-        load_peft_adapter(GPT.from_hf(path), str(tmp_path / "bad"))
+        load_peft_adapter(hf_checkpoint.from_hf(path), str(tmp_path / "bad"))
 
 
 def test_merge_is_exact_and_exports(tmp_path):
     path = _base("llama_gqa4", tmp_path)
     cfg = LoRAConfig(r=4, alpha=8, init="pissa", target_modules=ALL)
-    ours = apply_lora(GPT.from_hf(path), cfg).eval()
+    ours = apply_lora(hf_checkpoint.from_hf(path), cfg).eval()
     _perturb_B(ours)
     idx = _idx()
     with torch.no_grad():
@@ -321,7 +285,7 @@ def test_merge_is_exact_and_exports(tmp_path):
         merged = merge_lora(ours)
         assert not lora_modules(merged) and all(p.requires_grad for p in merged.parameters())
         torch.testing.assert_close(merged(idx)[0], expected, atol=1e-5, rtol=0)
-        merged.to_hf(str(tmp_path / "merged"))
+        hf_checkpoint.to_hf(merged, str(tmp_path / "merged"))
         hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
         torch.testing.assert_close(hf(input_ids=idx).logits, expected, atol=1e-5, rtol=0)
 
@@ -329,19 +293,19 @@ def test_merge_is_exact_and_exports(tmp_path):
 def test_resume_rebuilds_pissa_base_bitwise(tmp_path):
     path = _base("llama_gqa2", tmp_path)
     cfg = LoRAConfig(r=4, alpha=8, init="pissa_niter_3", target_modules=PARTIAL)
-    first = apply_lora(GPT.from_hf(path), cfg, seed=11)
+    first = apply_lora(hf_checkpoint.from_hf(path), cfg, seed=11)
     init = lora_init_state(first)
     _perturb_B(first)
     trained = {k: v.clone() for k, v in lora_state_dict(first).items()}
 
-    resumed = apply_lora(GPT.from_hf(path), cfg, seed=999, init_state=init)  # no SVD, different seed
+    resumed = apply_lora(hf_checkpoint.from_hf(path), cfg, seed=999, init_state=init)  # no SVD, different seed
     load_lora_state_dict(resumed, trained)
     sd1, sd2 = first.state_dict(), resumed.state_dict()
     assert sd1.keys() == sd2.keys()
     for k in sd1:
         assert torch.equal(sd1[k], sd2[k]), k
 
-    again = apply_lora(GPT.from_hf(path), LoRAConfig(r=4, alpha=8, init="default", target_modules=PARTIAL))
+    again = apply_lora(hf_checkpoint.from_hf(path), LoRAConfig(r=4, alpha=8, init="default", target_modules=PARTIAL))
     again.lora_config = cfg
     restore_base_from_init(again, init)
     for k, v in again.state_dict().items():
@@ -407,7 +371,7 @@ def test_pissa_conversion_is_peft_route(rslora, tmp_path):
     theirs.peft_config["default"].init_lora_weights = True  # peft's documented recipe for the initial copy
     theirs.save_pretrained(str(tmp_path / "init" / "pissa_init"))
     theirs.peft_config["default"].init_lora_weights = "pissa"
-    ours = apply_lora(_aligned(GPT.from_hf(path)), cfg)
+    ours = apply_lora(_aligned(hf_checkpoint.from_hf(path)), cfg)
     _perturb_B(ours)
     with torch.no_grad():
         for p, q in _pairs(ours, theirs):
@@ -430,7 +394,7 @@ def test_pissa_conversion_is_peft_route(rslora, tmp_path):
 def test_dropout_is_independent_per_projection():
     """Training-mode dropout draws one mask per projection in slice order, as peft's separate modules do."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = tiny_gpt()
     apply_lora(model, LoRAConfig(r=2, dropout=0.5, init="gaussian", target_modules=("q_proj", "v_proj")))
     _perturb_B(model)
     m = model.h[0].attn.c_attn.train()

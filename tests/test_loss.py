@@ -1,11 +1,13 @@
-"""The fused output-head loss (model.linear_cross_entropy): each variant against F.linear + F.cross_entropy."""
+"""The fused output-head loss (loss.linear_cross_entropy): each variant against F.linear + F.cross_entropy."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt
 
 import model
-from model import GPT, LOSS_VARIANTS, ModelConfig, linear_cross_entropy
+from loss import LOSS_VARIANTS, linear_cross_entropy
+from model import GPT
 
 
 def _inputs(dtype: torch.dtype, N: int = 90, d: int = 24, V: int = 70) -> tuple[torch.Tensor, ...]:
@@ -70,7 +72,7 @@ def test_frozen_head_or_input_gets_no_gradient_and_the_other_is_unchanged(varian
 
 def _tiny() -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    return tiny_gpt(block_size=64)
 
 
 @pytest.mark.parametrize("tokens,fused", [(16, False), (64, True)])
@@ -79,7 +81,8 @@ def test_small_logits_take_f_cross_entropy_by_size_with_equal_results(monkeypatc
     m.loss_chunk = 128  # F.cross_entropy at <= 32 tokens, the fused loss above
     idx, tgt = torch.randint(0, 64, (1, tokens)), torch.randint(0, 64, (1, tokens))
     calls = []
-    real = model.linear_cross_entropy
+    real = linear_cross_entropy
+    # patched where model.py's head looks it up (it imports the name from loss.py)
     monkeypatch.setattr(model, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
     _, loss = m(idx, tgt)
     assert bool(calls) == fused

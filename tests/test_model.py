@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -21,6 +22,7 @@ import configurator
 import hf_checkpoint
 import model as model_module
 from configurator import TrainConfig
+from generation import generate
 from model import GPT, ModelConfig
 
 LLAMA31_ROPE = {
@@ -115,22 +117,10 @@ HF_CASES = {
 }
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give every tensor (norm weights and biases included) distinct random values, so that a
-    mapping mistake anywhere shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def _hf_model(case: str) -> torch.nn.Module:
     torch.manual_seed(0)
     hf = HF_CASES[case]().eval()
-    _randomize(hf)
+    randomize(hf)
     if getattr(hf.config, "tie_word_embeddings", False):
         hf.tie_weights()
     return hf
@@ -140,7 +130,7 @@ def _hf_model(case: str) -> torch.nn.Module:
 def test_hf_parity_both_ways(case, tmp_path):
     hf = _hf_model(case)
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_hf(str(tmp_path / "hf")).eval()
+    ours = hf_checkpoint.from_hf(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -148,7 +138,7 @@ def test_hf_parity_both_ways(case, tmp_path):
     assert loss is None and logits.shape == (2, 48, hf.config.vocab_size)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
-    ours.to_hf(str(tmp_path / "export"))
+    hf_checkpoint.to_hf(ours, str(tmp_path / "export"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
     assert type(reloaded) is type(hf)
     with torch.no_grad():
@@ -161,9 +151,9 @@ def test_gelu_variants_are_told_apart(tmp_path):
     for case, mlp, act in (("gpt2", "gelu", "gelu_new"), ("gpt2_exact_gelu", "gelu_exact", "gelu")):
         hf = _hf_model(case)
         hf.save_pretrained(tmp_path / case)
-        ours = GPT.from_hf(str(tmp_path / case)).eval()
+        ours = hf_checkpoint.from_hf(str(tmp_path / case)).eval()
         assert ours.config.mlp == mlp
-        ours.to_hf(str(tmp_path / f"{case}_export"))
+        hf_checkpoint.to_hf(ours, str(tmp_path / f"{case}_export"))
         with open(tmp_path / f"{case}_export" / "config.json") as f:
             assert json.load(f)["activation_function"] == act
         idx = torch.randint(0, hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -179,7 +169,7 @@ def test_hf_loss_parity(tmp_path):
     """HF shifts labels internally; our targets are pre-shifted. Same mean loss either way."""
     hf = _hf_model("llama31_gqa3_bigvocab")
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_hf(str(tmp_path)).eval()
+    ours = hf_checkpoint.from_hf(str(tmp_path)).eval()
     idx = torch.randint(0, 70000, (2, 33), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(idx, labels=idx).loss
@@ -212,15 +202,15 @@ def test_rope_scaling_changes_the_function():
 def test_sharded_export_roundtrip(tmp_path, monkeypatch):
     hf = _hf_model("qwen3_untied_bigvocab")
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_hf(str(tmp_path / "hf")).eval()
+    ours = hf_checkpoint.from_hf(str(tmp_path / "hf")).eval()
     monkeypatch.setattr(hf_checkpoint, "SHARD_BYTES", 2 * 1024**2)  # force several shards
-    ours.to_hf(str(tmp_path / "export"))
+    hf_checkpoint.to_hf(ours, str(tmp_path / "export"))
     files = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert (
         "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
     )
     idx = torch.randint(0, 70000, (1, 20))
-    again = GPT.from_hf(str(tmp_path / "export")).eval()
+    again = hf_checkpoint.from_hf(str(tmp_path / "export")).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
     with torch.no_grad():
         expected = hf(idx).logits
@@ -233,7 +223,7 @@ def test_export_overwrites_existing_folder(tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "stale.txt").write_text("old")
-    ours.to_hf(str(dest))
+    hf_checkpoint.to_hf(ours, str(dest))
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
     assert not any(p.name.startswith(".tmp-hf-") for p in tmp_path.iterdir())
 
@@ -241,21 +231,21 @@ def test_export_overwrites_existing_folder(tmp_path):
 def test_greedy_generate_matches_hf(tmp_path):
     hf = _hf_model("qwen3_headdim_tied")
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_hf(str(tmp_path)).eval()
+    ours = hf_checkpoint.from_hf(str(tmp_path)).eval()
     prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(3))
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = ours.generate(prompt, max_new_tokens=12, temperature=0)
+    got = generate(ours, prompt, max_new_tokens=12, temperature=0)
     assert torch.equal(got, expected)
 
 
 def test_generate_sampling_respects_top_k_and_eos():
     m = GPT(_tiny("tiny_gpt2")).eval()
     torch.manual_seed(0)
-    out = m.generate(torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
-    greedy = m.generate(torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=0)
+    out = generate(m, torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
+    greedy = generate(m, torch.zeros(3, 1, dtype=torch.long), max_new_tokens=20, temperature=0)
     assert torch.equal(out, greedy)  # top_k=1 is greedy whatever the temperature
     first = int(greedy[0, 1])
-    stopped = m.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=20, temperature=0, eos_id=first)
+    stopped = generate(m, torch.zeros(1, 1, dtype=torch.long), max_new_tokens=20, temperature=0, eos_id=first)
     assert stopped.shape == (1, 2)
 
 
@@ -273,9 +263,9 @@ def _write_config(path, cfg: dict):
 
 def test_from_hf_errors(tmp_path):
     with pytest.raises(hf_checkpoint.HFCheckpointError, match="config.json not found"):
-        GPT.from_hf(str(tmp_path / "missing"))
+        hf_checkpoint.from_hf(str(tmp_path / "missing"))
     with pytest.raises(hf_checkpoint.HFCheckpointError, match="model_type='mistral' is not supported"):
-        GPT.from_hf(_write_config(tmp_path / "m", {"model_type": "mistral"}))
+        hf_checkpoint.from_hf(_write_config(tmp_path / "m", {"model_type": "mistral"}))
     llama = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -284,10 +274,10 @@ def test_from_hf_errors(tmp_path):
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
     ).to_dict()
     with pytest.raises(hf_checkpoint.HFCheckpointError, match="rope_type='yarn' is not supported"):
-        GPT.from_hf(_write_config(tmp_path / "y", llama))
+        hf_checkpoint.from_hf(_write_config(tmp_path / "y", llama))
     llama["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
     with pytest.raises(hf_checkpoint.HFCheckpointError, match="no model.safetensors"):
-        GPT.from_hf(_write_config(tmp_path / "w", llama))
+        hf_checkpoint.from_hf(_write_config(tmp_path / "w", llama))
 
 
 def test_to_hf_refuses_mixed_features(tmp_path):
@@ -295,7 +285,7 @@ def test_to_hf_refuses_mixed_features(tmp_path):
         vocab_size=64, n_layer=1, n_head=2, n_embd=32, position_embedding="rope"
     )  # GPT-2 + RoPE
     with pytest.raises(hf_checkpoint.HFCheckpointError, match="mixes features"):
-        GPT(mixed).to_hf(str(tmp_path / "x"))
+        hf_checkpoint.to_hf(GPT(mixed), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 

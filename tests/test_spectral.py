@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
 from finetune.spectral import map_moments, refactor_factors, spectral_refactor
@@ -94,7 +95,7 @@ def test_clamp_respects_bound_and_leaves_small_values():
 
 
 def test_zero_factor_is_skipped():
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = tiny_gpt()
     apply_lora(model, LoRAConfig(r=2))  # default init: B = 0
     A0 = [p.clone() for p in lora_parameters(model)]
     stats = spectral_refactor(model, None, mode="exact")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_gpt, tiny_hf_llama
 
 import configurator
 import hardware
@@ -286,15 +287,13 @@ def test_crash_during_save_keeps_last_checkpoint(char_dataset, tmp_path, crash_a
 
 def test_init_from_hugging_face_folder(char_dataset, tmp_path):
     """Continued pretraining from a transformers folder: the first eval equals transformers' own loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import token_loader
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                                      max_position_embeddings=256)).eval()
-    hf.save_pretrained(tmp_path / "hf")
+    # std=0.02: transformers' initializer_range, the scale of the model this test continues
+    tiny_hf_llama(tmp_path / "hf", std=0.02, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     out = tmp_path / "cont"
     ok(run_train(tiny_args(char_dataset, out, f"--init_from={tmp_path / 'hf'}", "--max_iters=8",
                            "--eval_interval=8", config=None)))
@@ -453,7 +452,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     import checkpoint
     import parallel
 
-    m = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    m = tiny_gpt(n_embd=32)
     with torch.no_grad():
         m.h[0].mlp.c_fc.weight[0, 0] = float("inf")
     opt = torch.optim.AdamW(m.parameters())
