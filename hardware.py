@@ -95,6 +95,29 @@ def activation_bytes_per_token(model: torch.nn.Module, act_bytes: int, compiled:
     return c.n_layer * per_layer + 4 * d  # + the final norm's input
 
 
+def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size: int, zero1: bool, fsdp: bool,
+                    grads_alive: bool, tokens: int, activation_bytes: int, act_bytes: int, d: int, vocab: int,
+                    chunk: int, head_trained: bool, gathered_block: int = 0) -> dict[str, float]:
+    """Bytes per GPU at the peak of a training step (the start of backward), by part; the one estimate that
+    pretraining (estimate_memory) and LoRA (finetune/memory.py) fill in.
+
+    trained parameters are fp32 masters with fp32 gradients and AdamW's two moments (sharded under ZeRO-1
+    and FSDP); frozen ones are held in frozen_bytes each, with nothing else. gathered_block: parameters of
+    the largest block that FSDP all-gathers (and prefetches) in the compute dtype. The fused loss keeps
+    grad_x (tokens, d) and, for a trained head, grad_w (V, d, fp32) from forward to backward, plus one
+    chunk of fp32 log-probabilities and the chunk's logits at a time.
+    """
+    shard = world_size if fsdp else 1
+    return {
+        "frozen_weights": frozen_bytes * frozen / shard,
+        "trained_weights": 4 * trained / shard + 2 * act_bytes * gathered_block,
+        "grads": 4 * trained / shard if grads_alive else 0.0,
+        "optimizer": 8 * trained / (world_size if (zero1 or fsdp) else 1),  # exp_avg + exp_avg_sq in fp32
+        "activations": tokens * activation_bytes,
+        "loss_buffers": tokens * d * act_bytes + (4 * vocab * d if head_trained else 0) + chunk * vocab * (4 + act_bytes),
+    }
+
+
 def estimate_memory(
     model: torch.nn.Module,
     batch_size: int,
@@ -107,37 +130,27 @@ def estimate_memory(
     grad_accum: int = 1,
     grads_kept: bool = False,
 ) -> dict[str, float]:
-    """Estimated peak GiB per GPU: fp32 weights, AdamW state (sharded under ZeRO-1/FSDP), activations
-    of one micro-batch and the fused loss's buffers, plus the fp32 gradients when they are alive at that
-    peak. The peak is at the start of backward; with one micro-step per rank the gradients are None
-    there (zero_grad(set_to_none=True)), with accumulation (or CUDA graphs, grads_kept) they are not.
-    Measured within 7% of the peak on an H100 (bench/RESULTS.md). CUDA context not included."""
-    n = model.num_params()
-    gib = 1024**3
+    """Estimated peak GiB per GPU of pretraining (training_memory with every parameter trained). The
+    gradients are alive at the peak only with accumulation (or CUDA graphs, grads_kept): with one
+    micro-step per rank they are None there (zero_grad(set_to_none=True)). Measured within 7% of the
+    peak on an H100 (bench/RESULTS.md). CUDA context not included."""
     act_bytes = 4 if dtype == "float32" else 2
-    shard = world_size if fsdp else 1
-    weights = 4 * n / shard
-    grads = 4 * n / shard if (grad_accum > 1 or grads_kept) else 0.0
-    optimizer = 8 * n / (world_size if (zero1 or fsdp) else 1)  # exp_avg + exp_avg_sq in fp32
-    if fsdp:  # the largest block is gathered (and the next one prefetched) in the compute dtype
-        block = sum(p.numel() for p in model.h[0].parameters())
-        weights += 2 * act_bytes * block
     tokens = batch_size * seq_len
-    activations = tokens * activation_bytes_per_token(model, act_bytes, compiled)
-    vocab, d = model.config.vocab_size, model.config.n_embd
-    chunk = min(tokens, model.loss_chunk)
-    # the fused loss keeps grad_x (N, d) and grad_w (V, d, fp32) from forward to backward,
-    # plus one chunk of fp32 log-probabilities and the chunk's logits at a time
-    loss = tokens * d * act_bytes + 4 * vocab * d + chunk * vocab * (4 + act_bytes)
-    total = weights + grads + optimizer + activations + loss
-    return {
-        "weights_gb": weights / gib,
-        "grads_gb": grads / gib,
-        "optimizer_gb": optimizer / gib,
-        "activations_gb": activations / gib,
-        "loss_buffers_gb": loss / gib,
-        "total_gb": total / gib,
+    parts = training_memory(
+        trained=model.num_params(), frozen=0, frozen_bytes=0, world_size=world_size, zero1=zero1, fsdp=fsdp,
+        grads_alive=grad_accum > 1 or grads_kept, tokens=tokens,
+        activation_bytes=activation_bytes_per_token(model, act_bytes, compiled), act_bytes=act_bytes,
+        d=model.config.n_embd, vocab=model.config.vocab_size, chunk=min(tokens, model.loss_chunk), head_trained=True,
+        gathered_block=sum(p.numel() for p in model.h[0].parameters()) if fsdp else 0)
+    gib = 1024**3
+    out = {
+        "weights_gb": parts["trained_weights"] / gib,
+        "grads_gb": parts["grads"] / gib,
+        "optimizer_gb": parts["optimizer"] / gib,
+        "activations_gb": parts["activations"] / gib,
+        "loss_buffers_gb": parts["loss_buffers"] / gib,
     }
+    return out | {"total_gb": sum(out.values())}
 
 
 def memory_fit(model: torch.nn.Module, batch_size: int, seq_len: int, dtype: str, world_size: int, zero1: bool,

@@ -34,7 +34,7 @@ import runlog  # noqa: E402
 from bench.lora_step import PRESETS  # noqa: E402
 from finetune.config import ConfigError, load_config, lora_config  # noqa: E402
 from finetune.lora import apply_lora  # noqa: E402
-from finetune.validate_config import estimate_memory  # noqa: E402
+from finetune.memory import estimate_memory  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 

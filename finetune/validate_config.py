@@ -11,12 +11,9 @@ is not downloaded: a config.json or one of ../config/*.py) against the LoRA targ
 dataset.max_length; the dataset found (a local file read and counted; gsm8k/metamathqa are hub
 datasets fetched at train time); the effective batch against --world_size.
 
-The memory estimate per GPU (GiB) is LoRA-aware: the frozen base in bf16 (fp32 on CPU), fp32 adapters,
-their gradients and AdamW moments, the fused loss's buffers, and the activations autograd keeps for one
-micro-batch of per_device_train_batch_size x max_length tokens, with and without activation
-checkpointing. A frozen linear keeps no input for a weight gradient; each adapter keeps its own
-dropped-out input (dropout > 0) or shares the normed input. CUDA context and allocator slack are not
-included (add ~1-2 GiB). --checkpoint DIR evaluates DIR's adapter (base + adapter_config.json +
+The memory estimate per GPU (GiB) is finetune/memory.py's: the frozen base, the fp32 adapters with
+their gradients and AdamW moments, the fused loss's buffers, and the activations of one micro-batch,
+with and without activation checkpointing. --checkpoint DIR evaluates DIR's adapter (base + adapter_config.json +
 adapter_model.safetensors) on the test split: eval/loss, eval/token_accuracy, eval/answer_accuracy.
 """
 
@@ -31,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import configurator  # noqa: E402
 import hf_checkpoint  # noqa: E402
 from finetune.config import ConfigError, FinetuneConfig, grad_accum_steps, load_config, resolve_model_path  # noqa: E402
-
-GIB = 1024**3
+from finetune.memory import estimate_memory, memory_lines, projections  # noqa: E402
 
 
 def model_shape(cfg: FinetuneConfig, model_config: str | None):
@@ -52,16 +48,6 @@ def model_shape(cfg: FinetuneConfig, model_config: str | None):
     if model_config:
         raise ConfigError(f"--model_config={model_config} is not a config.json, a model folder or a config/*.py file")
     return None
-
-
-def projections(mc) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each HF-named projection of one block of mc."""
-    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
-    out = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "up_proj": (d, h),
-           "down_proj": (h, d)}
-    if mc.mlp == "swiglu":
-        out["gate_proj"] = (d, h)
-    return out
 
 
 def check_shapes(cfg: FinetuneConfig, mc) -> list[str]:
@@ -98,92 +84,6 @@ def check_dataset(cfg: FinetuneConfig) -> list[str]:
         n = len(load_examples(source, split, fields=fields, template=ds.template))
         notes.append(f"{role} data: {source}, {n:,} examples")
     return notes
-
-
-def adapter_params(mc, cfg: FinetuneConfig) -> int:
-    """Trainable parameters: r x (in + out) per adapted projection per block."""
-    proj = projections(mc)
-    return mc.n_layer * sum(cfg.lora.r * sum(proj[t]) for t in cfg.lora.target_modules)
-
-
-def activation_bytes_per_token(mc, cfg: FinetuneConfig, act_bytes: int) -> int:
-    """Bytes one block keeps for backward per token under LoRA (eager, SDPA/flash attention: no T x T).
-
-    Frozen linears keep no input (their weight gets no gradient); the residual stream and the norms'
-    inputs are fp32; SDPA keeps q and k after RoPE, v (a view that keeps the fused q/k/v output alive)
-    and its output; SwiGLU keeps the fused gate/up output and silu(gate). o_proj's and down_proj's inputs
-    are kept only for their adapters. Each adapter keeps its input: its own dropped-out copy plus a
-    1-byte mask with dropout, else the shared normed input. Within 5% of the bytes counted by
-    saved_tensors_hooks on CPU (tests/test_finetune_tools.py).
-    """
-    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
-    targets, p = cfg.lora.target_modules, projections(mc)
-    norms = 2 * 4 * d  # fp32 inputs of the two norms
-    attention = act_bytes * (q + kv + (q + 2 * kv) + q)  # q, k after RoPE; the fused output; SDPA's output
-    mlp = act_bytes * (3 * h if mc.mlp == "swiglu" else h)  # the fused gate/up output, silu(gate); or up
-    kept = norms + attention + mlp
-    if "o_proj" in targets:  # the inputs of o_proj and down_proj only serve their adapters' gradients
-        kept += act_bytes * q
-    if "down_proj" in targets:
-        kept += act_bytes * h
-    if cfg.lora.dropout > 0:
-        kept += sum((act_bytes + 1) * p[t][0] for t in targets)
-    else:  # the normed inputs of attention and MLP, when an adapter reads them
-        kept += act_bytes * d * (any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
-                                 + any(t in targets for t in ("gate_proj", "up_proj")))
-    kept += sum(4 * cfg.lora.r for _ in targets)  # A x (r values, fp32) for B's gradient
-    return mc.n_layer * kept
-
-
-def estimate_memory(mc, cfg: FinetuneConfig, world_size: int, on_gpu: bool = True) -> dict[str, float]:
-    """GiB per GPU of the run (see the module docstring), activations with and without checkpointing."""
-    import torch
-
-    from loss import loss_chunk_tokens
-    from model import GPT
-
-    with torch.device("meta"):
-        n_base = GPT(mc).num_params()
-    t = cfg.training
-    fsdp, zero1 = t.parallel == "fsdp" and world_size > 1, t.parallel == "zero1" and world_size > 1
-    act_bytes = 2 if t.bf16 and on_gpu else 4
-    n_ad = adapter_params(mc, cfg)
-    tokens = t.per_device_train_batch_size * cfg.dataset.max_length
-    d, vocab = mc.n_embd, mc.vocab_size
-    chunk = min(tokens, loss_chunk_tokens(vocab))
-    per_token = activation_bytes_per_token(mc, cfg, act_bytes)
-    out = {
-        "base_weights": act_bytes * n_base / (world_size if fsdp else 1),
-        "adapters": 4 * n_ad / (world_size if fsdp else 1),
-        "adapter_grads": 4 * n_ad / (world_size if fsdp else 1),
-        "adam_state": 8 * n_ad / (world_size if fsdp or zero1 else 1),
-        # the fused loss keeps grad_x (N, d) and one chunk of logits; the head is frozen, so no (V, d) gradient
-        "loss_buffers": tokens * d * act_bytes + chunk * vocab * (4 + act_bytes),
-        "activations": tokens * per_token,
-        # checkpointing keeps each block's fp32 input; one block's activations live during its backward
-        "activations_checkpointed": tokens * (mc.n_layer * 4 * d + per_token // mc.n_layer),
-    }
-    fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
-    out["total"] = fixed + out["activations"]
-    out["total_checkpointed"] = fixed + out["activations_checkpointed"]
-    return {k: v / GIB for k, v in out.items()} | {"n_base_params": n_base, "n_adapter_params": n_ad,
-                                                   "tokens_per_micro_batch": tokens}
-
-
-def memory_lines(m: dict, cfg: FinetuneConfig, world_size: int) -> list[str]:
-    """The estimate as readable lines."""
-    t = cfg.training
-    using = "on" if t.gradient_checkpointing else "off"
-    return [
-        f"memory per GPU ({t.parallel} on {world_size} GPU(s), micro-batch {t.per_device_train_batch_size} x "
-        f"{cfg.dataset.max_length} = {m['tokens_per_micro_batch']:,} tokens; estimate, CUDA context not included):",
-        f"  base weights {m['base_weights']:.2f} GiB ({m['n_base_params']:,} params, frozen), adapters "
-        f"{m['adapters']:.2f} + grads {m['adapter_grads']:.2f} + AdamW {m['adam_state']:.2f} GiB "
-        f"({m['n_adapter_params']:,} params, fp32), loss buffers {m['loss_buffers']:.2f} GiB",
-        f"  activations {m['activations']:.2f} GiB -> total {m['total']:.2f} GiB without activation checkpointing",
-        f"  activations {m['activations_checkpointed']:.2f} GiB -> total {m['total_checkpointed']:.2f} GiB with it "
-        f"(training.gradient_checkpointing is {using})",
-    ]
 
 
 def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ from test_sft_data import _hf_tokenizer_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_checkpoint
-from finetune import inference, merge_adapter, smollm2, validate_config
+from finetune import inference, memory, merge_adapter, smollm2, validate_config
 from finetune.lora import LoRAConfig, apply_lora, lora_parameters, save_peft_adapter
 from model import GPT
 
@@ -189,7 +189,7 @@ def test_memory_estimate_of_llama31_8b_from_its_shape():
                      norm="rmsnorm", mlp="swiglu", position_embedding="rope", bias=False, tie_embeddings=False,
                      block_size=8192)
     cfg = load_config(os.path.join(FINETUNE, "configs/Llama-3.1/llama3.1_8b_metamath.yaml"))
-    m = validate_config.estimate_memory(mc, cfg, world_size=8)
+    m = memory.estimate_memory(mc, cfg, world_size=8)
     assert m["n_base_params"] == 8_030_261_248
     # r x (in + out) per projection: 32 x (8192 + 5120 + 5120 + 8192 + 3 x 18432) x 32 layers
     assert m["n_adapter_params"] == 32 * 81920 * 32
@@ -216,7 +216,7 @@ def test_activation_estimate_matches_the_bytes_autograd_saves(dropout, targets):
     cfg = load_config(None, ["model.name_or_path=x", f"lora.dropout={dropout}", "lora.r=4",
                              f"lora.target_modules=[{','.join(targets)}]"])
     # the blocks, plus the final norm's fp32 input and the fused loss's grad_x (N, d); the frozen head has no gradient
-    estimate = validate_config.activation_bytes_per_token(mc, cfg, 4) * B * T + B * T * 64 * 4 * 2
+    estimate = memory.activation_bytes_per_token(mc, cfg, 4) * B * T + B * T * 64 * 4 * 2
     assert 0.9 < estimate / measured < 1.1, (estimate, measured)
 
 
