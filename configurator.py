@@ -29,7 +29,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-# Legacy seed flags and what they mean now.
+# Flags of the original training guide that are spelled differently now.
 LEGACY_KEYS = {"flash_attn"}
 
 
@@ -264,7 +264,7 @@ def resolve(values: dict[str, typing.Any], schemas: list[type]) -> list[typing.A
     types_by_key = _field_types(schemas)
     values = dict(values)
     if "flash_attn" in values:
-        # The seed's --flash_attn=True means attention_backend=flash_attn_2.
+        # The training guide's --flash_attn=True means attention_backend=flash_attn_2.
         use_flash = coerce("flash_attn", values.pop("flash_attn"), bool)
         if use_flash:
             values["attention_backend"] = "flash_attn_2"

@@ -81,22 +81,22 @@ def activation_bytes_per_token(model: torch.nn.Module, act_bytes: int, compiled:
     stream is float32 under autocast.
     """
     c = model.config
-    d, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    dim, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     hidden = c.intermediate_size
     mlp_in = 2 * hidden if c.mlp == "swiglu" else hidden
     attention = act_bytes * (q + 2 * kv + q)  # q, k, v and the attention output (+ tiny logsumexp)
     if compiled:  # swiglu: Inductor also keeps silu(gate) (measured: 97 KB/token/layer at the 1.5B preset)
         mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else mlp_in + hidden)
-        per_layer = 4 * 2 * d + act_bytes * (2 * d) + attention + mlp
+        per_layer = 4 * 2 * dim + act_bytes * (2 * dim) + attention + mlp
     else:
-        residual_and_norms = 4 * 2 * d + 4 * 2 * d + act_bytes * 2 * d  # fp32 inputs/outputs, bf16 casts
+        residual_and_norms = 4 * 2 * dim + 4 * 2 * dim + act_bytes * 2 * dim  # fp32 inputs/outputs, bf16 casts
         mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else 2 * hidden)
         per_layer = residual_and_norms + attention + mlp
-    return c.n_layer * per_layer + 4 * d  # + the final norm's input
+    return c.n_layer * per_layer + 4 * dim  # + the final norm's input
 
 
 def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size: int, zero1: bool, fsdp: bool,
-                    grads_alive: bool, tokens: int, activation_bytes: int, act_bytes: int, d: int, vocab: int,
+                    grads_alive: bool, tokens: int, activation_bytes: int, act_bytes: int, n_embd: int, vocab: int,
                     chunk: int, head_trained: bool, gathered_block: int = 0) -> dict[str, float]:
     """Bytes per GPU at the peak of a training step (the start of backward), by part; the one estimate that
     pretraining (estimate_memory) and LoRA (finetune/memory.py) fill in.
@@ -104,7 +104,7 @@ def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size:
     trained parameters are fp32 masters with fp32 gradients and AdamW's two moments (sharded under ZeRO-1
     and FSDP); frozen ones are held in frozen_bytes each, with nothing else. gathered_block: parameters of
     the largest block that FSDP all-gathers (and prefetches) in the compute dtype. The fused loss keeps
-    grad_x (tokens, d) and, for a trained head, grad_w (V, d, fp32) from forward to backward, plus one
+    grad_x (tokens, C) and, for a trained head, grad_w (V, C, fp32) from forward to backward, plus one
     chunk of fp32 log-probabilities and the chunk's logits at a time.
     """
     shard = world_size if fsdp else 1
@@ -114,7 +114,7 @@ def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size:
         "grads": 4 * trained / shard if grads_alive else 0.0,
         "optimizer": 8 * trained / (world_size if (zero1 or fsdp) else 1),  # exp_avg + exp_avg_sq in fp32
         "activations": tokens * activation_bytes,
-        "loss_buffers": tokens * d * act_bytes + (4 * vocab * d if head_trained else 0) + chunk * vocab * (4 + act_bytes),
+        "loss_buffers": tokens * n_embd * act_bytes + (4 * vocab * n_embd if head_trained else 0) + chunk * vocab * (4 + act_bytes),
     }
 
 
@@ -140,7 +140,7 @@ def estimate_memory(
         trained=model.num_params(), frozen=0, frozen_bytes=0, world_size=world_size, zero1=zero1, fsdp=fsdp,
         grads_alive=grad_accum > 1 or grads_kept, tokens=tokens,
         activation_bytes=activation_bytes_per_token(model, act_bytes, compiled), act_bytes=act_bytes,
-        d=model.config.n_embd, vocab=model.config.vocab_size, chunk=min(tokens, model.loss_chunk), head_trained=True,
+        n_embd=model.config.n_embd, vocab=model.config.vocab_size, chunk=min(tokens, model.loss_chunk), head_trained=True,
         gathered_block=sum(p.numel() for p in model.h[0].parameters()) if fsdp else 0)
     gib = 1024**3
     out = {

@@ -31,8 +31,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (x @ W^T) against targets, chunked over tokens.
 
     The forward pass computes each chunk's logits, loss and the gradients that are needed (need_x,
-    need_w), and keeps only those: (N, d) and (V, d); no (N, V) tensor outlives its chunk. Backward
-    scales them by grad_output. A frozen head (LoRA) skips the (V, d) gradient and its matmul.
+    need_w), and keeps only those: (N, C) and (V, C); no (N, V) tensor outlives its chunk. Backward
+    scales them by grad_output. A frozen head (LoRA) skips the (V, C) gradient and its matmul.
     """
 
     @staticmethod
@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_x: bool,
         need_w: bool,
     ) -> torch.Tensor:
-        # x: (N, d), weight: (V, d), targets: (N,) with -1 for ignored positions
+        # x: (N, C), weight: (V, C), targets: (N,) with -1 for ignored positions
         w = weight.to(x.dtype)
         valid = targets != -1
         safe_targets = targets.clamp(min=0)
@@ -72,18 +72,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss = loss + ((lse - logits.gather(1, t)) * v).sum()
                 p = torch.exp(logits - lse)
                 g = torch.where(vocab == t, p - 1, p).to(x.dtype)  # (c, V)
-            # ignored rows get zero gradient: mask the (c, d) operands, not the (c, V) one
+            # ignored rows get zero gradient: mask the (c, C) operands, not the (c, V) one
             if need_x:
                 grad_x[sl] = (g @ w) * v
             if need_w:
-                xv = x[sl] * v  # (c, d)
+                xv = x[sl] * v  # (c, C)
                 if fp32_accumulate:
                     if grad_w is None:
                         grad_w = torch.mm(g.t(), xv, out_dtype=torch.float32)
                     else:
                         grad_w = torch.addmm(grad_w, g.t(), xv, out_dtype=torch.float32)
                 else:
-                    gw = g.t() @ xv  # (V, d)
+                    gw = g.t() @ xv  # (V, C)
                     grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
         n_valid = valid.sum().clamp(min=1)
         ctx.save_for_backward(grad_x, grad_w, n_valid)
@@ -102,7 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, variant: str | None = None
 ) -> torch.Tensor:
-    """Mean cross-entropy of x (N, d) @ weight (V, d)^T against targets (N,), -1 ignored, chunk tokens at a time.
+    """Mean cross-entropy of x (N, C) @ weight (V, C)^T against targets (N,), -1 ignored, chunk tokens at a time.
 
     Gradients flow to whichever of x and weight require them; variant is one of LOSS_VARIANTS
     (None: default_loss_variant of x's device).

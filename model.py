@@ -189,8 +189,8 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
 
     Computed per forward rather than stored as a buffer, so model.to(bfloat16) cannot round them.
     """
-    d = config.head_dim
-    exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    hd = config.head_dim
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
     inv_freq = 1.0 / (config.rope_theta**exponent)
     if config.rope_scaling_factor is None:
         return inv_freq
@@ -453,7 +453,7 @@ class GPT(nn.Module):
         c = self.config
         weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         if self.lm_head is None:
-            weights.append(self.wte.weight)  # the tied head is still a (V, d) matmul
+            weights.append(self.wte.weight)  # the tied head is still a (V, C) matmul
         matmul = sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
         return matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
@@ -478,7 +478,7 @@ class GPT(nn.Module):
             raise ValueError("a cache is for decoding; compute the loss without one")
         else:
             pos, mask = cache.extend(T)  # (B, T) per row, since a left-padded row starts at 0
-        x = self.wte(idx)  # (B, T, d)
+        x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -495,13 +495,13 @@ class GPT(nn.Module):
         return self.head(x, targets)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Final norm and output head on the last hidden states x (B, T, d): (logits, None) or (None, loss).
+        """Final norm and output head on the last hidden states x (B, T, C): (logits, None) or (None, loss).
 
         A method of its own so that compile_mode="blocks" can compile it apart from the blocks.
         """
         B, T, _ = x.size()
         x = self.ln_f(x)
-        head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
         if targets is None:
             return F.linear(x, head), None
         x = x.reshape(B * T, -1)

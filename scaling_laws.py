@@ -47,7 +47,7 @@ class Fit:
 
 
 FITS = {
-    # Approach 3, the constants as printed in the paper; the seed's predicted losses use these.
+    # Approach 3, the constants as printed in the paper; the training guide's predicted losses use these.
     "hoffmann": Fit(1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022"),
     # Refit to data read off Hoffmann's Figure 4; its compute-optimal D/N is near 20 (Hoffmann's: ~50 at 1e21).
     "besiroglu": Fit(1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024"),
@@ -356,7 +356,7 @@ def table(cands: list[Candidate]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
-# The seed presets' training recipe (their 2x A6000 tuning runs), reused by planned configs.
+# The training guide's presets' recipe (their 2x A6000 tuning runs), reused by planned configs.
 BATCH_SIZE, GRADIENT_ACCUMULATION_STEPS = 8, 24
 RECIPE = dict(learning_rate=3e-4, min_lr=3e-5, weight_decay=0.1, beta2=0.95, grad_clip=1.0)
 WARMUP_ITERS = 2000
@@ -372,7 +372,7 @@ def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, c
     c, family = cand.config, FAMILIES[family_name]
     tokens_per_step = BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * seq_len
     max_iters = math.ceil(cand.tokens / tokens_per_step)
-    # the seed's 2000 warmup steps, but never most of a short run (small budgets, tests)
+    # the training guide's 2000 warmup steps, but never most of a short run (small budgets, tests)
     warmup_iters = min(WARMUP_ITERS, max_iters // 10)
     model_keys = list(MODEL_KEYS) + [k for k in family.features if k not in MODEL_KEYS]
     lines = [
@@ -389,7 +389,7 @@ def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, c
         *(f"{k} = {_literal(getattr(c, k))}" for k in model_keys),
         "",
         f"# batch: {BATCH_SIZE} x {GRADIENT_ACCUMULATION_STEPS} x {seq_len} = {tokens_per_step:,} tokens per step "
-        "(the seed's; fit batch_size to memory and keep the product)",
+        "(the training guide's; fit batch_size to memory and keep the product)",
         f"block_size = {seq_len}",
         f"batch_size = {BATCH_SIZE}",
         f"gradient_accumulation_steps = {GRADIENT_ACCUMULATION_STEPS}",
@@ -403,8 +403,8 @@ def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, c
     return "\n".join(lines) + "\n"
 
 
-# The seed's three predicted losses at its own N and D, drawn on the plot next to ours.
-SEED_PREDICTIONS = (
+# The training guide's three predicted losses at its own N and D, drawn on the plot next to ours.
+GUIDE_PREDICTIONS = (
     ("config/full_llama3_1.5b_optimal.py", 101.909e9, 2.335, "LLaMA-3 1.5B"),
     ("config/full_llama3_2.2b_chinchilla.py", 61.545e9, 2.351, "LLaMA-3 2.2B"),
     ("config/full_qwen3_1.8b_optimal.py", 81.727e9, 2.340, "Qwen3 1.8B"),
@@ -437,15 +437,15 @@ def plot(flops: float, out: str, seq_len: int, fit: Fit, grid: Grid) -> None:
         ax.plot(best.n_params, best.loss, "*", ms=11, color=line.get_color())
     ns = [lowest_n * (highest_n / lowest_n) ** (i / 200) for i in range(201)]
     ax.plot(ns, [predicted_loss(n, flops / (6 * n), fit) for n in ns], "k--", lw=1, label="D = C / 6N")
-    ax.plot([], [], "ko", mfc="none", label="seed shapes at our D")
-    ax.plot([], [], "kx", label="seed shapes at the seed's D (its loss):")
-    for i, (path, seed_tokens, seed_loss, label) in enumerate(SEED_PREDICTIONS, 1):
+    ax.plot([], [], "ko", mfc="none", label="the guide's shapes at our D")
+    ax.plot([], [], "kx", label="the guide's shapes at its D (its loss):")
+    for i, (path, guide_tokens, guide_loss, label) in enumerate(GUIDE_PREDICTIONS, 1):
         _, model_cfg, _ = configurator.load_train([path])
         ours = evaluate(model_cfg, flops, seq_len, fit)
         ax.plot(ours.n_params, ours.loss, "ko", ms=5, mfc="none")
-        ax.plot(ours.n_params, seed_loss, "kx", ms=6)
-        ax.annotate(str(i), (ours.n_params, seed_loss), fontsize=8, xytext=(0, 5), textcoords="offset points")
-        ax.plot([], [], " ", label=f"  {i}: {label}, D {seed_tokens / 1e9:.1f}B, L {seed_loss:.3f}")
+        ax.plot(ours.n_params, guide_loss, "kx", ms=6)
+        ax.annotate(str(i), (ours.n_params, guide_loss), fontsize=8, xytext=(0, 5), textcoords="offset points")
+        ax.plot([], [], " ", label=f"  {i}: {label}, D {guide_tokens / 1e9:.1f}B, L {guide_loss:.3f}")
     ax.set_xscale("log")
     ax.set_xlim(1e8, 3e10)
     ax.set_ylim(2.27, 2.47)

@@ -72,7 +72,7 @@ for part in "$@"; do
         step 300 $L15 --batch_size=8 --gradient_accumulation_steps=1 --compile=True --compile_mode=model \
           --use_cuda_graphs=$g --steps=10 --warmup=3
       done ;;
-    lora)  # peak memory of a LoRA step against validate_config.py's estimate: the seed's 8B config, and 1B
+    lora)  # peak memory of a LoRA step against validate_config.py's estimate: the Llama-3.1 LoRA guide's 8B config, and 1B
       Y=finetune/configs/Llama-3.1/llama3.1_8b_metamath.yaml
       for args in "--preset 8b" "--preset 8b training.gradient_checkpointing=false" \
                   "--preset 1b dataset.max_length=2048 training.gradient_checkpointing=false"; do

@@ -35,7 +35,7 @@ COMMON=(--dataset=shakespeare --max_iters=60 --eval_interval=1000 --eval_iters=2
 run tiny-bf16 config/train_shakespeare.py "${COMMON[@]}" --compile=False
 run tiny-bf16-compile config/train_shakespeare.py "${COMMON[@]}" --compile=True
 run tiny-bf16-compile-graphs config/train_shakespeare.py "${COMMON[@]}" --compile=True --use_cuda_graphs=True
-# a seed preset with fewer layers (the widths, vocabulary and sequence length of the real one)
+# a preset of the training guide with fewer layers (the widths, vocabulary and sequence length of the real one)
 run llama3-1.5b-4L config/full_llama3_1.5b_optimal.py "${COMMON[@]}" --n_layer=4 --batch_size=8 \
   --gradient_accumulation_steps=1 --compile=True --dataset=shakespeare
 run qwen3-1.8b-4L config/full_qwen3_1.8b_optimal.py "${COMMON[@]}" --n_layer=4 --batch_size=8 \

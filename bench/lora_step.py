@@ -8,7 +8,7 @@ process, as a ratio. Then greedy generation tokens/s of our LoRA model with and 
     python bench/lora_step.py --smoke --json                    # seconds; what tests/test_bench.py runs
 
 A step is forward, loss, backward and AdamW on the adapters only (r, alpha, dropout and targets as the
-seed's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). bfloat16 means
+Llama-3.1 LoRA guide's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). bfloat16 means
 a bf16 base with fp32 adapters under bf16 autocast on both sides (peft keeps its adapters in fp32 too).
 The two models are timed alternately, ours then HF, for --rounds rounds of --steps steps after
 --warmup steps each; the median round is reported. Memory: bytes autograd saves for backward in one

@@ -19,7 +19,7 @@ rope_theta = 500000.0
 bias = False
 tie_embeddings = False
 
-# batch (the seed's 2x A6000 tuning run): 4 x 32 x 2048 = 262,144 tokens per step
+# batch (the training guide's 2x A6000 tuning run): 4 x 32 x 2048 = 262,144 tokens per step
 block_size = 2048
 batch_size = 4
 gradient_accumulation_steps = 32

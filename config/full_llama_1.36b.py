@@ -1,5 +1,5 @@
 # LLaMA-2 "1.36B": 18L-18H-2304D-6144ff, multi-head attention, RoPE theta 10,000, vocab 32,000, untied.
-# The seed calls it 1.36B; the exact count is 1,294,159,104 parameters (1.294B).
+# The training guide calls it 1.36B; the exact count is 1,294,159,104 parameters (1.294B).
 out_dir = "out-llama-1.36b"
 dataset = "slimpajama_6b_llama"
 
@@ -17,7 +17,7 @@ rope_theta = 10000.0
 bias = False
 tie_embeddings = False
 
-# batch (the seed's 2x A6000 tuning run): 6 x 32 x 2048 = 393,216 tokens per step
+# batch (the training guide's 2x A6000 tuning run): 6 x 32 x 2048 = 393,216 tokens per step
 block_size = 2048
 batch_size = 6
 gradient_accumulation_steps = 32

@@ -24,7 +24,7 @@ qk_norm = True
 bias = False
 tie_embeddings = False
 
-# batch (the seed's 2x A6000 tuning run): 6 x 32 x 2048 = 393,216 tokens per step
+# batch (the training guide's 2x A6000 tuning run): 6 x 32 x 2048 = 393,216 tokens per step
 block_size = 2048
 batch_size = 6
 gradient_accumulation_steps = 32

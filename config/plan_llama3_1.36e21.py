@@ -22,7 +22,7 @@ rope_theta = 500000.0
 bias = False
 tie_embeddings = False
 
-# batch: 8 x 24 x 2048 = 393,216 tokens per step (the seed's; fit batch_size to memory and keep the product)
+# batch: 8 x 24 x 2048 = 393,216 tokens per step (the training guide's; fit batch_size to memory and keep the product)
 block_size = 2048
 batch_size = 8
 gradient_accumulation_steps = 24

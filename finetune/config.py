@@ -1,5 +1,5 @@
 """
-Typed YAML configuration of a LoRA fine-tuning run (the seed's configs/Llama-3.1/*.yaml).
+Typed YAML configuration of a LoRA fine-tuning run (configs/Llama-3.1/*.yaml reproduce the Llama-3.1 LoRA guide).
 
     python train.py --config configs/Llama-3.1/llama3.1_8b_gsm8k.yaml training.learning_rate=1e-4
 
@@ -32,7 +32,7 @@ TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
 PARALLEL = ("ddp", "zero1", "fsdp")
-# Keys of Hugging Face's TrainingArguments that the seed mentions but that mean nothing here: one line why.
+# Keys of Hugging Face's TrainingArguments that the Llama-3.1 LoRA guide mentions but that mean nothing here: one line why.
 UNSUPPORTED = {
     "dataloader_num_workers": "the SFT loader pads its batches in-process from tokenized examples held in "
                               "memory, so there are no loader workers; remove the key",
@@ -115,7 +115,7 @@ class TrainingArgs:
 
 @dataclass
 class TrainerArgs:
-    """The seed's SpectralRefactorTrainer: refactor the LoRA factors every refactor_every steps."""
+    """The Llama-3.1 LoRA guide's SpectralRefactorTrainer: refactor the LoRA factors every refactor_every steps."""
 
     name: str = "Trainer"  # Trainer | SpectralRefactorTrainer
     refactor_every: int = 200
@@ -189,14 +189,14 @@ def _build(section: str, values: typing.Any) -> typing.Any:
 
 def _check(cfg: FinetuneConfig) -> None:
     """Value checks that need no data, no GPU and no world size; each failure is one line."""
-    m, lo, d, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
+    m, lo, ds, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
     unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
     if unknown:
         raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
                           f"choose among {', '.join(HF_TARGETS)}")
-    positive = {"lora.r": lo.r, "dataset.max_length": d.max_length, "dataset.max_new_tokens": d.max_new_tokens,
+    positive = {"lora.r": lo.r, "dataset.max_length": ds.max_length, "dataset.max_new_tokens": ds.max_new_tokens,
                 "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
                 "training.per_device_train_batch_size": t.per_device_train_batch_size,
                 "training.per_device_eval_batch_size": t.per_device_eval_batch_size,
@@ -204,12 +204,12 @@ def _check(cfg: FinetuneConfig) -> None:
                 "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "training.effective_batch_size": t.effective_batch_size, "training.save_steps": t.save_steps,
                 "training.eval_steps": t.eval_steps, "training.save_total_limit": t.save_total_limit,
-                "dataset.max_train_samples": d.max_train_samples, "dataset.max_eval_samples": d.max_eval_samples}
+                "dataset.max_train_samples": ds.max_train_samples, "dataset.max_eval_samples": ds.max_eval_samples}
     for name, v in positive.items():
         if v is not None and not v > 0:
             raise ConfigError(f"{name}={v} must be > 0")
     nonneg = {"training.warmup_ratio": t.warmup_ratio, "training.weight_decay": t.weight_decay,
-              "training.max_grad_norm": t.max_grad_norm, "dataset.answer_eval_samples": d.answer_eval_samples,
+              "training.max_grad_norm": t.max_grad_norm, "dataset.answer_eval_samples": ds.answer_eval_samples,
               "trainer.refactor_rewarm_steps": tr.refactor_rewarm_steps, "training.adam_epsilon": t.adam_epsilon}
     for name, v in nonneg.items():
         if v < 0:

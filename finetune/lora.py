@@ -66,9 +66,9 @@ class LoRAConfig:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a <= 0:
             raise ValueError(f"lora alpha={a!r} must be a positive finite number")
-        d = self.dropout
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
-            raise ValueError(f"lora dropout={d!r} must be in [0, 1)")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+            raise ValueError(f"lora dropout={p!r} must be in [0, 1)")
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, list | tuple):
             raise ValueError(
                 f"lora target_modules={self.target_modules!r} must be a list of {', '.join(HF_TARGETS)}"
@@ -262,7 +262,7 @@ def apply_lora(
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters, in a fixed order."""
-    return [p for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.values()]
+    return [p for _, m in lora_modules(model) for factors in (m.lora_A, m.lora_B) for p in factors.values()]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

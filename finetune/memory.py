@@ -3,7 +3,7 @@ The memory a LoRA fine-tuning run needs per GPU: hardware.training_memory (the e
 with the base frozen and only the adapters trained, plus what LoRA changes in the activations.
 
 The frozen base is held in bf16 (fp32 on CPU); the fp32 adapters have gradients and AdamW moments; the
-head is frozen, so the fused loss keeps no (V, d) gradient. A frozen linear keeps no input for a weight
+head is frozen, so the fused loss keeps no (V, C) gradient. A frozen linear keeps no input for a weight
 gradient; each adapter keeps its own dropped-out input (dropout > 0) or shares the normed input. With
 activation checkpointing each block keeps only its fp32 input. CUDA context and allocator slack are not
 included (add ~1-2 GiB). finetune/validate_config.py prints it; bench/lora_memory.py measures it.
@@ -23,11 +23,11 @@ GIB = 1024**3
 
 def projections(mc: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) features of each HF-named projection of one block of mc."""
-    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
-    out = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "up_proj": (d, h),
-           "down_proj": (h, d)}
+    dim, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
+    out = {"q_proj": (dim, q), "k_proj": (dim, kv), "v_proj": (dim, kv), "o_proj": (q, dim), "up_proj": (dim, h),
+           "down_proj": (h, dim)}
     if mc.mlp == "swiglu":
-        out["gate_proj"] = (d, h)
+        out["gate_proj"] = (dim, h)
     return out
 
 
@@ -47,9 +47,9 @@ def activation_bytes_per_token(mc: ModelConfig, cfg: FinetuneConfig, act_bytes: 
     1-byte mask with dropout, else the shared normed input. Within 5% of the bytes counted by
     saved_tensors_hooks on CPU (tests/test_finetune_tools.py).
     """
-    d, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
+    dim, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
     targets, p = cfg.lora.target_modules, projections(mc)
-    norms = 2 * 4 * d  # fp32 inputs of the two norms
+    norms = 2 * 4 * dim  # fp32 inputs of the two norms
     attention = act_bytes * (q + kv + (q + 2 * kv) + q)  # q, k after RoPE; the fused output; SDPA's output
     mlp = act_bytes * (3 * h if mc.mlp == "swiglu" else h)  # the fused gate/up output, silu(gate); or up
     kept = norms + attention + mlp
@@ -60,7 +60,7 @@ def activation_bytes_per_token(mc: ModelConfig, cfg: FinetuneConfig, act_bytes: 
     if cfg.lora.dropout > 0:
         kept += sum((act_bytes + 1) * p[t][0] for t in targets)
     else:  # the normed inputs of attention and MLP, when an adapter reads them
-        kept += act_bytes * d * (any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
+        kept += act_bytes * dim * (any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
                                  + any(t in targets for t in ("gate_proj", "up_proj")))
     kept += sum(4 * cfg.lora.r for _ in targets)  # A x (r values, fp32) for B's gradient
     return mc.n_layer * kept
@@ -79,7 +79,7 @@ def estimate_memory(mc: ModelConfig, cfg: FinetuneConfig, world_size: int, on_gp
     parts = hardware.training_memory(
         trained=n_ad, frozen=n_base, frozen_bytes=act_bytes, world_size=world_size,
         zero1=t.parallel == "zero1" and world_size > 1, fsdp=t.parallel == "fsdp" and world_size > 1,
-        grads_alive=True, tokens=tokens, activation_bytes=per_token, act_bytes=act_bytes, d=mc.n_embd,
+        grads_alive=True, tokens=tokens, activation_bytes=per_token, act_bytes=act_bytes, n_embd=mc.n_embd,
         vocab=mc.vocab_size, chunk=min(tokens, loss_chunk_tokens(mc.vocab_size)), head_trained=False)
     out = {
         "base_weights": parts["frozen_weights"],

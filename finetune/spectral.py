@@ -1,11 +1,11 @@
 """
-Spectral refactoring of LoRA factors (the seed's SpectralRefactorTrainer), every refactor_every steps.
+Spectral refactoring of LoRA factors (the SpectralRefactorTrainer of the Llama-3.1 LoRA guide this folder reproduces), every refactor_every steps.
 
 For one adapter (A: (r, in), B: (out, r)) in fp32:
     B = Qb Rb, A^T = Qa Ra (thin QR), core Rb Ra^T = U diag(S) V^T (r x r SVD), so B A = (Qb U) S (Qa V)^T
 and the factors are written back balanced: B' = Qb U sqrt(S~), A' = sqrt(S~) V^T Qa^T, with
 - exact:    S~ = S. The product B A, hence the model, is unchanged; B'^T B' = A' A'^T = diag(S).
-- balanced: S~ = (1 - lam) S + lam mean(S) (lam = 0.85 in the seed). This CHANGES the function on
+- balanced: S~ = (1 - lam) S + lam mean(S) (lam = 0.85 in the guide). This CHANGES the function on
             purpose: it flattens the adapter's spectrum toward its mean.
 - clamp:    S~ = min(S, bound / scaling), so the spectral norm of scaling * B' A' is at most bound.
 Adapters with an all-zero factor (B at a default init) are skipped: their product has no spectrum.
@@ -18,7 +18,7 @@ Optimizer state (torch.optim.Adam/AdamW moments of the LoRA parameters):
 - map_first_moment: the first moment is mapped as a gradient is under the reparametrisation
   B' = B X, A' = Z A (chain rule: m_B' = m_B X^-T = m_B Rb^T U / sqrt(S~), m_A' = Z^-T m_A =
   diag(1/sqrt(S~)) V^T Ra m_A); exp_avg_sq and step are kept. For `exact` it is exactly the gradient
-  map. This is the seed trainer's behaviour.
+  map. This is the guide's trainer's behaviour.
 - keep: the state is left as is (moments in the old basis).
 
 refactor_factors() is the pure per-adapter math on full tensors; under DDP every rank runs it on the

@@ -72,7 +72,7 @@ from model import GPT  # noqa: E402
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 BEST = "checkpoint-best"
-# the seed's metric names in wandb/TensorBoard; eval records already use them (eval/loss, ...)
+# the LoRA guide's metric names in wandb/TensorBoard; eval records already use them (eval/loss, ...)
 SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
               "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "dt_ms": "train/step_ms",
               "memory_peak_gb": "train/memory_peak_gb", "memory_allocated_gb": "train/memory_allocated_gb",

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 TORCHTITAN_VERSION = "0.2.2"
 MEGATRON_TAG = "core_r0.13.0"
 FLAVOR_MODULE = "nanollm_titan"  # the generated [experimental] custom_import module
-PLACEHOLDER = re.compile(r"(?<!\$)\{[A-Z][A-Z0-9_]+\}")  # the seed's {NAME}, not bash ${NAME}
+PLACEHOLDER = re.compile(r"(?<!\$)\{[A-Z][A-Z0-9_]+\}")  # a template's {NAME}, not bash ${NAME}
 
 
 class RecipeError(UserError):
@@ -197,8 +197,8 @@ def parallelism_text(rep: int, shard: int, tp: int, pp: int, cp: int) -> str:
         parts.append(f"FSDP: parameters, gradients and optimizer state sharded over {shard} GPUs")
     elif rep > 1:
         parts.append(f"DDP: the model replicated on {rep} GPUs")
-    parts += [f"{name} degree {d}" for name, d in (("tensor parallel", tp), ("pipeline parallel", pp),
-                                                     ("context parallel", cp)) if d > 1]
+    parts += [f"{name} degree {n}" for name, n in (("tensor parallel", tp), ("pipeline parallel", pp),
+                                                     ("context parallel", cp)) if n > 1]
     return "; ".join(parts) or "a single GPU, no parallelism"
 
 
@@ -606,10 +606,10 @@ def check_megatron_args(script: str) -> None:
     args = megatron_arg_list(script)
     get = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
     V = int(get["--vocab-size"]) + 1
-    d = int(get["--make-vocab-size-divisible-by"])
+    divisor = int(get["--make-vocab-size-divisible-by"])
     tp = int(get["--tensor-model-parallel-size"])
-    if V % (d * tp):
-        raise RecipeError(f"{script}: vocab {V} is not a multiple of divisor {d} x TP {tp}; Megatron would pad it")
+    if V % (divisor * tp):
+        raise RecipeError(f"{script}: vocab {V} is not a multiple of divisor {divisor} x TP {tp}; Megatron would pad it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -637,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--data")
     g.add_argument("--mock", action="store_true")
     m.add_argument("--out", required=True)
-    d = sub.add_parser("megatron-data", help="write .idx files beside a prepared dataset's shards")
-    d.add_argument("data")
+    md = sub.add_parser("megatron-data", help="write .idx files beside a prepared dataset's shards")
+    md.add_argument("data")
     v = sub.add_parser("validate", help="check a generated recipe folder")
     v.add_argument("dir")
     v.add_argument("--require_data", action="store_true", help="the torchtitan recipe's dataset must be prepared")

@@ -103,7 +103,7 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
     with pytest.raises(ConfigError, match="not a multiple"):
         grad_accum_steps(cfg, 3)
     assert interval_steps(0.1, 6172) == 617 and interval_steps(12, 586) == 12 and interval_steps(0.001, 10) == 1
-    # the seed's two configs load, with its hyperparameter table
+    # the Llama-3.1 LoRA guide's two configs load, with its hyperparameter table
     for name, lr, batch, epochs, warmup, every in (("metamath", 1e-4, 128, 2, 0.05, 200),
                                                      ("gsm8k", 3e-4, 64, 5, 0.1, 100)):
         c = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", f"llama3.1_8b_{name}.yaml"))
@@ -115,7 +115,7 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
 
 
 def test_schedule_refactor_steps_and_rewarm():
-    """The seed's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
+    """The LoRA guide's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
     a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
     import loop as shared
 

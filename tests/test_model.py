@@ -599,7 +599,7 @@ def test_gpt2_preset_is_1_36b_within_one_percent():
     )
 
 
-def test_seed_preset_features():
+def test_guide_preset_features():
     qwen = _tiny("full_qwen3_1.8b_optimal")
     assert (qwen.qk_norm, qwen.head_dim, qwen.rope_theta, qwen.vocab_size) == (True, 128, 1e6, 151936)
     llama3 = _tiny("full_llama3_1.5b_optimal")

@@ -25,7 +25,7 @@ SCRIPTS = ["plot_single_run.py", "compare_runs.py", "analyze_run.py"]
 
 
 def run_script(script: str, *args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    """python plots/SCRIPT ARGS, from cwd (the repo root, or plots/ as the seed's command does)."""
+    """python plots/SCRIPT ARGS, from cwd (the repo root, or plots/ as the training guide's command does)."""
     path = os.path.relpath(os.path.join(PLOTS, script), cwd)
     return subprocess.run([sys.executable, path, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -95,7 +95,7 @@ def test_plot_single_run_from_repo_root(train_log: str) -> None:
 
 
 def test_plot_single_run_from_plots_dir(train_log: str, tmp_path: pathlib.Path) -> None:
-    # the seed's command: cd plots && python plot_single_run.py ../saves/run_*.json; relative paths are the CWD's
+    # the training guide's command: cd plots && python plot_single_run.py ../saves/run_*.json; relative paths are the CWD's
     log, out = os.path.relpath(train_log, PLOTS), os.path.relpath(tmp_path / "fig" / "run.png", PLOTS)
     p = ok(run_script("plot_single_run.py", log, "--out", out, cwd=PLOTS))
     assert p.stdout.strip() == f"wrote {out}"
@@ -231,7 +231,7 @@ def test_analyze_run_gpu_fields(train_log: str, tmp_path: pathlib.Path) -> None:
 def test_extrapolation_arithmetic() -> None:
     assert analyze_run.extrapolate(1000, 100, 3600.0) == (10, 0.01)  # 10 steps of 3.6 s
     assert analyze_run.extrapolate(1001, 100, 1000.0)[0] == 11  # a started step is a whole step
-    # the seed's question: 85e9 tokens at the quickstart's 768 tokens per iteration
+    # the training guide's question: 85e9 tokens at the quickstart's 768 tokens per iteration
     iters, hours = analyze_run.extrapolate(85e9, 768, 41.787)
     assert iters == 110_677_084 and hours == pytest.approx(110_677_084 * 41.787 / 3.6e6)
 

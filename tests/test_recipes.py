@@ -18,7 +18,7 @@ from tokenizer import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITAN_PRESETS = ["full_llama_1.36b", "full_llama3_1.5b_optimal", "full_llama3_2.2b_chinchilla",
                  "full_qwen3_1.8b_optimal", "llama3.1_8b"]
-SEED_PRESETS = ["full_gpt2_1.36b"] + TITAN_PRESETS
+GUIDE_PRESETS = ["full_gpt2_1.36b"] + TITAN_PRESETS
 
 
 def preset(name: str) -> str:
@@ -51,8 +51,8 @@ def all_tokens(data_dir: str, split: str) -> np.ndarray:
                            for s in meta["splits"][split]["shards"]])
 
 
-@pytest.mark.parametrize("name", SEED_PRESETS)
-def test_every_seed_preset_generates_both_recipes(name, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("name", GUIDE_PRESETS)
+def test_every_guide_preset_generates_both_recipes(name, tmp_path, capsys) -> None:
     mg = tmp_path / "mg"
     assert run_main(["megatron", preset(name), "--ngpu", "8", "--tp", "2", "--mock", "--out", str(mg)], capsys)[0] == 0
     assert run_main(["validate", str(mg)], capsys)[0] == 0

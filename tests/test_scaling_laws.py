@@ -1,4 +1,4 @@
-"""scaling_laws.py: the seed's predicted losses, plan against a brute force, closed-form counts, CLI."""
+"""scaling_laws.py: the training guide's predicted losses, plan against a brute force, closed-form counts, CLI."""
 
 import dataclasses
 import json
@@ -18,7 +18,7 @@ from model import GPT, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The seed's figures for a 1.36e21 FLOPs budget (the source document): preset, N, D, predicted loss.
+# The training guide's figures for a 1.36e21 FLOPs budget (the source document): preset, N, D, predicted loss.
 SEED = [
     ("full_llama3_1.5b_optimal", 1_544_628_224, 101.909e9, 2.335),
     ("full_llama3_2.2b_chinchilla", 2_224_154_624, 61.545e9, 2.351),
@@ -68,11 +68,11 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 # -----------------------------------------------------------------------------
-# The seed's predicted losses
+# The training guide's predicted losses
 
 
 @pytest.mark.parametrize("preset, n_params, tokens, loss", SEED)
-def test_seed_losses_to_three_decimals(preset, n_params, tokens, loss):
+def test_guide_losses_to_three_decimals(preset, n_params, tokens, loss):
     cfg = _preset(preset)
     n, _ = _model_counts(cfg, 2048)
     assert n == n_params == sl.count_params(cfg)
@@ -80,7 +80,7 @@ def test_seed_losses_to_three_decimals(preset, n_params, tokens, loss):
 
 
 @pytest.mark.parametrize("preset, n_params, tokens, loss", SEED)
-def test_loss_cli_prints_seed_loss(preset, n_params, tokens, loss):
+def test_loss_cli_prints_guide_loss(preset, n_params, tokens, loss):
     result = _run_cli("loss", "--params", str(n_params), "--tokens", f"{tokens:.6e}")
     assert result.returncode == 0, result.stderr
     assert round(float(result.stdout.split()[0]), 3) == loss

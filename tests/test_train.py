@@ -123,7 +123,7 @@ def test_config_errors_in_process():
 
 
 def test_dry_run_numbers():
-    """The seed's DRY_RUN for a preset: exit 0, no data read, numbers checked independently."""
+    """The training guide's DRY_RUN for a preset: exit 0, no data read, numbers checked independently."""
     p = ok(run_train(["config/full_llama3_1.5b_optimal.py", "--dry_run=True", "--use_zero1=True",
                       "--dataset=no_such_dataset"], env={"WORLD_SIZE": "2"}))
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -167,7 +167,7 @@ def test_training_run_learns_and_logs(char_dataset, tmp_path):
     evals = log["evaluations"]
     assert [e["iter"] for e in evals] == [0, 20, 40]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0  # it learns the synthetic grammar
-    # the seed's monitoring snippet, unchanged
+    # the training guide's monitoring snippet, unchanged
     latest = log["training_iterations"][-1]
     assert latest["iter"] == 39 and math.isfinite(latest["loss"]) and latest["mfu"] is None  # CPU: no MFU
     record = log["training_iterations"][5]
