@@ -98,19 +98,7 @@ def main(argv: list[str]) -> int:
         metavar="A,B,...",
         help="comma-separated names, one per log (default: folder/file of each)",
     )
-    parser.add_argument(
-        "--out",
-        type=runlogs.image_path,
-        metavar="PNG",
-        help="image to write (default: compare_runs.png next to the first log)",
-    )
-    parser.add_argument(
-        "--smooth",
-        type=runlogs.smoothing_factor,
-        default=runlogs.SMOOTHING,
-        metavar="FACTOR",
-        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
-    )
+    runlogs.add_image_args(parser, out_default="compare_runs.png next to the first log")
 
     def body() -> int:
         args = parser.parse_args(argv)

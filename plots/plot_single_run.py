@@ -255,19 +255,7 @@ def default_out(paths: list[str]) -> str:
 def main(argv: list[str]) -> int:
     parser = configurator.ArgumentParser(prog="plot_single_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs (several: overlaid)")
-    parser.add_argument(
-        "--out",
-        type=runlogs.image_path,
-        metavar="PNG",
-        help="image to write (default: next to the first log, run_X.png)",
-    )
-    parser.add_argument(
-        "--smooth",
-        type=runlogs.smoothing_factor,
-        default=runlogs.SMOOTHING,
-        metavar="FACTOR",
-        help=f"EMA factor per logged record, 0 for none (default {runlogs.SMOOTHING})",
-    )
+    runlogs.add_image_args(parser, out_default="next to the first log, run_X.png")
 
     def body() -> int:
         args = parser.parse_args(argv)

@@ -164,3 +164,10 @@ def save_figure(fig: Figure, out: str) -> None:
     """Write fig to out (format from the extension), creating its folder."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out)
+
+
+def add_image_args(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """The --out and --smooth flags every plot script takes; out_default says where --out goes unset."""
+    parser.add_argument("--out", type=image_path, metavar="PNG", help=f"image to write (default: {out_default})")
+    parser.add_argument("--smooth", type=smoothing_factor, default=SMOOTHING, metavar="FACTOR",
+                        help=f"EMA factor per logged record, 0 for none (default {SMOOTHING})")

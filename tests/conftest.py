@@ -69,6 +69,7 @@ def char_dataset(tmp_path_factory) -> str:
 # Tiny models: test files import these (`from conftest import tiny_gpt`) rather than type out their own.
 
 TINY_GPT = dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)  # GPT-2 features
+LLAMA_FEATURES = dict(mlp="swiglu", norm="rmsnorm", position_embedding="rope", bias=False)  # for tiny_gpt(**...)
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)  # GQA 2:1
 

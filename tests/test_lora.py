@@ -7,7 +7,7 @@ import peft.tuners.lora.layer as peft_layer
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt, tiny_hf_llama
+from conftest import LLAMA_FEATURES, TINY_GPT, tiny_gpt, tiny_hf_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -416,18 +416,8 @@ def test_cuda_bf16_base_matches_cpu_fp32():
     """On a GPU: PiSSA factors from a CUDA SVD match the CPU ones, and a bf16 base with fp32 adapters
     gives the fp32 logits within bf16 rounding and fp32 adapter gradients."""
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=64,
-        block_size=32,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=64,
-        mlp="swiglu",
-        norm="rmsnorm",
-        position_embedding="rope",
-        bias=False,
-    )
+    cfg = ModelConfig(**{**TINY_GPT, "block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64,
+                         **LLAMA_FEATURES})
     cpu = GPT(cfg)
     gpu = GPT(cfg)
     gpu.load_state_dict(cpu.state_dict())

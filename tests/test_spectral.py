@@ -2,30 +2,17 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt
+from conftest import LLAMA_FEATURES, tiny_gpt
 
 from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
 from finetune.spectral import map_moments, refactor_factors, spectral_refactor
-from model import GPT, ModelConfig
+from model import GPT
 
 
 def _model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=64,
-        block_size=32,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        intermediate_size=48,
-        mlp="swiglu",
-        norm="rmsnorm",
-        position_embedding="rope",
-        bias=False,
-        tie_embeddings=False,
-    )
-    model = GPT(cfg)
+    model = tiny_gpt(block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48,
+                     tie_embeddings=False, **LLAMA_FEATURES)
     apply_lora(
         model,
         LoRAConfig(r=4, alpha=8, init="pissa", target_modules=("q_proj", "v_proj", "up_proj", "o_proj")),
