@@ -15,15 +15,21 @@ ckpt.tmp -> ckpt, then deletes ckpt.old. A crash before the rename leaves the pr
 untouched; a crash between the two renames leaves ckpt.old/, which load() falls back to. A
 ckpt.tmp/ left by a crash is deleted when the next run starts (remove_temps).
 Multi-node runs need out_dir on a filesystem every node sees. Loads use weights_only=True.
+
+What a person can do wrong is refused too: lock() holds a flock on out_dir for a run's lifetime (one run
+per out_dir), a save checks the free space first and turns a full disk into one CheckpointError that names
+the intact previous checkpoint, deleting its own temp folder at once.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -39,16 +45,87 @@ class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint; the message says what to do."""
 
 
+class DirLock:
+    """An exclusive flock on a folder itself (no lock file is left behind), held until release() or until
+    this object is garbage-collected; the kernel releases it when the process dies, however it dies."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock(out_dir: str, flag: str = "out_dir") -> DirLock:
+    """Hold out_dir for the run's lifetime (keep the returned DirLock). Another process holding it is a
+    CheckpointError naming its PID: two runs writing one folder would delete each other's temps."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _lock_holder(out_dir) or "unknown"
+        raise CheckpointError(f"another run (pid {holder}) is writing to --{flag}={out_dir}; wait for it to "
+                              f"finish, stop it (kill {holder}), or choose another --{flag}") from None
+    return DirLock(fd)
+
+
+def _lock_holder(path: str) -> str | None:
+    """The PID holding a flock on path, from Linux's /proc/locks (None elsewhere or when it is gone)."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                    return parts[4]
+    except OSError:
+        pass
+    return None
+
+
 def save_tensor_file(obj: object, path: str) -> None:
-    """torch.save(obj) to path, fsync'd (into a checkpoint's temp folder: the folder swap makes it atomic)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save(obj) to path, fsync'd (into a checkpoint's temp folder: the folder swap makes it atomic).
+
+    A write that fails (a full disk) is raised as its OSError: torch.save reports it as a RuntimeError
+    from its zip writer ("unexpected pos ...") with the OSError only in the chain."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def tensor_bytes(tensors: Iterable[object]) -> int:
+    """Bytes of every tensor in tensors, nested in dicts and lists (what torch.save will write, about)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: this rank's part
+            total += t.numel() * t.element_size()
+        elif isinstance(t, dict):
+            total += tensor_bytes(t.values())
+        elif isinstance(t, list | tuple):
+            total += tensor_bytes(t)
+    return total
 
 
 def remove_temps(out_dir: str) -> None:
-    """Delete what a crashed save left (out_dir/ckpt.tmp/): never read, only confusing. Call on rank 0 at start."""
+    """Delete what a crashed save left (out_dir/ckpt.tmp/): never read, only confusing. Call on rank 0 at
+    start, holding the lock (a second run must never delete a running run's temp folder)."""
     shutil.rmtree(os.path.join(out_dir, TMP), ignore_errors=True)
 
 
@@ -94,31 +171,52 @@ def save(
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}...); the run has diverged")
 
     tmp = os.path.join(out_dir, name + ".tmp")
-    if d.is_master:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        os.makedirs(tmp)
-    barrier(d)
-    if d.is_master:
-        save_tensor_file(model_sd, os.path.join(tmp, "model.pt"))
-    atomic.fault_point("after_model")
-    if mode == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    # the bytes this save adds while the previous checkpoint still exists, summed over ranks
+    local_optimizer_state = local_optimizer(optimizer).state if mode in ("zero1", "fsdp") or d.is_master else {}
+    need = _sum_over_ranks(tensor_bytes([model_sd, list(local_optimizer_state.values())]), d)
+    free = shutil.disk_usage(out_dir).free
+    where = f"checkpoint {name} in {out_dir}"
+    if not _all_ok(need <= free if d.is_master else True, d):
+        raise CheckpointError(f"not enough space for {where}: it needs about {need / 2**20:,.0f} MiB and "
+                              f"{free / 2**20:,.0f} MiB are free; {_previous(out_dir, name)}: free some space, "
+                              f"then resume")
+    failure = None
+    try:
+        if d.is_master:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+            os.makedirs(tmp)
+        barrier(d)
+        if d.is_master:
+            save_tensor_file(model_sd, os.path.join(tmp, "model.pt"))
+        atomic.fault_point("after_model")
+        if mode == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer_dcp"))
-    elif mode == "zero1":
-        save_tensor_file(local_optimizer(optimizer).state_dict(), os.path.join(tmp, f"optimizer_rank{d.rank}.pt"))
-    elif d.is_master:
-        save_tensor_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    rng = {"torch": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    save_tensor_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
-    if scaler is not None and d.is_master:
-        save_tensor_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-    if write_extra is not None and d.is_master:
-        write_extra(tmp)
-    barrier(d)
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=os.path.join(tmp, "optimizer_dcp"))
+        elif mode == "zero1":
+            save_tensor_file(local_optimizer(optimizer).state_dict(), os.path.join(tmp, f"optimizer_rank{d.rank}.pt"))
+        elif d.is_master:
+            save_tensor_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        rng = {"torch": torch.get_rng_state()}
+        if d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(d.device)
+        save_tensor_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+        if scaler is not None and d.is_master:
+            save_tensor_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        if write_extra is not None and d.is_master:
+            write_extra(tmp)
+    except OSError as e:  # a full disk above all: every rank learns of it below, so none waits forever
+        failure = e
+    if not _all_ok(failure is None, d):
+        if d.is_master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"{failure.strerror or failure}" if failure is not None else "another rank could not write"
+        if failure is not None and failure.errno == errno.ENOSPC:
+            reason += f" (it needs about {need / 2**20:,.0f} MiB)"
+        raise CheckpointError(f"cannot write {where}: {reason}; the temp folder is removed and "
+                              f"{_previous(out_dir, name)}: free some space, then resume")
     if d.is_master:
         state = dict(state, world_size=d.world_size, mode=mode, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -128,6 +226,33 @@ def save(
         atomic.replace_dir(tmp, os.path.join(out_dir, name))
     barrier(d)
     return os.path.join(out_dir, name)
+
+
+def _sum_over_ranks(n: int, d: Dist) -> int:
+    if d.world_size == 1:
+        return n
+    import torch.distributed as dist
+
+    t = torch.tensor(float(n), dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _all_ok(ok: bool, d: Dist) -> bool:
+    """Whether ok holds on every rank (a collective when world_size > 1)."""
+    if d.world_size == 1:
+        return ok
+    import torch.distributed as dist
+
+    t = torch.tensor(0.0 if ok else 1.0, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return not bool(t.item())
+
+
+def _previous(out_dir: str, name: str) -> str:
+    """What a failed save leaves: the checkpoint of that name from before, if there is one."""
+    path = os.path.join(out_dir, name)
+    return f"the previous checkpoint {path} is intact" if os.path.isdir(path) else f"no earlier {path} exists"
 
 
 def full_model_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:

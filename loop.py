@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,12 +68,44 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
 
 
 def start(device: str) -> parallel.Dist:
-    """Join the process group (torchrun's variables; world size 1 otherwise) and turn on TF32 on GPUs."""
+    """Join the process group (torchrun's variables; world size 1 otherwise), turn on TF32 on GPUs, take
+    Ctrl-C and SIGTERM (INTERRUPT) and, under torchrun, stop this worker if its launcher dies. Pair with
+    finish()."""
+    INTERRUPT.install()
     d = parallel.setup(device)
+    INTERRUPT.quiet = not d.is_master
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _watch_launcher(d.rank)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
     return d
+
+
+def finish() -> None:
+    """Undo start(): the signal handlers it took, the process group."""
+    INTERRUPT.uninstall()
+    parallel.teardown()
+
+
+def _watch_launcher(rank: int) -> None:
+    """A daemon thread that ends this worker when torchrun, its parent, is gone.
+
+    torchrun starts its workers in sessions of their own, so killing the launcher's process group (a
+    scheduler's kill, Ctrl-C on a wrapper script) does not reach them: without this they would train on,
+    holding the out_dir lock. The worker exits within a second; a checkpoint being written is left as a
+    temp folder (never swapped in), so the last complete checkpoint stays the one a resume reads.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"rank {rank}: the launcher (pid {parent}) is gone; stopping. The last checkpoint is intact: "
+              f"resume with --init_from=resume", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
 
 
 def precision(dtype: torch.dtype, device: torch.device) -> tuple[contextlib.AbstractContextManager,
@@ -144,7 +179,7 @@ class Loop:
     max_nonfinite_steps: int = 5
     flops_per_token: int = 0
     peak_flops: float | None = None
-    resume_hint: str = ""  # how to continue after an interrupt, printed with it
+    resume_hint: str = ""  # how to continue after an interrupt, printed with it; {iter} becomes the step
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -300,36 +335,46 @@ class LogWindow:
 def run_loop(loop: Loop, run: RunState) -> int:
     """Step, log and call the seams until run.iter_num == max_iters.
 
-    Returns 0 when done, 130 when interrupted (after a checkpoint).
+    Returns 0 when done, 130 when interrupted (after a checkpoint of the steps taken). One process honours
+    a stop after the current step; under torchrun the ranks agree on it at the next log interval, the only
+    point where every rank is sure to run the same collective.
     """
     window = LogWindow(loop, run.iter_num)
-    with interrupt_flag() as stop:
-        while True:
-            done = run.iter_num >= loop.max_iters
+    while True:
+        done = run.iter_num >= loop.max_iters
+        try:
             with window.outside_steps():
                 loop.evaluate_and_save(run, done)
-            if done:
-                break
-            step = train_step(loop, run)
-            window.add(run, step)
-            it = run.iter_num - 1  # the step just taken
-            if it % loop.log_interval != 0 and run.iter_num != loop.max_iters and not stop["requested"]:
-                continue
-            record = window.record(run, step)
-            loop.log.iteration(record)
-            loop.log.flush()
-            print0(loop.d, format_record(record))
-            if window.nonfinite_streak >= loop.max_nonfinite_steps:
-                loop.log.close()
-                raise TrainingError(f"{window.nonfinite_streak} consecutive non-finite steps up to iter {it}; the "
-                                    "last checkpoint is intact: lower learning_rate or check the data, then resume")
-            if parallel.all_reduce_max(torch.tensor(float(stop["requested"]), device=loop.d.device), loop.d).item():
-                loop.save(run)
-                loop.log.close()
-                print0(loop.d, f"interrupted at iter {run.iter_num}; {loop.resume_hint}")
-                return 130
+        except Interrupted:
+            return _interrupted(loop, run)
+        if done:
+            break
+        step = train_step(loop, run)
+        INTERRUPT.stepping = True  # from now on there is something to save
+        window.add(run, step)
+        it = run.iter_num - 1  # the step just taken
+        stop_now = INTERRUPT.requested and loop.d.world_size == 1
+        if it % loop.log_interval != 0 and run.iter_num != loop.max_iters and not stop_now:
+            continue
+        record = window.record(run, step)
+        loop.log.iteration(record)
+        loop.log.flush()
+        print0(loop.d, format_record(record))
+        if window.nonfinite_streak >= loop.max_nonfinite_steps:
+            loop.log.close()
+            raise TrainingError(f"{window.nonfinite_streak} consecutive non-finite steps up to iter {it}; the "
+                                "last checkpoint is intact: lower learning_rate or check the data, then resume")
+        if stop_requested(loop.d):
+            return _interrupted(loop, run)
     loop.log.close()
     return 0
+
+
+def _interrupted(loop: Loop, run: RunState) -> int:
+    loop.save(run)
+    loop.log.close()
+    print0(loop.d, f"interrupted at iter {run.iter_num}; " + loop.resume_hint.replace("{iter}", str(run.iter_num)))
+    return 130
 
 
 def format_record(r: dict) -> str:
@@ -342,18 +387,60 @@ def format_record(r: dict) -> str:
     return text
 
 
-@contextlib.contextmanager
-def interrupt_flag():
-    """Yield {'requested': bool}, set by Ctrl-C or SIGTERM; a second signal kills at once (saves stay atomic)."""
-    stop = {"requested": False}
+# -- interrupts ----------------------------------------------------------------------------------------
 
-    def request_stop(signum: int, frame: object) -> None:
-        stop["requested"] = True
-        signal.signal(signum, signal.SIG_DFL)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
+class Interrupted(Exception):
+    """A stop requested during an evaluation: the loop saves the training state it has and exits."""
+
+
+class Interrupt:
+    """Ctrl-C and SIGTERM, from start() to finish().
+
+    Before a run's first optimizer step there is nothing new to save, so a signal exits at once (status
+    130): set-up, data checks and compilation are not waited for. From the first step on, a signal asks
+    for a stop: run_loop finishes the step, saves and exits 130, and an evaluation stops between batches
+    (check_interrupt). A second signal kills at once; a checkpoint being written stays atomic.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stepping = False  # the run's first optimizer step has completed
+        self.quiet = False  # a rank other than 0 prints nothing
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        self.requested = self.stepping = self.quiet = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal: the default action, exit at once
+        if not self.stepping:
+            if not self.quiet:
+                print(f"{signal.Signals(signum).name}: stopped before the first step; nothing new to save",
+                      file=sys.stderr, flush=True)
+            os._exit(130)
+        self.requested = True
+
+
+INTERRUPT = Interrupt()
+
+
+def stop_requested(d: parallel.Dist) -> bool:
+    """Whether a stop was asked for on any rank: a collective when world_size > 1 (every rank must call it
+    at the same point)."""
+    if d.world_size == 1:
+        return INTERRUPT.requested
+    flag = torch.tensor(float(INTERRUPT.requested), device=d.device)
+    return bool(parallel.all_reduce_max(flag, d).item())
+
+
+def check_interrupt(d: parallel.Dist) -> None:
+    """Between evaluation batches: raise Interrupted if a stop was asked for (stop_requested's rule)."""
+    if stop_requested(d):
+        raise Interrupted

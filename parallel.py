@@ -102,6 +102,22 @@ def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def on_master(fn, d: Dist):
+    """fn() on rank 0 only; its result there (None elsewhere). A UserError it raises is raised on every
+    rank, so none is left waiting for rank 0 in a collective."""
+    failure, result = None, None
+    if d.is_master:
+        try:
+            result = fn()
+        except UserError as e:
+            failure = e
+    if d.world_size > 1 and all_reduce_max(torch.tensor(float(failure is not None), device=d.device), d).item():
+        raise failure or UserError("rank 0 stopped the run; its error says why")
+    if failure is not None:
+        raise failure
+    return result
+
+
 def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -124,7 +124,24 @@ def _prepare_command(data_dir: str) -> str:
     if os.path.isfile(script):
         rel = os.path.relpath(script)
         return f"python {rel if not rel.startswith('..') else script}"
-    return f"python data/<name>/prepare.py --out_dir {data_dir}"
+    folders = sorted(n for n in os.listdir(os.path.join(ROOT, "data"))
+                     if os.path.isfile(os.path.join(ROOT, "data", n, "prepare.py")))
+    return (f"python data/DATASET/prepare.py --input=YOUR_TEXT --out_dir={data_dir}, with the DATASET folder of "
+            f"the tokenizer you want ({', '.join(folders)})")
+
+
+def vocab_mismatch(meta: dict, vocab_size: int) -> str | None:
+    """Why a model of vocab_size should not train on this dataset, or None. Ids must fit the model; and a
+    model whose vocabulary is far larger than the data's (a LLaMA-3 preset's 128,256 on 84 characters) has
+    output rows no token ever trains, which is a forgotten --vocab_size or the wrong tokenizer's data. A
+    few unused rows are normal: the 64-padding of GPT-2 and tiny test models, Qwen3's reserved ids."""
+    n, name = meta["vocab_size"], meta.get("tokenizer", {}).get("name", "its tokenizer")
+    if n > vocab_size:
+        return f"the dataset's {name} tokenizer has {n:,} ids but the model's vocab_size is {vocab_size:,}"
+    if vocab_size - n > 1024 and vocab_size > 2 * n:
+        return (f"the dataset was tokenized with {name} ({n:,} ids) but the model's vocab_size is {vocab_size:,}: "
+                f"{vocab_size - n:,} output rows would never see a token")
+    return None
 
 
 def read_meta(data_dir: str, split: str = "train") -> dict:

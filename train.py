@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 
@@ -81,12 +82,14 @@ def build_model(tc: TrainConfig, mc: ModelConfig, device: torch.device, ckpt_pat
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: dict[str, list], autocast, d: parallel.Dist) -> dict[str, float]:
-    """Mean loss over each split's fixed batches and over ranks."""
+    """Mean loss over each split's fixed batches and over ranks; a stop request ends it between batches
+    (every rank holds the same number of batches, so the check is collective-safe)."""
     model.eval()
     out = {}
     for split, split_batches in batches.items():
         losses = torch.zeros(len(split_batches), device=d.device)
         for i, (x, y) in enumerate(split_batches):
+            loop.check_interrupt(d)
             with autocast:
                 _, loss = model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
             losses[i] = loss
@@ -95,8 +98,12 @@ def evaluate(model: torch.nn.Module, batches: dict[str, list], autocast, d: para
     return out
 
 
-def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
-    """Shapes, FLOPs and a memory estimate from the meta device; reads no data."""
+def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) -> dict:
+    """Shapes, FLOPs and a memory estimate from the meta device; reads no tokens. The vocabulary is the one
+    training would use: the config's, else the prepared dataset's meta.json (padded to 64), as train() does.
+    The world size is WORLD_SIZE (torchrun sets it), so `WORLD_SIZE=8 ... --dry_run=True` plans 8 GPUs."""
+    import token_loader
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tc.gradient_accumulation_steps % world:
         raise TrainingError(
@@ -104,6 +111,13 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
         )
     if tc.init_from not in ("scratch", "resume"):
         mc = resolve_model_config(tc, mc, set(), None, None)
+    elif "vocab_size" not in explicit:
+        try:
+            mc = resolve_model_config(tc, mc, explicit, token_loader.read_meta(token_loader.resolve_data_dir(tc.dataset)),
+                                      None)
+        except token_loader.DataError:
+            print(f"note: dataset {tc.dataset} is not prepared, so vocab_size is the default {mc.vocab_size:,}; "
+                  f"training takes it from the dataset")
     with torch.device("meta"):
         model = GPT(mc)
     dtype = "bfloat16" if tc.dtype == "auto" else tc.dtype
@@ -121,7 +135,11 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
     print(f"FLOPs per token (fwd+bwd, seq {tc.block_size}): {model.flops_per_token(tc.block_size):.4g}")
     print(f"world size {world} ({parallelism}); gradient accumulation {tc.gradient_accumulation_steps} total = "
           f"{per_rank} per rank; tokens per optimizer step: {tc.batch_size} x {tc.gradient_accumulation_steps} x "
-          f"{tc.block_size} = {tokens:,}")
+          f"{tc.block_size} = {tokens:,}; whole run: {tc.max_iters:,} steps x {tokens:,} = {tc.max_iters * tokens:,} "
+          f"tokens ({tc.max_iters * tokens / 1e9:.2f}B)")
+    if "WORLD_SIZE" not in os.environ:
+        print("(one process; for N GPUs prefix WORLD_SIZE=N, as torchrun sets it: the memory per GPU changes with "
+              "ZeRO-1/FSDP sharding and the accumulation per rank)")
     print(f"estimated memory per GPU ({dtype}, batch {tc.batch_size} x {tc.block_size}, "
           f"{'compiled' if tc.compile else 'eager'}): weights {mem['weights_gb']:.2f} GiB, grads {mem['grads_gb']:.2f}, "
           f"optimizer {mem['optimizer_gb']:.2f}, activations {mem['activations_gb']:.2f}, "
@@ -132,6 +150,7 @@ def dry_run(tc: TrainConfig, mc: ModelConfig) -> dict:
         "n_params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token": model.flops_per_token(tc.block_size),
         "tokens_per_step": tokens,
+        "total_tokens": tc.max_iters * tokens,
         "world_size": world,
         "gradient_accumulation_per_rank": per_rank,
         "est_memory_gb_per_gpu": round(mem["total_gb"], 3),
@@ -166,6 +185,7 @@ class Source:
     data_dir: str
     meta: dict
     model_config: ModelConfig
+    lock: checkpoint.DirLock | None  # out_dir's lock, held while this object lives (rank 0; None elsewhere)
 
 
 def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: parallel.Dist, accum: int) -> Source:
@@ -178,19 +198,40 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
     configurator.check_output_dir(tc.out_dir)
-    if d.is_master:
-        checkpoint.remove_temps(tc.out_dir)
+    lock = parallel.on_master(lambda: claim_out_dir(tc), d)
     ddir = token_loader.resolve_data_dir(tc.dataset)
     meta = token_loader.read_meta(ddir)
     mc = resolve_model_config(tc, mc, explicit, meta, ckpt_state)
     if meta["vocab_size"] > mc.vocab_size:
         raise TrainingError(f"dataset {tc.dataset} has vocab_size {meta['vocab_size']} but the model has "
                             f"{mc.vocab_size}; set --vocab_size={meta['vocab_size']} or larger")
+    if (problem := token_loader.vocab_mismatch(meta, mc.vocab_size)) is not None and ckpt_state is None:
+        raise TrainingError(f"dataset {tc.dataset}: {problem}; prepare the data with the preset's tokenizer, or "
+                            f"set --vocab_size={meta['vocab_size']} to train this shape on it")
     if mc.position_embedding == "learned" and tc.block_size > mc.block_size:
         raise TrainingError(f"block_size={tc.block_size} exceeds the model's {mc.block_size} learned positions")
     token_loader.check_sizes(token_loader.split_windows(ddir, tc.block_size, mc.vocab_size), tc.block_size,
                              tc.batch_size, accum, d.world_size, tc.eval_iters, token_loader.available_host_bytes())
-    return Source(ckpt_path, ckpt_state, ddir, meta, mc)
+    return Source(ckpt_path, ckpt_state, ddir, meta, mc, lock)
+
+
+def claim_out_dir(tc: TrainConfig):
+    """Take out_dir for this run (on rank 0): its lock (keep the returned DirLock while the run lives), then
+    its crash leftovers. A new run (scratch or Hugging Face weights) never replaces a trained model unless
+    overwrite_out_dir says so."""
+    held = checkpoint.lock(tc.out_dir)
+    previous = checkpoint.find(tc.out_dir)
+    if previous is not None and tc.init_from != "resume" and tc.save_checkpoint and not tc.eval_only:
+        if not tc.overwrite_out_dir:
+            it = checkpoint.read_state(previous).get("iter_num", "?")
+            raise TrainingError(f"{tc.out_dir} holds a trained model ({previous}, iter {it}); continue it with "
+                                f"--init_from=resume, start over with --overwrite_out_dir=True (which deletes it), "
+                                f"or choose another --out_dir")
+        for name in (checkpoint.CKPT, checkpoint.OLD):
+            shutil.rmtree(os.path.join(tc.out_dir, name), ignore_errors=True)
+        print(f"overwrite_out_dir: deleted the checkpoint of {tc.out_dir} ({previous})", flush=True)
+    checkpoint.remove_temps(tc.out_dir)
+    return held
 
 
 def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype, ckpt_path: str | None):
@@ -256,7 +297,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     print0(d, f"model {mc.arch_string}: {model.num_params():,} parameters, {fpt:.3g} FLOPs/token; {mode} on "
               f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}")
     print0(d, f"tokens per step: {tc.batch_size} batch x {tc.gradient_accumulation_steps} accumulation "
-              f"({accum} per rank) x {tc.block_size} tokens = {tokens_per_step:,}; MFU: {peak_note}")
+              f"({accum} per rank) x {tc.block_size} tokens = {tokens_per_step:,}; "
+              + (f"MFU against the {peak_note}" if peak is not None else peak_note))
     if fp8_summary is not None:
         print0(d, f"fp8 {tc.fp8}{' (emulated)' if tc.fp8_emulate else ''}: {fp8_summary}")
     if src.ckpt_state is not None:
@@ -310,11 +352,11 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         tc, mc, explicit = configurator.load_train(argv)
         if tc.dry_run:
-            dry_run(tc, mc)
+            dry_run(tc, mc, explicit)
             return 0
         return train(tc, mc, explicit)
 
-    return configurator.run_command(body, cleanup=parallel.teardown)
+    return configurator.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

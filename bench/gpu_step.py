@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run(argv)), flush=True)
         return 0
 
-    return configurator.run_command(body, cleanup=parallel.teardown)
+    return configurator.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

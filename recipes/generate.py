@@ -27,7 +27,7 @@ import configurator
 from configurator import TrainConfig, UserError
 from model import ModelConfig
 from recipes import megatron_data
-from token_loader import DataError, read_meta, resolve_data_dir
+from token_loader import DataError, read_meta, resolve_data_dir, vocab_mismatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -183,9 +183,9 @@ def prepared_dataset(path: str, mc: ModelConfig) -> dict:
         meta = read_meta(resolve_data_dir(path))
     except DataError as e:
         raise RecipeError(f"dataset {path} is not prepared: {e}") from None
-    if meta["vocab_size"] > mc.vocab_size:
-        raise RecipeError(f"dataset {path} uses the {meta['tokenizer']['name']} tokenizer (vocab {meta['vocab_size']}) "
-                          f"but the preset's vocab_size is {mc.vocab_size}; prepare it with the preset's tokenizer")
+    problem = vocab_mismatch(meta, mc.vocab_size)
+    if problem is not None:
+        raise RecipeError(f"dataset {path}: {problem}; prepare it with the preset's tokenizer")
     return meta
 
 
@@ -466,7 +466,7 @@ DISTRIBUTED_ARGS=(
 if [[ "$DATA_ARG" == "MOCK" ]]; then
     DATA_ARGS_LIST=(--mock-data --split 99,1,0)
 elif [[ "$DATA_ARG" == "NANOLLM" ]]; then
-    DATA_ARGS_LIST=({data_args or "--mock-data"})
+    {f"DATA_ARGS_LIST=({data_args})" if data_args else 'echo "error: this recipe was generated with --mock, so it has no nanollm data paths; regenerate it with --data data/<name>, or pass MOCK or a --data-path prefix" >&2; exit 2'}
 else
     DATA_ARGS_LIST=(--data-path "$DATA_ARG" --split 99,1,0)
 fi
@@ -595,8 +595,9 @@ def check_toml(doc: dict, path: str) -> None:
 
 def megatron_arg_list(script: str) -> list[str]:
     """The Megatron arguments the generated script passes (PRINT_ARGS=1), one token each."""
+    script = os.path.abspath(script)  # run from its own folder, as a user would: a relative path would not resolve
     r = subprocess.run(["bash", script, "ck", "tb", "NULL", "MOCK"], capture_output=True, text=True,
-                       env={**os.environ, "PRINT_ARGS": "1"}, cwd=os.path.dirname(script) or ".")
+                       env={**os.environ, "PRINT_ARGS": "1"}, cwd=os.path.dirname(script))
     if r.returncode:
         raise RecipeError(f"{script} failed to print its arguments: {r.stderr.strip()}")
     return [tok for line in r.stdout.splitlines() for tok in shlex.split(line)]

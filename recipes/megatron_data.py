@@ -77,7 +77,7 @@ def read_documents(prefix: str) -> list[np.ndarray]:
 
 def convert(data_dir: str) -> dict[str, list[tuple[int, str]]]:
     """Write an .idx beside every shard of a prepared dataset; returns split -> [(tokens, prefix)]."""
-    data_dir = resolve_data_dir(data_dir)
+    data_dir = os.path.abspath(resolve_data_dir(data_dir))  # the script runs from a Megatron-LM checkout
     meta = read_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     if meta["dtype"] == "uint32" and meta["vocab_size"] > 2**31:

@@ -71,3 +71,22 @@ def test_compiled_parallel_matches_single_process(mode, single_process, char_dat
     assert sorted(got) == sorted(ref)
     for it in ref:
         assert got[it] == pytest.approx(ref[it], abs=1e-4), (it, got[it], ref[it])
+
+
+def test_ddp_kill_9_inside_a_save_resumes_to_the_same_weights(char_dataset, tmp_path):
+    """Chaos under DDP: both workers die by SIGKILL inside the 2nd save (iter 4); the checkpoint of iter 2 is
+    intact, and a resume ends with the weights of the run that was never killed, bit for bit."""
+    import os
+
+    import checkpoint
+
+    common = ["--batch_size=2", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=2",
+              "--lr_decay_iters=6", "--dropout=0.1"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    ok(run_train(tiny_args(char_dataset, straight, *common), nproc=2))
+    p = run_train(tiny_args(char_dataset, crashed, *common), nproc=2, env={"NANOLLM_CRASH_AT": "after_model:2:kill"})
+    assert p.returncode != 0 and os.path.isdir(crashed / "ckpt.tmp")
+    assert checkpoint.read_state(checkpoint.find(str(crashed)))["iter_num"] == 2
+    ok(run_train(tiny_args(char_dataset, crashed, *common, "--init_from=resume"), nproc=2))
+    assert _same_weights(str(straight), str(crashed))
+    assert not os.path.exists(crashed / "ckpt.tmp") and not os.path.exists(crashed / "ckpt.old")

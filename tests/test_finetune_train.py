@@ -5,6 +5,8 @@ adapter in peft, DDP/ZeRO-1/FSDP2 on 2 gloo processes against one, and one-line 
 import glob
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -334,3 +336,85 @@ def test_gpu_bf16_run_trains_fp32_adapters_on_a_bf16_base(assets, tmp_path):
     assert all(r["memory_peak_gb"] is not None for r in log["training_iterations"])
     assert all(v.dtype == torch.float32 for v in _adapters(out / "checkpoint-16").values())
     assert [e["iter"] for e in log["evaluations"]] == [0, 8, 16]
+
+
+# -- what a person can do wrong: overwrite, resume latest, a kill -9 -----------------------------------
+
+
+def _copy_run(straight, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(straight["out"], out)
+    return out
+
+
+def test_a_new_run_refuses_an_output_dir_that_holds_a_trained_run(straight, tmp_path, capsys):
+    out = _copy_run(straight, tmp_path)
+    before = _adapters(out / "checkpoint-8")
+    assert _run(["--config", straight["config"], f"training.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a trained run" in err, err
+    assert "--resume_from_checkpoint latest" in err and "training.overwrite_output_dir=true" in err
+    after = _adapters(out / "checkpoint-8")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _run(["--config", straight["config"], f"training.output_dir={out}", "training.max_steps=4",
+                 "training.overwrite_output_dir=true"]) == 0
+    assert not (out / "checkpoint-8").exists() and (out / "checkpoint-4").is_dir()  # the old run is gone
+
+
+def test_resume_latest_takes_the_newest_checkpoint_and_writes_the_final_adapter(straight, tmp_path):
+    """A run killed just after its last checkpoint-N never wrote the adapter into output_dir: resuming from
+    that checkpoint writes it. `latest` and the output_dir itself both mean the newest complete checkpoint-N."""
+    out = _copy_run(straight, tmp_path)
+    for name in ft.ADAPTER_FILES:
+        os.remove(out / name)
+    shutil.copytree(out / "checkpoint-8", out / "checkpoint-9.tmp")  # an unfinished save is not a checkpoint
+    assert ft.resolve_resume("latest", str(out)) == str(out / "checkpoint-8")
+    assert ft.resolve_resume(str(out), "elsewhere") == str(out / "checkpoint-8")
+    assert _run(["--config", straight["config"], f"training.output_dir={out}", "--resume_from_checkpoint",
+                 "latest"]) == 0
+    for name in ft.ADAPTER_FILES:
+        assert (out / name).read_bytes() == (straight["out"] / name).read_bytes()
+
+
+def test_resume_latest_with_nothing_to_resume_is_one_error_line(assets, tmp_path, capsys):
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "empty")
+    assert _run(["--config", path, "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no complete checkpoint-N folder yet" in err, err
+
+
+@pytest.mark.slow
+def test_kill_9_inside_a_save_then_resume_latest_gives_the_same_adapters(straight, tmp_path):
+    """Chaos: SIGKILL inside the run's 3rd save (after checkpoint-best and checkpoint-4 were written);
+    --resume_from_checkpoint latest ends with the adapters of the run that was never killed, bit for bit."""
+    out = tmp_path / "out"
+    argv = ["--config", straight["config"], f"training.output_dir={out}"]
+    env = {**os.environ, "NANOLLM_CRASH_AT": "after_model:3:kill"}
+    p = subprocess.run([sys.executable, "train.py", *argv], cwd=FINETUNE, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (out / "checkpoint-4" / "state.json").is_file() and glob.glob(str(out / "checkpoint-*.tmp"))
+    p = subprocess.run([sys.executable, "train.py", *argv, "--resume_from_checkpoint", "latest"], cwd=FINETUNE,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = _adapters(straight["out"] / "checkpoint-8"), _adapters(out / "checkpoint-8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not glob.glob(str(out / "checkpoint-*.tmp"))
+
+
+@pytest.mark.slow
+def test_an_interrupt_names_the_checkpoint_it_saved(assets, tmp_path):
+    out = tmp_path / "out"
+    path = _config(assets, tmp_path / "c.yaml", out, training={"max_steps": 400, "eval_steps": 400,
+                                                                "save_steps": 400})
+    p = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=FINETUNE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("iter 2:"):
+            break
+    p.send_signal(signal.SIGTERM)
+    rest, _ = p.communicate(timeout=120)
+    (line,) = [ln for ln in rest.splitlines() if ln.startswith("interrupted at iter")]
+    it = int(line.split()[3].rstrip(";"))
+    assert p.returncode == 130 and f"saved {out}/checkpoint-{it}: resume with --resume_from_checkpoint latest" in line
+    assert (out / f"checkpoint-{it}" / "state.json").is_file()

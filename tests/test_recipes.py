@@ -201,3 +201,51 @@ def test_dry_run_validates_recipe_and_dataset(tmp_path, capsys) -> None:
                      "--out", str(ok)], capsys)[0] == 0
     r = subprocess.run(["bash", str(ok / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 0 and "is prepared" in r.stdout, r.stderr
+
+
+def test_relative_paths_work_from_the_checkout_and_land_absolute_in_the_script(tmp_path, capsys) -> None:
+    """`python -m recipes validate recipes_out/mg` with a relative folder, and `megatron --data data/...` with a
+    relative dataset, whose paths the script (run from a Megatron-LM checkout) must find."""
+    data = os.path.relpath(prepared(tmp_path, "llama3"), ROOT)
+    out = os.path.relpath(tmp_path / "mg", ROOT)
+    run = [sys.executable, "-m", "recipes"]
+    r = subprocess.run([*run, "megatron", "config/full_llama3_1.5b_optimal.py", "--ngpu", "8", "--data", data,
+                        "--out", out], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*run, "validate", out], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    args = generate.megatron_arg_list(str(tmp_path / "mg" / "train_full_llama3_1.5b_optimal.sh"))
+    # with DATA_ARG=MOCK the script prints the mock branch; the generated NANOLLM branch is in the file
+    script = (tmp_path / "mg" / "train_full_llama3_1.5b_optimal.sh").read_text()
+    prefixes = re.findall(r"--train-data-path ((?:\d+ \S+ ?)+)", script)[0].split()[1::2]
+    assert prefixes and all(os.path.isabs(p) and os.path.isfile(p + ".idx") for p in prefixes), prefixes
+    assert "--mock-data" in args
+
+
+def test_a_mock_recipe_refuses_the_nanollm_data_branch(tmp_path, capsys) -> None:
+    mg = tmp_path / "mg"
+    assert run_main(["megatron", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--mock", "--out", str(mg)],
+                    capsys)[0] == 0
+    r = subprocess.run(["bash", str(mg / "train_full_llama3_1.5b_optimal.sh"), "ck", "tb", "NULL", "NANOLLM"],
+                       env={**os.environ, "PRINT_ARGS": "1"}, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: this recipe was generated with --mock"), r.stderr
+
+
+def test_a_large_vocabulary_preset_refuses_a_character_dataset(tmp_path, capsys) -> None:
+    """LLaMA-3's 128,256 output rows on 19 characters: the wrong tokenizer's data, said in one line by both
+    engines' generators (and by train.py: tests/test_safety.py)."""
+    from conftest import write_char_dataset
+
+    chars = write_char_dataset(tmp_path / "chars")
+    llama3, out = preset("full_llama3_1.5b_optimal"), str(tmp_path / "o")
+    for argv in (["torchtitan", llama3, "--ngpu", "8", "--dataset", chars, "--out", out],
+                 ["megatron", llama3, "--ngpu", "8", "--data", chars, "--out", out]):
+        rc, _, err = run_main(argv, capsys)
+        assert rc == 2 and err.count("\n") == 1 and "output rows would never see a token" in err, err
+    assert not os.path.exists(out)
+
+
+def test_generated_recipes_and_index_files_are_git_ignored(tmp_path) -> None:
+    paths = ["recipes_out/mg/train_x.sh", "data/shakespeare_char/train.idx"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.split() == paths

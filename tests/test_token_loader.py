@@ -155,7 +155,8 @@ def test_missing_dataset_names_prepare(tmp_path) -> None:
     (tmp_path / "mydata" / "prepare.py").write_text("")
     with pytest.raises(DataError, match=r"dataset not found: .*mydata/train\.bin; run: python .*mydata/prepare\.py"):
         TokenLoader(str(tmp_path / "mydata"), "train", 16, 2)
-    with pytest.raises(DataError, match=r"dataset not found: .*nothing/train\.bin; run: python data/<name>/prepare"):
+    with pytest.raises(DataError, match=r"dataset not found: .*nothing/train\.bin; run: python data/DATASET/prepare\.py "
+                                        r"--input=YOUR_TEXT --out_dir=.*nothing, with the DATASET folder"):
         TokenLoader(str(tmp_path / "nothing"), "train", 16, 2)
     np.zeros(10, np.uint16).tofile(tmp_path / "train.bin")
     with pytest.raises(DataError, match="meta.json is missing"):
