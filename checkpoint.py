@@ -46,11 +46,13 @@ class CheckpointError(UserError):
 
 
 class DirLock:
-    """An exclusive flock on a folder itself (no lock file is left behind), held until release() or until
-    this object is garbage-collected; the kernel releases it when the process dies, however it dies."""
+    """An exclusive flock on a folder itself (no lock file is left behind), held until release(), or
+    release_locks() at the end of the command (loop.finish), or the object's collection; the kernel
+    releases it when the process dies, however it dies."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        _HELD.append(self)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -59,6 +61,16 @@ class DirLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+_HELD: list[DirLock] = []
+
+
+def release_locks() -> None:
+    """Release every folder lock this process took (a command that ran in-process, as tests do, must not
+    leave its folder locked for the next)."""
+    while _HELD:
+        _HELD.pop().release()
 
 
 def lock(out_dir: str, flag: str = "out_dir") -> DirLock:

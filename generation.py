@@ -10,6 +10,8 @@ attention mask goes into the cache, so each row decodes as it would alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +76,7 @@ def generate(
     *,
     attention_mask: torch.Tensor | None = None,
     use_cache: bool = True,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy.
 
@@ -84,7 +87,11 @@ def generate(
     use_cache: keep every layer's keys and values (KVCache) so each step runs one token. When the
     prompt plus max_new_tokens exceeds block_size, the loop re-runs the cropped context each step
     instead, as nanoGPT does (the cache cannot slide a learned-position window).
+    stop(new) -> (B,) bool, given the tokens generated so far (B, n): rows it marks are finished as if
+    they had produced eos_id (which it therefore needs), e.g. once an answer line is complete.
     """
+    if stop is not None and eos_id is None:
+        raise ValueError("stop needs an eos_id to pad the rows it finishes")
     B, T = idx.shape
     block_size = model.config.block_size
     fits = T + max_new_tokens <= block_size
@@ -117,6 +124,8 @@ def generate(
             next_id = next_id.masked_fill(finished[:, None], eos_id)
             finished |= next_id[:, 0] == eos_id
         idx = torch.cat((idx, next_id), dim=1)
+        if stop is not None:
+            finished |= stop(idx[:, T:])
         if eos_id is not None and bool(finished.all()):
             break
     return idx

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -83,8 +83,11 @@ def start(device: str) -> parallel.Dist:
 
 
 def finish() -> None:
-    """Undo start(): the signal handlers it took, the process group."""
+    """Undo start(): the signal handlers it took, the out_dir lock the run held, the process group."""
+    import checkpoint
+
     INTERRUPT.uninstall()
+    checkpoint.release_locks()
     parallel.teardown()
 
 
@@ -139,6 +142,15 @@ def announce_resume(d: parallel.Dist, log: runlog.RunLog, path: str, it: int) ->
 def print0(d: parallel.Dist, *args: object) -> None:
     if d.is_master:
         print(*args, flush=True)
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True) -> Iterable:
+    """A tqdm bar on stderr over a long phase (tokenizing, evaluating, decoding), gone when it ends; nothing
+    when not enabled (ranks other than 0)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -359,7 +371,7 @@ def run_loop(loop: Loop, run: RunState) -> int:
         record = window.record(run, step)
         loop.log.iteration(record)
         loop.log.flush()
-        print0(loop.d, format_record(record))
+        print0(loop.d, format_record(record, loop.max_iters))
         if window.nonfinite_streak >= loop.max_nonfinite_steps:
             loop.log.close()
             raise TrainingError(f"{window.nonfinite_streak} consecutive non-finite steps up to iter {it}; the "
@@ -377,13 +389,17 @@ def _interrupted(loop: Loop, run: RunState) -> int:
     return 130
 
 
-def format_record(r: dict) -> str:
-    """One console line for a training_iterations record."""
+def format_record(r: dict, max_iters: int | None = None) -> str:
+    """One console line for a training_iterations record; with max_iters, the time the remaining steps take
+    at this speed (evaluations and checkpoints not counted)."""
     text = f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, grad norm {r['grad_norm']:.3f}"
     if r["dt_ms"] is not None:
         text += f", {r['dt_ms']:.1f} ms/iter, {r['tokens_per_sec']:,.0f} tok/s"
     if r["mfu"] is not None:
         text += f", MFU {100 * r['mfu']:.1f}%"
+    if r["dt_ms"] is not None and max_iters is not None and max_iters > r["iter"] + 1:
+        seconds = round(r["dt_ms"] * (max_iters - r["iter"] - 1) / 1000)
+        text += f", steps left {max_iters - r['iter'] - 1} (~{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s)"
     return text
 
 

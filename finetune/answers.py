@@ -70,6 +70,16 @@ def extract_marked(text: str, fmt: str | None = None) -> str | None:
     return None if m is None else _canonical(m)
 
 
+def answer_line_complete(text: str) -> bool:
+    """Whether text holds a marked answer whose line has ended (`#### 42` then a newline): decoding can stop
+    there, since strict extraction reads nothing after it."""
+    ends = [m.end() for pat in _MARKERS.values() for m in pat.finditer(text)]
+    if not ends:
+        return False
+    line, newline, _ = text[max(ends):].lstrip(" \t").partition("\n")
+    return bool(newline) and _NUMBER.match(line) is not None
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer of a solution: the marked answer when a marker is present, else the last number."""
     marked = extract_marked(text)

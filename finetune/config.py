@@ -32,6 +32,24 @@ TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
 PARALLEL = ("ddp", "zero1", "fsdp")
+# Keys of Hugging Face's TrainingArguments (and peft) a user may carry over, that mean something else here or
+# nothing: the hint names ours.
+HF_KEYS = {
+    "evaluation_strategy": "evaluation here is by steps: set training.eval_steps (0 turns it off)",
+    "eval_strategy": "evaluation here is by steps: set training.eval_steps (0 turns it off)",
+    "save_strategy": "checkpoints here are by steps: set training.save_steps",
+    "logging_strategy": "logging here is by steps: set training.logging_steps",
+    "optim": "the optimizer is always AdamW (torch's fused kernel): set training.adam_beta1, adam_beta2, "
+             "adam_epsilon and weight_decay",
+    "lr": "the key is training.learning_rate",
+    "lora_alpha": "the key is lora.alpha",
+    "lora_dropout": "the key is lora.dropout",
+    "init_lora_weights": "the key is lora.init (default, gaussian, pissa or pissa_niter_N)",
+    "model_name_or_path": "the key is model.name_or_path",
+    "per_gpu_train_batch_size": "the key is training.per_device_train_batch_size",
+    "fp16": "training runs in bf16 on GPUs (training.bf16) and fp32 on CPUs; fp16 is not offered",
+    "resume_from_checkpoint": "pass it on the command line: --resume_from_checkpoint latest (or a checkpoint folder)",
+}
 # Keys of Hugging Face's TrainingArguments that the Llama-3.1 LoRA guide mentions but that mean nothing here: one line why.
 UNSUPPORTED = {
     "dataloader_num_workers": "the SFT loader pads its batches in-process from tokenized examples held in "
@@ -104,7 +122,7 @@ class TrainingArgs:
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per block
     parallel: str = "ddp"  # ddp | zero1 | fsdp, when launched on several processes
     logging_steps: int = 10
-    eval_steps: float | None = None  # < 1: a fraction of training; >= 1: a count; None: save_steps
+    eval_steps: float | None = None  # < 1: a fraction of training; >= 1: a count; 0: no evaluation; None: save_steps
     save_steps: float = 0.1  # as eval_steps
     save_total_limit: int | None = None  # keep the newest N checkpoint-N folders (checkpoint-best kept apart)
     seed: int = 42
@@ -183,6 +201,12 @@ def _build(section: str, values: typing.Any) -> typing.Any:
         if key in UNSUPPORTED:
             raise ConfigError(f"{name} is not supported: {UNSUPPORTED[key]}")
         if key not in hints:
+            home = [s for s, schema in SECTIONS.items() if key in {f.name for f in fields(schema)}]
+            if home:  # a key of another section
+                raise ConfigError(f"unknown config key '{name}': {key} belongs to section {home[0]}; write "
+                                  f"{home[0]}.{key}")
+            if key in HF_KEYS:
+                raise ConfigError(f"unknown config key '{name}' (a Hugging Face key): {HF_KEYS[key]}")
             raise ConfigError(f"unknown config key '{name}'{suggest(str(key), known)}")
         kwargs[key] = _coerce(name, value, hints[key])
     return schema(**kwargs)
@@ -204,12 +228,13 @@ def _check(cfg: FinetuneConfig) -> None:
                 "training.learning_rate": t.learning_rate, "trainer.refactor_every": tr.refactor_every,
                 "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "training.effective_batch_size": t.effective_batch_size, "training.save_steps": t.save_steps,
-                "training.eval_steps": t.eval_steps, "training.save_total_limit": t.save_total_limit,
+                "training.save_total_limit": t.save_total_limit,
                 "dataset.max_train_samples": ds.max_train_samples, "dataset.max_eval_samples": ds.max_eval_samples}
     for name, v in positive.items():
         if v is not None and not v > 0:
             raise ConfigError(f"{name}={v} must be > 0")
     nonneg = {"training.warmup_ratio": t.warmup_ratio, "training.weight_decay": t.weight_decay,
+              "training.eval_steps": t.eval_steps if t.eval_steps is not None else 0,
               "training.max_grad_norm": t.max_grad_norm, "dataset.answer_eval_samples": ds.answer_eval_samples,
               "trainer.refactor_rewarm_steps": tr.refactor_rewarm_steps, "training.adam_epsilon": t.adam_epsilon}
     for name, v in nonneg.items():
@@ -231,6 +256,13 @@ def _check(cfg: FinetuneConfig) -> None:
     for r in t.report_to:
         if r not in REPORT_TO:
             raise ConfigError(f"training.report_to has {r!r}; choose among {', '.join(REPORT_TO)}{suggest(r, REPORT_TO)}")
+    if t.eval_steps != 0 and ds.eval_source is None:
+        from finetune.sft_data import DATASETS
+
+        if ds.source not in DATASETS:  # a hub dataset has its own test split; a local file has no other split
+            raise ConfigError(f"dataset.source={ds.source} is a local file and dataset.eval_source is not set, so "
+                              f"evaluation would score the training data; set dataset.eval_source to a held-out "
+                              f"file, or training.eval_steps=0 to train without evaluation")
     if tr.refactor_start is not None and tr.refactor_start < 0:
         raise ConfigError(f"trainer.refactor_start={tr.refactor_start} must be >= 0")
     if tr.name == "SpectralRefactorTrainer":

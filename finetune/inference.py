@@ -2,13 +2,15 @@
 Greedy generation from a fine-tuned model: a merged folder, or a base folder plus an adapter.
 
     cd finetune
-    python inference.py --model_path OUT/merged --prompt "What is 12 + 30?" --template qa
+    python inference.py --model_path OUT/merged --prompt "What is 12 + 30?"
     python inference.py --model_path BASE_DIR --adapter_path OUT/checkpoint-best --input_file prompts.txt
 
 The model folder is a Hugging Face folder (hf_checkpoint.from_hf) with its tokenizer files (or --tokenizer DIR).
-The prompt is rendered with --template (the training run's dataset.template; `none` sends it as is),
-tokenized as in training (sft_data: the tokenizer's BOS policy) and decoded greedily with the KV cache
-of generation.generate until EOS or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
+The prompt is rendered with --template, by default the template the adapter was trained with (the
+prompt_template.json that finetune/train.py writes beside every adapter and merge_adapter.py copies into
+the merged folder; `none` sends the prompt as is), tokenized as in training (sft_data: the tokenizer's BOS
+policy) and decoded greedily with the KV cache of generation.generate until EOS, the end of a marked answer's
+line (`#### N`), or --max_new_tokens. --prompt prints the completion; --input_file (one prompt
 per line) prints one JSON line per prompt: prompt, completion and the number answers.py extracts.
 """
 
@@ -26,7 +28,7 @@ import configurator  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 from finetune.answers import extract_answer  # noqa: E402
 from finetune.lora import load_adapted  # noqa: E402
-from finetune.sft_data import TEMPLATES, generate_answers  # noqa: E402
+from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, generate_answers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,6 +36,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def render(prompts: list[str], template: str) -> list[dict]:
     """Examples for sft_data.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
     return [{"prompt": p if template == "none" else TEMPLATES[template].format(prompt=p.strip())} for p in prompts]
+
+
+def trained_template(*folders: str | None) -> str:
+    """The template recorded beside the adapter (or in a merged folder): the first folder's TEMPLATE_FILE; else
+    'none', saying so on stderr."""
+    for folder in (f for f in folders if f):
+        path = os.path.join(folder, TEMPLATE_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                name = json.load(f).get("template", "none")
+            if name not in TEMPLATES and name != "none":
+                raise ConfigError(f"{path} names the template {name!r}, which this version does not have; "
+                                  f"pass --template")
+            return name
+    print(f"note: no {TEMPLATE_FILE} beside the model, so the prompt is sent as is; pass --template to "
+          f"format it as in training", file=sys.stderr)
+    return "none"
 
 
 def read_prompts(path: str) -> list[str]:
@@ -66,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="one prompt")
     src.add_argument("--input_file", default=None, help="a text file, one prompt per line")
-    parser.add_argument("--template", default="none", choices=["none", *TEMPLATES],
-                        help="the prompt template of training (dataset.template); none: the prompt as is")
+    parser.add_argument("--template", default=None, choices=["none", *TEMPLATES],
+                        help="the prompt template (default: the one the adapter was trained with, read from "
+                             f"{TEMPLATE_FILE}); none: the prompt as is")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: --model_path)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padded)")
@@ -88,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "--tokenizer" if args.tokenizer else "--model_path",
                                                  ("tokenizer_config.json",))
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input_file)
-        texts = complete(model_path, prompts, adapter_path=adapter, tokenizer=tokenizer, template=args.template,
+        template = args.template or trained_template(adapter, model_path)
+        texts = complete(model_path, prompts, adapter_path=adapter, tokenizer=tokenizer, template=template,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
                          dtype=DTYPES[args.dtype])
         if args.prompt is not None:

@@ -26,6 +26,7 @@ import configurator  # noqa: E402
 import hf_checkpoint  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 from finetune.lora import load_adapted, merge_lora  # noqa: E402
+from finetune.sft_data import TEMPLATE_FILE  # noqa: E402
 
 # what a Hugging Face tokenizer folder may hold besides the model's config and weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -57,6 +58,8 @@ def merge(base_model: str, adapter_path: str, output_path: str, dtype: torch.dty
         folder = os.path.join(tmp, "model")
         hf_checkpoint.to_hf(model, folder, dtype or base_dtype(base_model))
         copied = copy_tokenizer(base_model, folder)
+        if os.path.isfile(os.path.join(adapter_path, TEMPLATE_FILE)):  # the prompt format, for inference.py
+            shutil.copy2(os.path.join(adapter_path, TEMPLATE_FILE), os.path.join(folder, TEMPLATE_FILE))
         atomic.replace_dir(folder, os.path.abspath(output_path))
     return copied
 
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if out in (os.path.abspath(base), os.path.abspath(adapter)):
             raise ConfigError(f"--output_path={out} is an input folder; write the merged model elsewhere")
         copied = merge(base, adapter, out, DTYPES[args.dtype])
-        print(f"merged {adapter} into {base}: wrote {out} (tokenizer files: {', '.join(copied) or 'none found'})")
+        print(f"wrote the merged model {out}: the base {base} with the adapter {adapter} folded in "
+              f"(tokenizer files copied: {', '.join(copied) or 'none found'})")
         return 0
 
     return configurator.run_command(body)

@@ -8,6 +8,11 @@ and the factors are written back balanced: B' = Qb U sqrt(S~), A' = sqrt(S~) V^T
 - balanced: S~ = (1 - lam) S + lam mean(S) (lam = 0.85 in the guide). This CHANGES the function on
             purpose: it flattens the adapter's spectrum toward its mean.
 - clamp:    S~ = min(S, bound / scaling), so the spectral norm of scaling * B' A' is at most bound.
+- delta:    balanced, applied only to what training added: D = B A - B0 A0 against the initial factors
+            (PiSSA's B0 A0 is the base weight's top-r singular directions), its spectrum flattened by lam
+            as above, and B' A' the best rank-r approximation of B0 A0 + D~. balanced instead flattens
+            B A itself, so with PiSSA it rewrites the base's principal components (measured in
+            finetune/README.md).
 Adapters with an all-zero factor (B at a default init) are skipped: their product has no spectrum.
 
 Optimizer state (torch.optim.Adam/AdamW moments of the LoRA parameters):
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("balanced", "exact", "clamp")
+MODES = ("balanced", "exact", "clamp", "delta")
 OPT_STATES = ("reset", "map_first_moment", "keep")
 
 
@@ -38,7 +43,10 @@ def check_args(mode: str, lam: float, bound: float | None, opt_state: str) -> No
         raise ValueError(f"refactor mode={mode!r} must be one of {', '.join(MODES)}")
     if opt_state not in OPT_STATES:
         raise ValueError(f"refactor opt_state={opt_state!r} must be one of {', '.join(OPT_STATES)}")
-    if mode == "balanced" and not 0.0 <= lam <= 1.0:
+    if mode == "delta" and opt_state == "map_first_moment":
+        raise ValueError("refactor mode=delta is not a change of basis of the factors, so their first moments "
+                         "have no map; use opt_state reset or keep")
+    if mode in ("balanced", "delta") and not 0.0 <= lam <= 1.0:
         raise ValueError(f"refactor lam={lam!r} must be in [0, 1]")
     if mode == "clamp" and (bound is None or not bound > 0):
         raise ValueError(
@@ -55,10 +63,15 @@ def refactor_factors(
     mode: str,
     lam: float = 0.85,
     bound: float | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """New fp32 factors (A', B') of one adapter, and what map_moments needs (Rb, Ra, U, Vh, root, S)."""
+    """New fp32 factors (A', B') of one adapter, and what map_moments needs (Rb, Ra, U, Vh, root, S).
+
+    init: the adapter's initial factors (A0, B0), which mode delta measures the update against."""
     check_args(mode, lam, bound, "keep")
     A32, B32 = A.detach().float(), B.detach().float()
+    if mode == "delta":
+        return _refactor_delta(A32, B32, init, lam)
     Qb, Rb = torch.linalg.qr(B32)  # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A32.t())  # (in, r), (r, r)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.t())  # core (r, r): B A = Qb U diag(S) Vh Qa^T
@@ -72,6 +85,29 @@ def refactor_factors(
     B_new = (Qb @ U) * root  # (out, r)
     A_new = root[:, None] * (Vh @ Qa.t())  # (r, in)
     return A_new, B_new, {"Rb": Rb, "Ra": Ra, "U": U, "Vh": Vh, "root": root, "S": S, "S_new": St}
+
+
+def _thin_svd(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P Q = L diag(S) R, with L (out, k) and R (k, in) orthonormal, from thin QRs and a (k, k) SVD."""
+    Qp, Rp = torch.linalg.qr(P)  # (out, k), (k, k)
+    Qq, Rq = torch.linalg.qr(Q.t())  # (in, k), (k, k)
+    U, S, Vh = torch.linalg.svd(Rp @ Rq.t())
+    return Qp @ U, S, Vh @ Qq.t()
+
+
+def _refactor_delta(A: torch.Tensor, B: torch.Tensor, init: tuple[torch.Tensor, torch.Tensor] | None,
+                    lam: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Mode delta: flatten the spectrum of D = B A - B0 A0 only, then the best rank-r factors of B0 A0 + D~."""
+    if init is None:
+        raise ValueError("refactor mode=delta needs the adapter's initial factors")
+    A0, B0 = (t.detach().float() for t in init)
+    r = A.size(0)
+    L, S, R = _thin_svd(torch.cat([B, -B0], 1), torch.cat([A, A0], 0))  # D = L diag(S) R, rank <= 2r
+    live = S > S.max() * 1e-6  # the update's real directions (it may be rank-deficient, e.g. at init)
+    S_flat = torch.where(live, (1 - lam) * S + lam * S[live].mean(), S) if live.any() else S
+    L2, S2, R2 = _thin_svd(torch.cat([B0, L * S_flat], 1), torch.cat([A0, R], 0))  # B0 A0 + D~, rank <= 3r
+    root = S2[:r].sqrt()
+    return root[:, None] * R2[:r], L2[:, :r] * root, {"S": _thin_svd(B, A)[1], "S_new": S2[:r]}
 
 
 def map_moments(
@@ -110,7 +146,8 @@ def spectral_refactor(
             if not A.any() or not B.any():
                 skipped += 1
                 continue
-            A_new, B_new, basis = refactor_factors(A, B, scaling=m.scaling, mode=mode, lam=lam, bound=bound)
+            A_new, B_new, basis = refactor_factors(A, B, scaling=m.scaling, mode=mode, lam=lam, bound=bound,
+                                                   init=m.init_factors.get(name))
             sv_before = max(sv_before, m.scaling * float(basis["S"][0]))
             sv_after = max(sv_after, m.scaling * float(basis["S_new"].max()))
             sA, sB = state.get(A, {}), state.get(B, {})

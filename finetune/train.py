@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+import atomic  # noqa: E402
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import hf_checkpoint  # noqa: E402
@@ -60,10 +61,12 @@ from finetune.lora import (  # noqa: E402
 )
 from finetune.sft_data import (  # noqa: E402
     DATASETS,
+    TEMPLATE_FILE,
     SFTLoader,
     eval_batches,
     evaluate,
     load_examples,
+    template_of,
     tokenize_examples,
 )
 from finetune.spectral import refactor_factors, spectral_refactor  # noqa: E402
@@ -127,7 +130,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
             if not full_A.any() or not full_B.any():
                 skipped += 1
                 continue
-            new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, **kw)
+            new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, init=m.init_factors.get(name), **kw)
             for p, new in ((A, new_A), (B, new_B)):
                 p.data.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
                 state = optimizer.state.get(p, {})
@@ -212,7 +215,7 @@ def remove_temps(out_dir: str) -> None:
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", TEMPLATE_FILE)
 
 
 def trained_outputs(out_dir: str) -> list[str]:
@@ -240,6 +243,13 @@ def claim_output_dir(t, resume: str | None):
     remove_temps(t.output_dir)
     return held
 
+
+
+def _steps_text(steps: list[int]) -> str:
+    """[100, 200, 300, 400] -> '100, 200, ..., 400 (every 100)'; short lists in full."""
+    if len(steps) <= 3:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]}, {steps[1]}, ..., {steps[-1]} (every {steps[1] - steps[0]})"
 
 
 def resolve_resume(arg: str | None, output_dir: str) -> str | None:
@@ -274,12 +284,15 @@ def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, tor
             checkpoint.load_tensor_file(os.path.join(path, "lora_init.pt")))
 
 
-def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str) -> None:
+def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str,
+                       template: str) -> None:
     """adapter_model.safetensors + adapter_config.json (PEFT format, a PiSSA adapter converted to apply to the
-    original base) into an existing folder: written apart, then each renamed in, the config last."""
+    original base) into an existing folder: written apart, then each renamed in, the config last; and the
+    prompt template of training (TEMPLATE_FILE), which inference.py and merge_adapter.py carry on."""
     tmp = os.path.join(folder, ".peft.tmp")
     save_peft_adapter(model, lora_config(cfg), tmp, cfg.model.name_or_path, convert_pissa_to_original_base=True,
                       state=state)
+    atomic.write_json(os.path.join(folder, TEMPLATE_FILE), {"template": template})
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -307,18 +320,23 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     tokenizer = cfg.model.tokenizer or model_path
     template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
     train_ex = load_examples(ds.source, ds.split, fields=ds.fields, limit=ds.max_train_samples, template=template)
-    eval_source = ds.eval_source or ds.source
-    eval_ex = load_examples(eval_source, ds.eval_split, fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
-                            limit=ds.max_eval_samples, template=template)
-    train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length)
+    template = template_of(train_ex[0]["prompt"])  # the one the data's format chose, when the config names none
+    evaluating = t.eval_steps != 0  # training.eval_steps=0: no evaluation (and no checkpoint-best)
+    eval_ex = []
+    if evaluating:
+        eval_ex = load_examples(ds.eval_source or ds.source, ds.eval_split,
+                                fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
+                                limit=ds.max_eval_samples, template=template)
+    train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length, progress=d.is_master)
     loader = SFTLoader(train_tok, t.per_device_train_batch_size, accum, d.rank, d.world_size, t.seed, d.device)
     eval_ranks = (0, 1) if mode == "fsdp" else (d.rank, d.world_size)  # FSDP: every rank runs every batch
-    batches = eval_batches(tokenize_examples(eval_ex, tokenizer, ds.max_length), t.per_device_eval_batch_size,
-                           *eval_ranks, d.device)
+    batches = eval_batches(tokenize_examples(eval_ex, tokenizer, ds.max_length, progress=d.is_master),
+                           t.per_device_eval_batch_size, *eval_ranks, d.device) if evaluating else []
     answer_ex = [e for e in eval_ex if e["answer"] is not None][:ds.answer_eval_samples]
     total = total_steps(cfg, loader.steps_per_epoch)
     warmup = warmup_steps(cfg, total)
-    save_every, eval_every = interval_steps(t.save_steps, total), interval_steps(t.eval_steps or t.save_steps, total)
+    save_every = interval_steps(t.save_steps, total)
+    eval_every = interval_steps(t.eval_steps or t.save_steps, total) if evaluating else None
     refactors = refactor_steps(cfg, total, warmup)
 
     # the model: base, adapters (or the saved initial factors), wrapping, optimizer over the adapters
@@ -368,8 +386,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
               f"{str(dtype).removeprefix('torch.')}")
     print0(d, f"{len(train_tok):,} training examples, {loader.steps_per_epoch} steps/epoch of "
               f"{loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
-              f"{d.world_size} processes); {total} steps, warmup {warmup}, eval every {eval_every}, save every "
-              f"{save_every}" + (f", refactor at {len(refactors)} steps" if refactors else ""))
+              f"{d.world_size} processes); {total} steps, warmup {warmup}, "
+              + (f"eval every {eval_every}" if evaluating else "no evaluation (training.eval_steps=0)")
+              + f", save every {save_every}" + (f"; spectral refactor ({tr.refactor_mode}) after step"
+                                               f"{'s' if len(refactors) > 1 else ''} {_steps_text(refactors)}"
+                                               if refactors else ""))
     if state is not None:
         loop.announce_resume(d, log, resume, run.iter_num)
 
@@ -386,7 +407,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         def write_extra(tmp: str) -> None:
             checkpoint.save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
                                         os.path.join(tmp, "lora_init.pt"))
-            write_peft_adapter(model, cfg, sd, tmp)
+            write_peft_adapter(model, cfg, sd, tmp, template)
 
         meta = {**asdict(run), "kind": "lora", "config": cfg.to_dict(), "loader": loader.state_dict(), "best": best,
                 "base_model": cfg.model.name_or_path}
@@ -400,9 +421,10 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
 
     def evaluate_and_save(run: RunState, done: bool) -> None:
         it = run.iter_num
-        if (it % eval_every == 0 or done) and not (state is not None and it == start_iter):
+        if evaluating and (it % eval_every == 0 or done) and not (state is not None and it == start_iter):
             metrics = evaluate(model, batches, answer_ex, tokenizer, max_new_tokens=ds.max_new_tokens,
-                               batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, fsdp=mode == "fsdp")
+                               batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, fsdp=mode == "fsdp",
+                               progress=d.is_master)
             log.evaluation({"iter": it, **metrics, "tokens_seen": run.tokens_seen})
             print0(d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             run.best_val_loss = min(run.best_val_loss, metrics["eval/loss"])
@@ -420,7 +442,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
             # checkpoint writes it too: a run killed after that save never got to)
             sd = adapter_state()
             if d.is_master:
-                write_peft_adapter(model, cfg, sd, t.output_dir)
+                write_peft_adapter(model, cfg, sd, t.output_dir, template)
                 log.event({"iter": it, "event": "final_adapter", "path": t.output_dir})
 
     def spectral_refactor_hook(run: RunState) -> None:

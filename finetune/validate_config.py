@@ -111,7 +111,7 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
     answer_ex = [e for e in examples if e["answer"] is not None][:ds.answer_eval_samples]
     autocast, _ = loop.precision(dtype, d.device)
     metrics = evaluate(model, batches, answer_ex, tokenizer, max_new_tokens=ds.max_new_tokens,
-                       batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d)
+                       batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, progress=True)
     return metrics | {"examples": len(examples)}
 
 

@@ -145,10 +145,20 @@ def test_schedule_refactor_steps_and_rewarm():
     ("training.dataloader_num_workers=8", "training.dataloader_num_workers is not supported"),
     ("trainer.refactor_mode=spectral", "refactor mode='spectral' must be one of balanced, exact, clamp"),
     ("training.save_steps=1.5", "a fraction of training below 1 or a whole number"),
+    # Hugging Face keys that mean something else here, and a key in the wrong section
+    ("training.evaluation_strategy=steps", "(a Hugging Face key): evaluation here is by steps: set training.eval_steps"),
+    ("training.optim=adamw_torch", "the optimizer is always AdamW"),
+    ("training.lr=1e-4", "the key is training.learning_rate"),
+    ("training.r=8", "unknown config key 'training.r': r belongs to section lora; write lora.r"),
+    ("lora.learning_rate=1e-4", "learning_rate belongs to section training; write training.learning_rate"),
+    # a local training file with no held-out eval file would be scored on its own training data
+    ("dataset.eval_source=null", "dataset.eval_source is not set, so evaluation would score the training data"),
+    # delta's new factors are not a change of basis of the old ones, so Adam's first moments have no map
+    ("trainer.refactor_mode=delta trainer.refactor_opt_state=map_first_moment", "mode=delta is not a change of basis"),
 ])
 def test_bad_config_is_one_error_line(override, message, assets, tmp_path, capsys):
     path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
-    assert _run(["--config", path, override]) == 2
+    assert _run(["--config", path, *override.split()]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not os.path.exists(tmp_path / "o")  # failed before any work
@@ -418,3 +428,67 @@ def test_an_interrupt_names_the_checkpoint_it_saved(assets, tmp_path):
     it = int(line.split()[3].rstrip(";"))
     assert p.returncode == 130 and f"saved {out}/checkpoint-{it}: resume with --resume_from_checkpoint latest" in line
     assert (out / f"checkpoint-{it}" / "state.json").is_file()
+
+
+# -- a CLI that talks: progress, messages, templates, evaluation off -----------------------------------
+
+
+def test_a_normal_run_shows_its_progress_and_no_warnings(assets, tmp_path):
+    """What a user sees on a terminal: progress bars on stderr for the long phases and nothing else there (no
+    library warnings), log lines with the time the remaining steps take, the refactor steps said plainly;
+    and torchao is not even imported (it is for FP8 only)."""
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "out")
+    code = (f"import sys; sys.path.insert(0, '..'); import finetune.train as ft; rc = ft.main(['--config', {path!r}]); "
+            "print('torchao imported' if 'torchao' in sys.modules else 'torchao not imported'); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=FINETUNE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "torchao not imported" in p.stdout
+    assert "spectral refactor (balanced) after steps 3, 6" in p.stdout
+    assert "iter 1:" in p.stdout and "steps left 6 (~" in p.stdout  # after the first timed window
+    segments = [seg.strip() for seg in p.stderr.replace("\r", "\n").splitlines() if seg.strip()]
+    bars = ("tokenizing", "evaluating", "decoding answers")
+    assert {b for b in bars if any(seg.startswith(b) for seg in segments)} == set(bars)
+    assert [seg for seg in segments if not seg.startswith(bars)] == []
+
+
+def test_steps_text():
+    assert ft._steps_text([10]) == "10" and ft._steps_text([3, 6]) == "3, 6"
+    assert ft._steps_text([100, 200, 300, 400, 500]) == "100, 200, ..., 500 (every 100)"
+
+
+def test_evaluation_can_be_turned_off(assets, tmp_path, capsys):
+    path = _config(assets, tmp_path / "c.yaml", tmp_path / "out", training={"eval_steps": 0})
+    assert _run(["--config", path]) == 0
+    assert "no evaluation (training.eval_steps=0)" in capsys.readouterr().out
+    log = _log(tmp_path / "out")
+    assert log["evaluations"] == [] and not (tmp_path / "out" / "checkpoint-best").exists()
+    assert (tmp_path / "out" / "checkpoint-8").is_dir() and (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_inference_uses_the_template_the_adapter_was_trained_with(straight, assets, capsys):
+    """Every adapter carries its training template (prompt_template.json); inference.py reads it when
+    --template is not given, and says so when there is none."""
+    from finetune import inference
+
+    ckpt = straight["out"] / "checkpoint-8"
+    assert json.loads((ckpt / "prompt_template.json").read_text()) == {"template": "qa"}
+    argv = ["--model_path", assets["model"], "--adapter_path", str(ckpt), "--prompt", "What is 2 + 3?",
+            "--max_new_tokens", "8", "--device", "cpu"]
+    assert inference.main(argv) == 0
+    default = capsys.readouterr()
+    assert inference.main([*argv, "--template", "qa"]) == 0
+    assert default.out == capsys.readouterr().out and default.err == ""
+    assert inference.main(["--model_path", assets["model"], "--prompt", "What is 2 + 3?", "--max_new_tokens", "2",
+                           "--device", "cpu"]) == 0
+    assert "note: no prompt_template.json beside the model, so the prompt is sent as is" in capsys.readouterr().err
+
+
+def test_merge_says_what_it_wrote_and_carries_the_template(straight, assets, tmp_path, capsys):
+    from finetune import merge_adapter
+
+    out = tmp_path / "merged"
+    assert merge_adapter.main(["--base_model", assets["model"], "--adapter_path",
+                               str(straight["out"] / "checkpoint-8"), "--output_path", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote the merged model {out}: the base {assets['model']} with the adapter ")
+    assert json.loads((out / "prompt_template.json").read_text()) == {"template": "qa"}

@@ -2,6 +2,7 @@
 Write an offline math SFT dataset: templated arithmetic word problems with computed answers.
 
     python finetune/data/make_math.py --out_dir finetune/data/math --n_train 2000 --n_test 200 --seed 0
+    python finetune/data/make_math.py --out_dir finetune/data/math_easy --level easy     # the CPU demo's
 
 Writes the same problems in both formats the loader reads (finetune/sft_data.py):
     <out_dir>/gsm8k/{train,test}.jsonl       {"question": ..., "answer": "...\\n#### N"}
@@ -96,16 +97,34 @@ def _temperature(r: random.Random) -> tuple[str, list[str], int]:
     return q, steps, ans
 
 
+def _one_step(r: random.Random) -> tuple[str, list[str], int]:
+    """One addition or subtraction of numbers below 50: what a 135M model can learn on a CPU in minutes."""
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 49), r.randint(2, 49)
+    if r.random() < 0.5:
+        ans = a + b
+        q = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
+        steps = [f"{name} has {a} + {b} = <<{a}+{b}={ans}>>{ans} {item}s."]
+    else:
+        a, b = max(a, b), min(a, b)
+        ans = a - b
+        q = f"{name} has {a} {item}s and gives away {b}. How many {item}s does {name} have now?"
+        steps = [f"{name} has {a} - {b} = <<{a}-{b}={ans}>>{ans} {item}s."]
+    return q, steps, ans
+
+
 TEMPLATES = [_add_sub, _price, _share, _boxes, _percent, _temperature]
+LEVELS = {"easy": [_one_step], "mixed": TEMPLATES}  # easy: the CPU demo's; mixed: two-step problems of six kinds
 
 
-def make_problems(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """n distinct problems {"question", "steps", "answer"} from the templates, a function of seed only."""
+def make_problems(n: int, seed: int, exclude: set[str] | None = None, level: str = "mixed") -> list[dict]:
+    """n distinct problems {"question", "steps", "answer"} from the level's templates, a function of seed only."""
     r = random.Random(seed)
     seen = set(exclude or ())
     out = []
+    templates = LEVELS[level]
     while len(out) < n:
-        q, steps, ans = r.choice(TEMPLATES)(r)
+        q, steps, ans = r.choice(templates)(r)
         if q not in seen:
             seen.add(q)
             out.append({"question": q, "steps": steps, "answer": str(ans)})
@@ -137,10 +156,10 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     atomic.write_file(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
-def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int) -> dict[str, str]:
+def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int, level: str = "mixed") -> dict[str, str]:
     """Write both formats' train/test JSONL under out_dir; returns {"<format>/<split>": path}."""
-    train = make_problems(n_train, seed)
-    test = make_problems(n_test, seed + 1, exclude={p["question"] for p in train})
+    train = make_problems(n_train, seed, level=level)
+    test = make_problems(n_test, seed + 1, exclude={p["question"] for p in train}, level=level)
     paths = {}
     for fmt, record in (("gsm8k", gsm8k_record), ("metamathqa", metamathqa_record)):
         for split, problems in (("train", train), ("test", test)):
@@ -156,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_train", type=int, default=2000)
     parser.add_argument("--n_test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level", default="mixed", choices=list(LEVELS),
+                        help="easy: one addition or subtraction below 50; mixed: two-step problems of six kinds")
 
     def body() -> int:
         args = parser.parse_args(argv)
         if args.n_train < 1 or args.n_test < 1 or args.n_train + args.n_test > 200_000:
             raise configurator.ConfigError("--n_train and --n_test must be >= 1 and together at most 200000 (the "
                                            "templates' distinct problems run out beyond that)")
-        for name, path in write_dataset(args.out_dir, args.n_train, args.n_test, args.seed).items():
+        for name, path in write_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.level).items():
             print(f"{name}: {path}")
         return 0
 

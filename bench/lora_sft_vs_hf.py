@@ -1,0 +1,180 @@
+"""
+A whole LoRA fine-tuning job, ours (finetune/train.py) against Hugging Face transformers.Trainer + peft on
+the same base, data, template and hyperparameters, side by side on this machine: wall time from the command's
+start to its last eval loss, and that loss. peft and the Trainer are the reference here; finetune/ never
+imports them.
+
+    python bench/lora_sft_vs_hf.py finetune/configs/smollm2/smollm2_math_cpu.yaml model.name_or_path=DIR \
+        training.max_steps=60 --rounds 2
+    python bench/lora_sft_vs_hf.py CONFIG section.key=value ... --smoke          # one round, what the tests run
+
+What both sides do, each in a fresh process: load the base in fp32, add LoRA (the config's r, alpha, rsLoRA,
+init and targets; dropout 0, since each library draws its masks from its own RNG), tokenize the config's
+data with the base's tokenizer and template (ours: sft_data; the Trainer gets the same token ids), evaluate
+the eval loss before training, train max_steps optimizer steps on the same batches in the same order (our
+SFTLoader's; the Trainer reads them sequentially) with AdamW, the config's LR, a cosine decay without warmup
+(the two libraries' warmups differ by a step) and gradient clipping, then evaluate again. Eval loss is the
+mean over every response token of the eval set on both sides. No answer decoding: it is ours alone.
+Prints one JSON line per side and round, then the summary: median seconds per side, ratio hf / ours, and
+the eval losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import configurator  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the settings both sides share, on top of the user's: see the module docstring
+SHARED = ["trainer.name=Trainer", "lora.dropout=0", "training.warmup_ratio=0", "training.lr_scheduler_type=cosine",
+          "dataset.answer_eval_samples=0", "training.gradient_accumulation_steps=1", "training.effective_batch_size=null"]
+
+
+def ours(config: str, overrides: list[str], out_dir: str) -> dict:
+    """finetune/train.py as a user runs it; (seconds, eval losses, per-step train losses) from its run log."""
+    t = cfg_training(config, overrides)
+    argv = [sys.executable, "train.py", "--config", os.path.abspath(config), *overrides, *SHARED,
+            f"training.output_dir={out_dir}", f"training.eval_steps={t.max_steps}", f"training.save_steps={t.max_steps}",
+            "training.overwrite_output_dir=true", "training.logging_steps=1"]
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, cwd=os.path.join(ROOT, "finetune"), capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"finetune/train.py failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    (log,) = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("run_") and f.endswith(".json")]
+    with open(log) as f:
+        run = json.load(f)
+    return {"side": "ours", "seconds": seconds, "eval_loss": [e["eval/loss"] for e in run["evaluations"]],
+            "train_loss": [r["loss"] for r in run["training_iterations"]]}
+
+
+def cfg_training(config: str, overrides: list[str]):
+    from finetune.config import load_config
+
+    return load_config(config, [*overrides, *SHARED]).training
+
+
+def hf_run(config: str, overrides: list[str], out_dir: str) -> dict:
+    """The same job with transformers.Trainer + peft, in this process (the bench runs it in a fresh one)."""
+    t0 = time.perf_counter()
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from finetune.config import load_config, resolve_model_path
+    from finetune.sft_data import SFTLoader, load_examples, tokenize_examples
+
+    cfg = load_config(config, [*overrides, *SHARED])
+    ds, t, lo = cfg.dataset, cfg.training, cfg.lora
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = cfg.model.tokenizer or path
+    torch.manual_seed(t.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    init = {"default": True, "gaussian": "gaussian"}.get(lo.init, lo.init)  # peft's names for ours
+    model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=0.0, use_rslora=lo.use_rslora,
+                                             target_modules=list(lo.target_modules), init_lora_weights=init))
+    train = tokenize_examples(load_examples(ds.source, ds.split, fields=ds.fields, limit=ds.max_train_samples,
+                                            template=ds.template), tokenizer, ds.max_length)
+    evals = tokenize_examples(load_examples(ds.eval_source or ds.source, ds.eval_split,
+                                            fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
+                                            limit=ds.max_eval_samples, template=ds.template), tokenizer, ds.max_length)
+    loader = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)  # our batches, in our order
+    order = [int(i) for k in range(t.max_steps) for i in loader.indices(k)]
+    dataset = [{"input_ids": train[i][0], "labels": [-100 if v == -1 else v for v in train[i][1]]} for i in order]
+
+    def collate(rows: list[dict]) -> dict:
+        T = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [0] * (T - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [-100] * (T - len(r["labels"])) for r in rows])
+        return {"input_ids": ids, "labels": labels}
+
+    @torch.no_grad()
+    def eval_loss() -> float:
+        model.eval()
+        total = count = 0.0
+        B = t.per_device_eval_batch_size
+        for start in range(0, len(evals), B):
+            batch = collate([{"input_ids": ids, "labels": [-100 if v == -1 else v for v in lab]}
+                             for ids, lab in evals[start:start + B]])
+            n = (batch["labels"][:, 1:] != -100).sum().item()
+            total += model(**batch).loss.item() * n
+            count += n
+        model.train()
+        return total / count
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=t.per_device_train_batch_size,
+                             max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type="cosine",
+                             warmup_steps=0, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+                             adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=t.seed,
+                             disable_tqdm=True)
+    before = eval_loss()
+    trainer = InOrder(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    trainer.train()
+    after = eval_loss()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"side": "hf", "seconds": time.perf_counter() - t0, "eval_loss": [before, after], "train_loss": losses}
+
+
+def run(argv: list[str]) -> int:
+    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of both sides")
+    p.add_argument("--smoke", action="store_true", help="one round (the tests' tiny config)")
+    p.add_argument("--side", choices=("hf",), help=argparse_suppress())
+    p.add_argument("--out_dir", help=argparse_suppress())
+    a = p.parse_intermixed_args(argv)
+    if a.side == "hf":
+        print(json.dumps(hf_run(a.config, a.overrides, a.out_dir)))
+        return 0
+    if a.rounds < 1:
+        raise configurator.ConfigError(f"--rounds={a.rounds} must be >= 1")
+    cfg_training(a.config, a.overrides)  # a bad config is one error line here, before any run
+    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+    with tempfile.TemporaryDirectory(prefix="lora_sft_vs_hf_") as tmp:
+        for r in range(1 if a.smoke else a.rounds):
+            res = ours(a.config, a.overrides, os.path.join(tmp, f"ours{r}"))
+            runs["ours"].append(res)
+            print(json.dumps({"round": r, **res}), flush=True)
+            t0 = time.perf_counter()
+            hp = subprocess.run([sys.executable, os.path.abspath(__file__), a.config, *a.overrides, "--side", "hf",
+                                 "--out_dir", os.path.join(tmp, f"hf{r}")], capture_output=True, text=True)
+            if hp.returncode:
+                raise RuntimeError(f"the HF Trainer side failed (exit {hp.returncode}):\n{hp.stderr[-3000:]}")
+            res = json.loads(hp.stdout.strip().splitlines()[-1]) | {"seconds": time.perf_counter() - t0}
+            runs["hf"].append(res)
+            print(json.dumps({"round": r, **res}), flush=True)
+    mine, theirs = (statistics.median(x["seconds"] for x in runs[s]) for s in ("ours", "hf"))
+    print(json.dumps({"summary": True, "ours_seconds": round(mine, 1), "hf_seconds": round(theirs, 1),
+                      "ratio_hf_over_ours": round(theirs / mine, 3),
+                      "ours_eval_loss": runs["ours"][-1]["eval_loss"][-1], "hf_eval_loss": runs["hf"][-1]["eval_loss"][-1]}))
+    return 0
+
+
+def argparse_suppress() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def main(argv: list[str]) -> int:
+    return configurator.run_command(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
