@@ -108,3 +108,21 @@ def tiny_hf_llama(path, *, seed: int = 0, std: float = 0.05, qwen3: bool = False
     randomize(hf, seed, std)
     hf.save_pretrained(path)
     return str(path)
+
+
+def read_until(proc, prefix: str, timeout: float = 180) -> list[str]:
+    """Lines of proc's stdout (a text pipe) up to and including the first that starts with prefix. A process
+    that is silent or finished without it is killed, failing the test, after `timeout` seconds."""
+    import threading
+
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                return seen
+    finally:
+        timer.cancel()
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout} s; output:\n{''.join(seen)[-2000:]}")

@@ -77,5 +77,27 @@ def test_lora_memory_smoke_runs_the_finetune_step_and_reports_the_estimate():
 def test_vs_nanogpt_smoke_times_both_sides_on_the_same_data(char_dataset):
     *runs, summary = _bench("bench/vs_nanogpt.py", "--smoke", f"--dataset={char_dataset}")
     assert [(r["round"], r["side"]) for r in runs] == [(0, "ours"), (0, "nanogpt")]
-    assert all(r["ms_per_iter"] > 0 and r["last_loss"] < 2.9 for r in runs)  # both train: ln(19) = 2.94 at init
-    assert summary["ratio"] == round(summary["ours_ms_per_iter"] / summary["nanogpt_ms_per_iter"], 4)
+    # both train: at init the loss is about ln(64) = 4.16 (19 characters, the vocabulary padded to 64); 20
+    # iterations took both to ~2.9 when measured, so a drop of 0.5 has a wide margin yet fails a side that does not learn
+    assert all(r["ms_per_iter"] > 0 and r["first_loss"] > 3.9 and r["last_loss"] < r["first_loss"] - 0.5 for r in runs)
+    assert _ratio_matches(summary)
+
+
+def _ratio_matches(summary: dict) -> bool:
+    """The printed ratio is the ratio of the printed medians, up to its own rounding to 4 decimals (the
+    medians are printed to 6, so recomputing it from them is exact to ~1e-8)."""
+    return abs(summary["ratio"] - summary["ours_ms_per_iter"] / summary["nanogpt_ms_per_iter"]) <= 5e-5 + 1e-7
+
+
+def test_vs_nanogpt_ratio_check_holds_over_200_draws():
+    """The check above failed in 5-10% of runs when it compared the ratio with one recomputed from medians
+    rounded to 3 decimals; over 200 random draws of windows at 30-80 ms it must now hold every time."""
+    import random
+
+    from bench import vs_nanogpt
+
+    rng = random.Random(0)
+    for _ in range(200):
+        ours = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
+        ref = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
+        assert _ratio_matches(vs_nanogpt.summarize(ours, ref))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_hf_llama
+from conftest import read_until, tiny_hf_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
@@ -419,9 +419,7 @@ def test_an_interrupt_names_the_checkpoint_it_saved(assets, tmp_path):
                                                                 "save_steps": 400})
     p = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=FINETUNE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:
-        if line.startswith("iter 2:"):
-            break
+    read_until(p, "iter 2:")
     p.send_signal(signal.SIGTERM)
     rest, _ = p.communicate(timeout=120)
     (line,) = [ln for ln in rest.splitlines() if ln.startswith("interrupted at iter")]

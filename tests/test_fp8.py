@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torchao  # noqa: E402, F401  (pinned in requirements.txt: a broken install must fail these tests, not skip them)
 from test_train import ok, read_log, run_train, tiny_args
 
 import configurator
@@ -13,8 +14,6 @@ import fp8
 import hf_checkpoint
 from configurator import TrainConfig
 from model import GPT, ModelConfig
-
-pytest.importorskip("torchao", reason="torchao is pinned in requirements.txt")
 
 
 def _model_config(path: str, *overrides: str) -> ModelConfig:

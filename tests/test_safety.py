@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import read_until
 from test_train import ROOT, _assert_clean_error, ok, read_log, run_train, tiny_args
 
 import checkpoint
@@ -105,11 +106,7 @@ def test_workers_stop_when_their_launcher_is_killed(char_dataset, tmp_path):
                       "--gradient_accumulation_steps=2")]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        seen = []
-        for line in launcher.stdout:
-            seen.append(line)
-            if line.startswith("iter 3:"):  # both workers are training
-                break
+        seen = read_until(launcher, "iter 3:")  # both workers are training
         workers = _children(launcher.pid)
         assert len(workers) == 2, "".join(seen)[-2000:]
         launcher.kill()
@@ -188,11 +185,7 @@ def _signal_when(args: list[str], ready: str, delay: float = 0.0,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in p.stdout:
-        seen.append(line)
-        if line.startswith(ready):
-            break
+    seen = read_until(p, ready)
     time.sleep(delay)
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)

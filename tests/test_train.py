@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_gpt, tiny_hf_llama
+from conftest import read_until, tiny_gpt, tiny_hf_llama
 
 import configurator
 import hardware
@@ -434,9 +434,7 @@ def test_ctrl_c_saves_and_exits_cleanly(char_dataset, tmp_path):
     cmd = [sys.executable, "train.py", *tiny_args(char_dataset, out, "--max_iters=100000", "--eval_interval=100000")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:  # wait until training is under way
-        if line.startswith("iter 3:"):
-            break
+    read_until(proc, "iter 3:")  # wait until training is under way (killed and failed after 3 minutes)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
