@@ -90,3 +90,51 @@ def test_ddp_kill_9_inside_a_save_resumes_to_the_same_weights(char_dataset, tmp_
     ok(run_train(tiny_args(char_dataset, crashed, *common, "--init_from=resume"), nproc=2))
     assert _same_weights(str(straight), str(crashed))
     assert not os.path.exists(crashed / "ckpt.tmp") and not os.path.exists(crashed / "ckpt.old")
+
+
+# The resume refusals TESTING.md promises, and the resumes across layouts that are allowed
+
+
+def test_resume_with_another_parallelism_is_refused(char_dataset, tmp_path):
+    out = tmp_path / "z"
+    common = ["--eval_interval=2", "--gradient_accumulation_steps=2"]
+    ok(run_train(tiny_args(char_dataset, out, "--max_iters=2", "--use_zero1=True", *common), nproc=2))
+    p = run_train(tiny_args(char_dataset, out, "--max_iters=4", "--use_fsdp=True", "--init_from=resume", *common),
+                  nproc=2)
+    assert p.returncode != 0 and "was saved with zero1 and this run uses fsdp" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_ddp_checkpoint_resumes_in_one_process(char_dataset, tmp_path):
+    """DDP and one process keep the same optimizer file (the AdamW state is identical on every rank), and the
+    loader's stream does not depend on the split of the global batch: 4 DDP steps + 4 in one process give the
+    single process's 8-step loss curve."""
+    common = ["--eval_interval=4", "--gradient_accumulation_steps=2", "--lr_decay_iters=8"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(run_train(tiny_args(char_dataset, straight, "--max_iters=8", *common)))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=4", *common), nproc=2))
+    first = losses(read_log(split))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=8", "--init_from=resume", *common)))
+    resumed = {**first, **losses(read_log(split))}
+    ref = losses(read_log(straight))
+    assert sorted(resumed) == list(range(8))
+    for it in ref:
+        assert resumed[it] == pytest.approx(ref[it], abs=1e-5), (it, resumed[it], ref[it])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_fsdp_resumes_on_another_world_size(before, after, char_dataset, tmp_path):
+    """FSDP's optimizer state is a DCP folder that reshards; 1 -> 2 processes also takes the branch where
+    rank 1 has no saved RNG file (it starts fresh: dropout is off here, so the curve is unchanged)."""
+    common = ["--eval_interval=4", "--gradient_accumulation_steps=2", "--lr_decay_iters=8", "--use_fsdp=True"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(run_train(tiny_args(char_dataset, straight, "--max_iters=8", *common), nproc=2))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=4", *common), nproc=before))  # FSDP: torchrun even for 1
+    assert not (split / "ckpt" / "rng_rank1.pt").exists() or before == 2
+    first = losses(read_log(split))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=8", "--init_from=resume", *common),
+                 nproc=after))
+    resumed = {**first, **losses(read_log(split))}
+    ref = losses(read_log(straight))
+    assert sorted(resumed) == list(range(8))
+    for it in ref:
+        assert resumed[it] == pytest.approx(ref[it], abs=1e-5), (it, resumed[it], ref[it])

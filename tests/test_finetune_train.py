@@ -266,6 +266,33 @@ def test_best_checkpoint_and_save_total_limit(assets, tmp_path):
         str(out / "checkpoint-2"), str(out / "checkpoint-4")]
 
 
+def _dumping_train(tmp_path, dumps) -> str:
+    """finetune/train.py wrapped so that every rank saves its full adapters after each refactor."""
+    script = tmp_path / "train_dumping.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import torch
+import finetune.train as ft
+import parallel
+from finetune.lora import lora_state_dict
+
+refactor, calls = ft.refactor, []
+
+
+def dumping(model, optimizer, cfg, mode, d):
+    stats = refactor(model, optimizer, cfg, mode, d)
+    calls.append(1)  # refactors run after steps 3 and 6 (refactor_every 3)
+    full = {{k: parallel.full_tensor(v).detach().cpu() for k, v in lora_state_dict(model).items()}}
+    torch.save(full, f"{dumps}/rank{{d.rank}}_step{{3 * len(calls)}}.pt")
+    return stats
+
+
+ft.refactor = dumping
+sys.exit(ft.main(sys.argv[1:]))
+""")
+    return str(script)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero1", "fsdp"])
 def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
@@ -276,9 +303,17 @@ def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     no_dropout = {"lora": {"dropout": 0.0}, "dataset": {"answer_eval_samples": 0}}
     assert _run(["--config", _config(assets, tmp_path / "s.yaml", single, **no_dropout)]) == 0
     path = _config(assets, tmp_path / "m.yaml", multi, training={"parallel": mode}, **no_dropout)
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--config", path], cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+                        _dumping_train(tmp_path, dumps), "--config", path], cwd=FINETUNE, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    # every rank's full factors after each refactor, dumped by the test's own wrapper (not the run's
+    # ranks_identical flag): bitwise equal across ranks
+    for step in (3, 6):
+        r0, r1 = (torch.load(dumps / f"rank{r}_step{step}.pt", weights_only=True) for r in (0, 1))
+        assert r0.keys() == r1.keys() and r0 and all(torch.equal(r0[k], r1[k]) for k in r0), step
     ref, got = _losses(_log(single)), _losses(_log(multi))
     assert sorted(got) == list(range(8))
     for it in ref:
@@ -490,3 +525,34 @@ def test_merge_says_what_it_wrote_and_carries_the_template(straight, assets, tmp
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"wrote the merged model {out}: the base {assets['model']} with the adapter ")
     assert json.loads((out / "prompt_template.json").read_text()) == {"template": "qa"}
+
+
+def test_logged_answer_accuracy_equals_hf_peft_decoding(straight, assets):
+    """eval/answer_accuracy at step 8 (strict and flexible), recomputed from the checkpoint's PEFT adapter
+    with transformers' generate and the answer extraction of answers.py, each completion cut where ours
+    stops (EOS, or the end of a complete `#### N` line). Not just 0 <= accuracy <= 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.answers import answer_accuracy, answer_line_complete
+    from finetune.sft_data import load_examples
+
+    cfg = load_config(straight["config"])
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]),
+                                      str(straight["out"] / "checkpoint-8")).eval()
+    examples = [e for e in load_examples(assets["test"], "test") if e["answer"] is not None]
+    examples = examples[:cfg.dataset.answer_eval_samples]
+    texts = []
+    for e in examples:
+        ids = tok(e["prompt"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=cfg.dataset.max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, ids.size(1):].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        cut = next((n for n in range(1, len(new) + 1) if answer_line_complete(tok.decode(new[:n]))), len(new))
+        texts.append(tok.decode(new[:cut], skip_special_tokens=True))
+    want = answer_accuracy(texts, [e["answer"] for e in examples])
+    (logged,) = [e for e in straight["log"]["evaluations"] if e["iter"] == 8]
+    assert logged["eval/answer_accuracy"] == want["strict"]
+    assert logged["eval/answer_accuracy_flexible"] == want["flexible"]

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import randomize
 from test_recipes import ROOT, prepared, preset
 
 import hf_checkpoint
@@ -55,10 +56,11 @@ def titan_recipe(name: str, out, *extra: str) -> tuple[str, str]:
 
 
 def our_model(name: str, seed: int = 0) -> GPT:
+    """The preset's model with every tensor random, RMSNorm weights (Qwen3's q/k norms included) too: with
+    the init's all-ones norms, a dropped or swapped norm mapping would pass the logits and round-trip checks."""
     _, mc = generate.load_preset(preset(name))
-    torch.manual_seed(seed)
     model = GPT(mc)
-    model.init_weights()
+    randomize(model, seed=seed, std=0.05)
     return model.eval()
 
 

@@ -266,27 +266,28 @@ def test_plan_writes_config_that_loads(family, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args, message",
     [
-        ["plan", "--flops", "-1e21", "--family", "llama3"],
-        ["plan", "--flops", "0", "--family", "llama3"],
-        ["plan", "--flops", "lots", "--family", "qwen3"],
-        ["plan", "--flops", "nan", "--family", "qwen3"],
-        ["plan", "--flops", "1e21", "--family", "gpt5"],
-        ["plan", "--flops", "1e21", "--family", "llama3", "--seq-len", "0"],
-        ["loss", "--params", "1.5B", "--tokens", "1e11"],
-        ["loss", "--params", "1.5e9", "--tokens", "-1"],
-        ["plot", "--flops", "inf"],
-        [],
-        ["plan", "--flops", "1e18", "--family", "gpt2", "--grid", "small", "--out", "/nonexistent/dir/x.py"],
+        (["plan", "--flops", "-1e21", "--family", "llama3"], "argument --flops: expected one argument"),
+        (["plan", "--flops", "0", "--family", "llama3"], "--flops: '0' must be a positive finite number"),
+        (["plan", "--flops", "lots", "--family", "qwen3"], "--flops: 'lots' is not a number"),
+        (["plan", "--flops", "nan", "--family", "qwen3"], "--flops: 'nan' must be a positive finite number"),
+        (["plan", "--flops", "1e21", "--family", "gpt5"], "--family: invalid choice: 'gpt5'"),
+        (["plan", "--flops", "1e21", "--family", "llama3", "--seq-len", "0"], "'0' must be a positive integer"),
+        (["loss", "--params", "1.5B", "--tokens", "1e11"], "--params: '1.5B' is not a number"),
+        (["loss", "--params", "1.5e9", "--tokens", "-1"], "--tokens: '-1' must be a positive finite number"),
+        (["plot", "--flops", "inf"], "--flops: 'inf' must be a positive finite number"),
+        ([], "the following arguments are required: command"),
+        (["plan", "--flops", "1e18", "--family", "gpt2", "--grid", "small", "--out", "/nonexistent/dir/x.py"],
+         "cannot write /nonexistent/dir/x.py: no directory /nonexistent/dir"),
     ],
 )
-def test_cli_errors_are_one_line(args):
+def test_cli_errors_are_one_line(args, message):
     result = _run_cli(*args)
     assert result.returncode != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
