@@ -309,6 +309,11 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     if mode in ("zero1", "fsdp") and tr.name == "SpectralRefactorTrainer" and tr.refactor_opt_state == "map_first_moment":
         raise ConfigError(f"trainer.refactor_opt_state=map_first_moment needs each rank to hold both factors' "
                           f"moments; with training.parallel={t.parallel} use reset or keep")
+    if d.is_master and tr.name == "SpectralRefactorTrainer" and tr.refactor_mode == "balanced" and cfg.lora.init.startswith("pissa"):
+        print("warning: trainer.refactor_mode=balanced flattens the whole adapter B A, which under lora.init=pissa "
+              "holds the base weights' top singular directions, so every refactor rewrites the base model's "
+              "principal components; refactor_mode=delta flattens only what training added (finetune/README.md "
+              "has the measurements)", file=sys.stderr, flush=True)
     dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
     accum = grad_accum_steps(cfg, d.world_size)
     configurator.check_output_dir(t.output_dir, "training.output_dir")

@@ -300,3 +300,22 @@ def test_inference_on_smollm2_with_an_adapter_equals_hf_peft(tmp_path, capsys):
     assert inference.main(["--model_path", base, "--adapter_path", adapter, "--prompt", prompt, "--template", "qa",
                            "--max_new_tokens", "12"]) == 0
     assert capsys.readouterr().out == expected + "\n" and expected.strip()
+
+
+def test_the_demo_script_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """examples/demo_smollm2_cpu.sh as CI can afford it: every step of the demo (data, validate, train, the
+    before/after table, merge, inference on the base and the merged model) on a tiny random Llama."""
+    from test_finetune_train import _write_assets
+
+    assets = _write_assets(str(tmp_path / "assets"))
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "demo"), PYTHON=sys.executable, MODEL_DIR=assets["model"])
+    tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
+            "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", "dataset.max_new_tokens=4",
+            "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
+    p = subprocess.run(["bash", os.path.join(FINETUNE, "examples", "demo_smollm2_cpu.sh"), *tiny], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "before (step   0): strict" in p.stdout and "after (step   2): strict" in p.stdout
+    answers = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"prompt"')]
+    assert len(answers) == 6 and answers[0]["prompt"] == answers[3]["prompt"]  # the same questions, base then tuned
+    assert os.path.isfile(tmp_path / "demo" / "merged" / "prompt_template.json")
