@@ -218,7 +218,7 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
 def claim_out_dir(tc: TrainConfig):
     """Take out_dir for this run (on rank 0): its lock (keep the returned DirLock while the run lives), then
     its crash leftovers. A new run (scratch or Hugging Face weights) never replaces a trained model unless
-    overwrite_out_dir says so."""
+    overwrite_out_dir says so; then the old checkpoint goes only once every check has passed (overwrite())."""
     held = checkpoint.lock(tc.out_dir)
     previous = checkpoint.find(tc.out_dir)
     if previous is not None and tc.init_from != "resume" and tc.save_checkpoint and not tc.eval_only:
@@ -227,11 +227,20 @@ def claim_out_dir(tc: TrainConfig):
             raise TrainingError(f"{tc.out_dir} holds a trained model ({previous}, iter {it}); continue it with "
                                 f"--init_from=resume, start over with --overwrite_out_dir=True (which deletes it), "
                                 f"or choose another --out_dir")
-        for name in (checkpoint.CKPT, checkpoint.OLD):
-            shutil.rmtree(os.path.join(tc.out_dir, name), ignore_errors=True)
-        print(f"overwrite_out_dir: deleted the checkpoint of {tc.out_dir} ({previous})", flush=True)
     checkpoint.remove_temps(tc.out_dir)
     return held
+
+
+def overwrite(tc: TrainConfig, d: parallel.Dist) -> None:
+    """--overwrite_out_dir=True: delete the old run's checkpoint, now that the new run has passed every check
+    and is about to train (a mistake in its flags must not cost the old model)."""
+    previous = checkpoint.find(tc.out_dir)
+    if (d.is_master and tc.overwrite_out_dir and previous is not None and tc.init_from != "resume"
+            and tc.save_checkpoint and not tc.eval_only):
+        for name in (checkpoint.CKPT, checkpoint.OLD):
+            shutil.rmtree(os.path.join(tc.out_dir, name), ignore_errors=True)
+        print(f"overwrite_out_dir: deleted the previous checkpoint of {tc.out_dir} ({previous})", flush=True)
+    parallel.barrier(d)
 
 
 def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype, ckpt_path: str | None):
@@ -322,6 +331,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         return 0
 
     start_iter = run.iter_num
+    overwrite(tc, d)
 
     def evaluate_and_save(run: RunState, done: bool) -> None:
         if run.iter_num % tc.eval_interval != 0 and not done:

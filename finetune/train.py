@@ -227,21 +227,29 @@ def trained_outputs(out_dir: str) -> list[str]:
 def claim_output_dir(t, resume: str | None):
     """Take output_dir for this run (on rank 0; train.py's claim_out_dir for LoRA): its lock (keep the returned
     DirLock while the run lives), then its crash leftovers. A new run never replaces what a trained one left
-    unless training.overwrite_output_dir says so (as HF Trainer's overwrite_output_dir)."""
+    unless training.overwrite_output_dir says so (as HF Trainer's overwrite_output_dir); then the old outputs
+    go only once every check has passed (overwrite())."""
     held = checkpoint.lock(t.output_dir, "training.output_dir")
     found = trained_outputs(t.output_dir)
-    if found and resume is None:
-        if not t.overwrite_output_dir:
-            raise ConfigError(f"training.output_dir={t.output_dir} holds a trained run ({', '.join(found[:3])}); "
-                              f"continue it with --resume_from_checkpoint latest, start over with "
-                              f"training.overwrite_output_dir=true (which deletes them), or choose another "
-                              f"training.output_dir")
+    if found and resume is None and not t.overwrite_output_dir:
+        raise ConfigError(f"training.output_dir={t.output_dir} holds a trained run ({', '.join(found[:3])}); "
+                          f"continue it with --resume_from_checkpoint latest, start over with "
+                          f"training.overwrite_output_dir=true (which deletes them), or choose another "
+                          f"training.output_dir")
+    remove_temps(t.output_dir)
+    return held
+
+
+def overwrite(t, resume: str | None, d: parallel.Dist) -> None:
+    """training.overwrite_output_dir: delete the old run's checkpoints and adapter, now that this run has passed
+    every check and is about to train (a mistake in its config must not cost the old adapters)."""
+    found = trained_outputs(t.output_dir) if resume is None and t.overwrite_output_dir else []
+    if d.is_master and found:
         for name in found:
             path = os.path.join(t.output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"overwrite_output_dir: deleted {', '.join(found)} from {t.output_dir}", flush=True)
-    remove_temps(t.output_dir)
-    return held
+    parallel.barrier(d)
 
 
 
@@ -309,11 +317,6 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     if mode in ("zero1", "fsdp") and tr.name == "SpectralRefactorTrainer" and tr.refactor_opt_state == "map_first_moment":
         raise ConfigError(f"trainer.refactor_opt_state=map_first_moment needs each rank to hold both factors' "
                           f"moments; with training.parallel={t.parallel} use reset or keep")
-    if d.is_master and tr.name == "SpectralRefactorTrainer" and tr.refactor_mode == "balanced" and cfg.lora.init.startswith("pissa"):
-        print("warning: trainer.refactor_mode=balanced flattens the whole adapter B A, which under lora.init=pissa "
-              "holds the base weights' top singular directions, so every refactor rewrites the base model's "
-              "principal components; refactor_mode=delta flattens only what training added (finetune/README.md "
-              "has the measurements)", file=sys.stderr, flush=True)
     dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
     accum = grad_accum_steps(cfg, d.world_size)
     configurator.check_output_dir(t.output_dir, "training.output_dir")
@@ -423,6 +426,12 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         return path
 
     start_iter = run.iter_num
+    overwrite(t, resume, d)
+    if d.is_master and tr.name == "SpectralRefactorTrainer" and tr.refactor_mode == "balanced" and cfg.lora.init.startswith("pissa"):
+        print("warning: trainer.refactor_mode=balanced flattens the whole adapter B A, which under lora.init=pissa "
+              "holds the base weights' top singular directions, so every refactor rewrites the base model's "
+              "principal components; refactor_mode=delta flattens only what training added (finetune/README.md "
+              "has the measurements)", file=sys.stderr, flush=True)
 
     def evaluate_and_save(run: RunState, done: bool) -> None:
         it = run.iter_num

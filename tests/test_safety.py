@@ -56,9 +56,13 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_checkpoint(trained, char_data
     # a Hugging Face start is refused the same way; eval_only and a resume are fine
     ok(run_train(tiny_args(char_dataset, out, "--init_from=resume", "--eval_only=True")))
     assert _digest(out / "ckpt") == before
-    # on purpose: the old checkpoint is deleted and the new run's replaces it
+    # on purpose, but with a mistake in the new run's flags: it fails its checks and the old model stays
+    p = run_train(tiny_args(char_dataset, out, "--max_iters=1", "--overwrite_out_dir=True", "--block_size=1000000"))
+    _assert_clean_error(p, "block_size=1000000")
+    assert _digest(out / "ckpt") == before
+    # on purpose: the old checkpoint is deleted once the new run starts, and the new run's replaces it
     p = ok(run_train(tiny_args(char_dataset, out, "--max_iters=1", "--eval_interval=1", "--overwrite_out_dir=True")))
-    assert "overwrite_out_dir: deleted the checkpoint" in p.stdout
+    assert "overwrite_out_dir: deleted the previous checkpoint" in p.stdout
     assert checkpoint.read_state(str(out / "ckpt"))["iter_num"] == 1
 
 
