@@ -367,22 +367,25 @@ def _literal(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
-def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, command: str) -> str:
-    """A config file like the presets in config/ that trains cand.config on its planned tokens."""
+def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, command: str,
+                chinchilla: bool = False) -> str:
+    """A config file like the presets in config/ that trains cand.config on its planned tokens. A
+    --chinchilla plan gets an out_dir of its own, so the two plans of one budget never share a run folder."""
     c, family = cand.config, FAMILIES[family_name]
     tokens_per_step = BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * seq_len
     max_iters = math.ceil(cand.tokens / tokens_per_step)
     # the training guide's 2000 warmup steps, but never most of a short run (small budgets, tests)
     warmup_iters = min(WARMUP_ITERS, max_iters // 10)
     model_keys = list(MODEL_KEYS) + [k for k in family.features if k not in MODEL_KEYS]
+    band = f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_TOKENS_PER_PARAM:g}" if chinchilla else ""
     lines = [
         f"# Planned by: {command}",
-        f"# The lowest predicted loss among {family_name} shapes for {budget_tag(flops)} training FLOPs:",
+        f"# The lowest predicted loss among {family_name} shapes{band} for {budget_tag(flops)} training FLOPs:",
         f"# {c.arch_string}, {cand.n_params:,} parameters, {cand.flops_per_token:.4e} FLOPs per token",
         f"# (model.py: 6 x matmul weights + 12 x n_layer x n_head x head_dim x seq_len, seq_len {seq_len})",
         f"# -> {format_count(cand.tokens)} tokens, D/N {cand.tokens / cand.n_params:.1f}, "
         f"predicted loss {cand.loss:.4f} (docs/LLAMA3_AND_SCALING_LAW_IMPLEMENTATION.md).",
-        f'out_dir = "out-plan-{family_name}-{budget_tag(flops)}"',
+        f'out_dir = "out-plan-{family_name}-{budget_tag(flops)}{"-chinchilla" if chinchilla else ""}"',
         f'dataset = "{family.dataset}"',
         "",
         "# model",
@@ -569,7 +572,7 @@ def run_plan(args: argparse.Namespace) -> None:
     for note in grid_edges(best[0].config, family, grid):
         print(f"note: {note}")
     with open(out, "w") as f:
-        f.write(config_text(best[0], args.family, args.flops, args.seq_len, _command_line(args)))
+        f.write(config_text(best[0], args.family, args.flops, args.seq_len, _command_line(args), args.chinchilla))
     print(f"wrote {out} (python train.py {out})")
 
 

@@ -1,9 +1,9 @@
 # Planned by: python scaling_laws.py plan --flops 1.36e21 --family llama3 --chinchilla
-# The lowest predicted loss among llama3 shapes for 1.36e21 training FLOPs:
+# The lowest predicted loss among llama3 shapes with D/N within 10% of 20 for 1.36e21 training FLOPs:
 # 24L-24H-3072D-8448ff GQA(8kv), 3,260,697,600 parameters, 1.9011e+10 FLOPs per token
 # (model.py: 6 x matmul weights + 12 x n_layer x n_head x head_dim x seq_len, seq_len 2048)
 # -> 71.54B tokens, D/N 21.9, predicted loss 2.3020 (docs/LLAMA3_AND_SCALING_LAW_IMPLEMENTATION.md).
-out_dir = "out-plan-llama3-1.36e21"
+out_dir = "out-plan-llama3-1.36e21-chinchilla"
 dataset = "slimpajama_6b_llama3"
 
 # model

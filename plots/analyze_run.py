@@ -3,6 +3,14 @@ Summarise a training run from its JSON run log: progress, losses, speed after wa
 long a token budget would take at that speed.
 
     python plots/analyze_run.py out-shakespeare-char/run_20250101_120000.json --tokens 85e9
+    python plots/analyze_run.py out-shakespeare-char/run_*.json --tokens 85e9    # every log of the folder
+
+Several logs: a resumed run writes one log per start (--init_from=resume), and those logs are parts
+of one run. Logs of one folder are put in start order; a log written by a resume (or an --eval_only
+evaluation) continues the run before it, any other log starts a run of its own. The parts of a run
+are merged by iteration into one report (a "note" line lists them): where two parts cover the same
+iterations (a resume from a checkpoint older than the last record), the later part's records are
+kept. Each run gets one report, headed by its log's file name; reports are separated by a blank line.
 
 Speed (time per iteration, tokens/s, MFU, memory) is the mean, min and max over the logged
 training records after a warm-up skip. Each record's dt_ms is already the mean over its log
@@ -13,6 +21,8 @@ exactly N records); then records with null dt_ms (untimed steps) are left out.
 Extrapolation: iterations = ceil(tokens / tokens per iteration), tokens per iteration from the
 config (batch_size x gradient_accumulation_steps x block_size), else from tokens_seen deltas;
 hours = iterations x mean time per iteration. Evaluation and checkpoint time is not in dt_ms.
+In a merged run the warm-up is skipped in each part (each start compiles and warms up again), and
+the header, config and tokens per iteration are the last part's.
 """
 
 from __future__ import annotations
@@ -115,20 +125,21 @@ def progress_lines(run: dict) -> list[str]:
     return lines
 
 
-def speed_lines(run: dict, kept: list[dict], skip: int) -> list[str]:
-    """Mean, min and max of each speed field over the kept records, or why there is none."""
+def speed_lines(run: dict, kept: list[dict], skips: list[int]) -> list[str]:
+    """Mean, min and max of each speed field over the kept records, or why there is none. skips: the
+    warm-up records skipped at the start of each part of the run (one part unless logs were merged)."""
     records = run["training_iterations"]
     if not records:
         return ["speed: n/a (no training record logged yet)"]
+    parts = run.get("parts") or [(run["path"], records)]
+    skipped = f"the first {' + '.join(map(str, skips))} of {len(records)} records"
+    per_log = ", counted from the start of each log" if len(skips) > 1 else ""
     if not kept:
-        return [
-            f"speed: n/a (no timed record after skipping the first {skip} of {len(records)} records; "
-            "the first steps are untimed)"
-        ]
-    untimed = len(records[skip:]) - len(kept)
+        return [f"speed: n/a (no timed record after skipping {skipped}{per_log}; the first steps are untimed)"]
+    untimed = sum(len(part[n:]) for (_, part), n in zip(parts, skips)) - len(kept)
     lines = [
         f"speed over {len(kept)} timed records, iters {kept[0]['iter']} to {kept[-1]['iter']} "
-        f"(skipped the first {skip} of {len(records)} records as warm-up, {untimed} untimed)",
+        f"(skipped {skipped} as warm-up{per_log}, {untimed} untimed)",
         row("", f"{'mean':>16}{'min':>16}{'max':>16}"),
     ]
     missing = {
@@ -161,12 +172,73 @@ def budget_lines(run: dict, kept: list[dict], tokens: float) -> list[str]:
     return lines
 
 
+def continues(run: dict) -> bool:
+    """Whether this log continues the run before it in its folder: written by --init_from=resume (an
+    --eval_only evaluation of a checkpoint too). Without a recorded init_from, a log whose first record is
+    past iteration 0 does."""
+    init_from = run["config"].get("train", {}).get("init_from")
+    if init_from is not None:
+        return init_from == "resume"
+    first = [r["iter"] for r in run["training_iterations"] + run["evaluations"]]
+    return bool(first) and min(first) > 0
+
+
+def group_runs(logs: list[dict]) -> list[list[dict]]:
+    """The logs as runs, each a list of parts in start order: per folder (in the order the folders were
+    given), a log that continues (see continues) joins the run before it; any other log starts a run."""
+    folders: dict[str, list[dict]] = {}
+    for run in logs:
+        folders.setdefault(os.path.dirname(os.path.abspath(run["path"])), []).append(run)
+    runs: list[list[dict]] = []
+    for parts in folders.values():
+        parts.sort(key=lambda r: (str(r.get("started_at") or ""), os.path.basename(r["path"])))
+        start = len(runs)
+        for run in parts:
+            if len(runs) > start and continues(run):
+                runs[-1].append(run)
+            else:
+                runs.append([run])
+    return runs
+
+
+def merge(parts: list[dict]) -> dict:
+    """One run log from its parts in start order: each record list keeps, from each part's first iteration
+    in that list on, that part's records (the later part wins where two overlap); events are concatenated.
+    Header fields are the last part's; "parts" holds (path, that part's surviving training records)."""
+    run = dict(parts[-1])
+    for key in ("training_iterations", "evaluations", "gradient_norms"):
+        merged: list[dict] = []
+        for part in parts:
+            if part[key]:
+                start = part[key][0]["iter"]
+                merged = [r for r in merged if r["iter"] < start] + list(part[key])
+        run[key] = merged
+    run["events"] = [e for part in parts for e in part["events"]]
+    # each part's records that survived, in order: identity tells them apart after the merge
+    owner = {id(r): i for i, part in enumerate(parts) for r in part["training_iterations"]}
+    run["parts"] = [(part["path"], [r for r in run["training_iterations"] if owner[id(r)] == i])
+                    for i, part in enumerate(parts)]
+    return run
+
+
+def merge_note(run: dict) -> list[str]:
+    """The note line of a merged run: its parts and the iterations each contributes."""
+    if len(run.get("parts", [])) < 2:
+        return []
+    spans = []
+    for path, records in run["parts"]:
+        span = f"iters {records[0]['iter']}-{records[-1]['iter']}" if records else "no training records"
+        spans.append(f"{os.path.basename(path)} ({span})")
+    return [row("note", f"{len(run['parts'])} logs of one resumed run, merged by iteration (a later log's "
+                        f"records replace an earlier one's where both cover an iteration): {', '.join(spans)}")]
+
+
 def report(run: dict, skip: int | None, tokens: float | None) -> list[str]:
     """The summary's lines: progress, speed after warm-up and, given a token budget, the extrapolation."""
-    records = run["training_iterations"]
-    skip = warmup_skip(records) if skip is None else skip
-    kept = timed_records(records, skip)
-    lines = [*progress_lines(run), "", *speed_lines(run, kept, skip)]
+    parts = run.get("parts") or [(run["path"], run["training_iterations"])]
+    skips = [warmup_skip(records) if skip is None else skip for _, records in parts]
+    kept = [r for (_, records), n in zip(parts, skips) for r in timed_records(records, n)]
+    lines = [*progress_lines(run), *merge_note(run), "", *speed_lines(run, kept, skips)]
     if tokens is not None:
         lines += ["", *budget_lines(run, kept, tokens)]
     return lines
@@ -194,7 +266,8 @@ def _token_budget(text: str) -> float:
 
 def main(argv: list[str]) -> int:
     parser = configurator.ArgumentParser(prog="analyze_run.py", description=__doc__)
-    parser.add_argument("log", metavar="RUN.json", help="a run log (out_dir/run_*.json)")
+    parser.add_argument("logs", nargs="+", metavar="RUN.json",
+                        help="run logs (out_dir/run_*.json); the logs of a resumed run are merged into one report")
     parser.add_argument(
         "--tokens", type=_token_budget, metavar="N", help="token budget to extrapolate to, e.g. 85e9"
     )
@@ -202,12 +275,14 @@ def main(argv: list[str]) -> int:
         "--skip",
         type=_non_negative_int,
         metavar="N",
-        help="warm-up records to skip (default: min(10%% of records, records of the first 50 iters))",
+        help="warm-up records to skip, in each log (default: min(10%% of records, records of the first 50 iters))",
     )
 
     def body() -> int:
         args = parser.parse_args(argv)
-        print("\n".join(report(runlogs.load(args.log), args.skip, args.tokens)))
+        runs = group_runs([runlogs.load(path) for path in args.logs])
+        reports = ["\n".join(report(merge(parts), args.skip, args.tokens)) for parts in runs]
+        print("\n\n".join(reports))
         return 0
 
     return configurator.run_command(body)

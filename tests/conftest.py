@@ -31,8 +31,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and n_gpu < 1:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
-        if "multigpu" in item.keywords and n_gpu < 2:
-            item.add_marker(pytest.mark.skip(reason=f"needs >= 2 CUDA GPUs; found {n_gpu}"))
 
 
 def write_char_dataset(out_dir, n_chars: int = 60_000, seed: int = 0) -> str:

@@ -1,9 +1,16 @@
-"""The documentation is true: named files exist, commands parse, and CI runs the README's test command."""
+"""The documentation is true: named files exist, every command names a real script with arguments its parser
+accepts, CI runs the README's test command, and bench/RESULTS.md's ratios are those of the figures beside them."""
 
+import argparse
+import ast
+import contextlib
 import glob
+import io
 import os
 import re
+import runpy
 import shlex
+import sys
 
 import pytest
 
@@ -12,17 +19,28 @@ from configurator import TrainConfig
 from model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "SYSTEM_OVERVIEW.md", "TESTING.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]
+DOCS = [
+    "README.md", "SYSTEM_OVERVIEW.md", "TESTING.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)),
+    "finetune/README.md", "recipes/README.md", "bench/README.md", "bench/RESULTS.md",
+]
+# Where a doc's inline commands run from (its fenced blocks start at the root and follow their `cd`s).
+INLINE_CWD = {"finetune/README.md": "finetune"}
 
-# Files that commands create (outputs, prepared data) rather than files the repository holds.
+# Files that commands create (outputs, prepared data) or that the user brings, rather than files the repository holds.
 GENERATED = re.compile(
     r"(^|/)(train|val)(_\d+)?\.bin$|(^|/)meta\.(json|pkl)$|(^|/)input\.txt$|run_.*\.json$|\.png$"
     r"|(^|/)(model|optimizer.*|rng.*|scaler)\.pt$|(^|/)state\.json$|(^|/)ckpt(\.tmp|\.old)?/?$"
     r"|^data/\.cache|^data/<|^config/<|^data/X(/|$)|^config/plan_.*\.py$"
     r"|^recipes_out/|^exports/|(^|/)(run_train\.sh|nanollm_titan\.py|pretrain_gpt\.py)$|^train_[\w.<>-]+\.sh$"
+    r"|(^|/)prompts\.txt$|^outputs/|^\.runlogs/"
+    r"|^examples/llama/"  # Megatron-LM's own example script, named by recipes/README.md
 )
 PATH = re.compile(r"(?<![\w./*-])((?:config|data|plots|docs|bench|tests|\.ci)/[\w./<>*-]*[\w>*]"
                   r"|[A-Za-z_][\w-]*\.(?:py|md|sh|toml|txt))(?![\w/])")
+# Any relative path with a folder in it (finetune/'s configs/..., ../loop.py): checked when its first folder
+# exists (at the root or beside the doc), or it starts with .., or it names a file by its extension.
+DIR_PATH = re.compile(r"(?<![\w./*<>$-])((?:\.\./)*[\w.-]+(?:/[\w.<>*-]+)+/?)")
+FILE_EXT = re.compile(r"\.(py|md|sh|toml|txt|ya?ml|json)$")
 
 
 def _doc(name: str) -> str:
@@ -30,46 +48,295 @@ def _doc(name: str) -> str:
         return f.read()
 
 
-@pytest.mark.parametrize("doc", DOCS)
-def test_named_files_exist(doc):
-    text = _doc(doc)
+def missing_paths(text: str, doc: str) -> list[str]:
+    """The paths text (from doc) names that exist neither from the root, nor beside doc, nor anywhere below
+    the root (a bare file name or a folder-relative path), generated files aside."""
+    base = os.path.dirname(doc)
+    named = set(PATH.findall(text))
+    for path in DIR_PATH.findall(text):
+        first = path.split("/")[0]
+        if first == ".." or FILE_EXT.search(path) or any(
+                os.path.isdir(os.path.join(ROOT, d, first)) for d in ("", base)):
+            named.add(path.rstrip("/"))
     missing = []
-    for path in sorted(set(PATH.findall(text))):
-        if "*" in path or GENERATED.search(path) or path.startswith(("/", "out-")):
+    for path in sorted(named):
+        if "*" in path or GENERATED.search(path) or path.startswith(("/", "out-", ".venv/")):
             continue
-        candidates = [path, os.path.join(os.path.dirname(doc), path)]
-        if "/" not in path:  # a bare file name: somewhere in the repository
+        candidates = [path, os.path.normpath(os.path.join(base, path))]
+        if not path.startswith(".."):  # a bare name or a folder-relative path: somewhere in the repository
             candidates += glob.glob(os.path.join("**", path), root_dir=ROOT, recursive=True)
         if not any(os.path.exists(os.path.join(ROOT, c)) for c in candidates):
             missing.append(path)
-    assert not missing, f"{doc} names files that do not exist: {missing}"
-
-
-def _commands(text: str) -> list[str]:
-    """Shell commands in fenced blocks, with backslash continuations joined and comments dropped."""
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            cmd = cmd.split(" # ")[0].strip()
-            if cmd and not cmd.startswith("#"):
-                out.append(cmd)
-    return out
+    return missing
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_train_commands_parse(doc):
-    """Every train.py command in the docs (GPU-only ones too) uses real keys with valid values."""
-    checked = 0
-    for cmd in _commands(_doc(doc)):
-        for part in cmd.split("&&"):
-            if "train.py" not in part:
-                continue
+def test_named_files_exist(doc):
+    missing = missing_paths(_doc(doc), doc)
+    assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+# -----------------------------------------------------------------------------
+# Commands: the script exists and its own parser accepts the arguments
+
+
+def _commands(text: str) -> list[str]:
+    """Shell commands in fenced bash blocks, with backslash continuations joined and comments dropped; a
+    block's first command is marked by a leading newline (its cwd starts at the root)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        first = True
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = cmd.split(" # ")[0].strip()
+            if cmd and not cmd.startswith("#"):
+                out.append("\n" * first + cmd)
+                first = False
+    return out
+
+
+def _inline_commands(text: str) -> list[str]:
+    """Commands quoted inline (`python X.py ...`, `torchrun ...`, `bash X.sh`) or in indented code blocks,
+    outside fenced blocks."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = [" ".join(s.split()) for s in re.findall(r"(?<!`)`([^`]+)`(?!`)", prose)]
+    spans += [line.strip() for line in prose.splitlines() if re.match(r"(    |\t)\S", line)]
+    return [s for s in spans if re.match(r"([A-Z_]+=\S* )*(\S*python3?|torchrun|bash) \S", s)]
+
+
+SYNOPSIS = re.compile(r"[\[\]|()<>]|\.\.\.")  # a usage line, not a command: [--opt], a|b, <name>, ...
+
+
+class _Parsed(BaseException):
+    """Raised instead of the script's work once its arguments have parsed (BaseException: no handler eats it)."""
+
+
+def _run_parser(script: str | None, module: str | None, args: list[str], cwd: str) -> tuple[str | None, dict]:
+    """Run a repository script (or -m module) as __main__ with args, in cwd, until its arguments are parsed:
+    configurator.load and argparse parse for real, then stop it. (error or None, what the parser was)."""
+    seen: dict = {}
+    real_load, real_parse = configurator.load, argparse.ArgumentParser.parse_known_args
+    depth = [0]
+
+    def load(argv, schemas):
+        seen["schemas"] = schemas
+        if not seen.get("names_only"):
+            real_load(argv, schemas)
+        raise _Parsed
+
+    def parse_known_args(self, args=None, namespace=None):
+        seen.setdefault("parser", self)
+        if seen.get("names_only"):
+            raise _Parsed
+        depth[0] += 1
+        try:
+            result = real_parse(self, args, namespace)
+        finally:
+            depth[0] -= 1
+        if depth[0]:  # a subcommand's parser, or parse_args checking for extra arguments
+            return result
+        # a script that parses known args (finetune/) takes section.key=value overrides, any other --flag is an error
+        bad = [a for a in result[1] if a.startswith("--") and "." not in a.split("=", 1)[0]]
+        if bad:
+            self.error(f"unrecognized arguments: {' '.join(bad)}")
+        raise _Parsed
+
+    def parse_args(self, args=None, namespace=None):
+        seen.setdefault("parser", self)
+        depth[0] += 1
+        try:
+            _, extras = parse_known_args(self, args, namespace)
+        finally:
+            depth[0] -= 1
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        raise _Parsed
+
+    seen["names_only"] = args is None
+    argv0 = script or module
+    saved = sys.argv, os.getcwd()
+    stderr = io.StringIO()
+    patches = [(configurator, "load", load), (argparse.ArgumentParser, "parse_known_args", parse_known_args),
+               (argparse.ArgumentParser, "parse_args", parse_args)]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        sys.argv = [argv0, *(args or [])]
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                sys.path.insert(0, os.path.dirname(script))  # as `python script.py` does
+                try:
+                    runpy.run_path(script, run_name="__main__")
+                finally:
+                    sys.path.remove(os.path.dirname(script))
+        return "ran to the end without parsing its arguments", seen
+    except _Parsed:
+        return None, seen
+    except SystemExit as e:
+        return (None if e.code in (0, None) else f"exit {e.code}: {stderr.getvalue().strip()}"), seen
+    except configurator.UserError as e:
+        return f"{type(e).__name__}: {e}", seen
+    finally:
+        for obj, name, value in originals:
+            setattr(obj, name, value)
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+
+
+def _known_flags(seen: dict, script: str | None) -> set[str]:
+    """Every --flag the captured parser (and its subcommands') or config schemas accept, and the flags a
+    script reads itself before its config (the keys of a *FLAGS dict, "--smoke" literals)."""
+    flags = set()
+    if script is not None:
+        tree = ast.parse(open(script).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("--"):
+                flags.add(node.value)
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+                    isinstance(t, ast.Name) and t.id.endswith("FLAGS") for t in node.targets):
+                flags.update(f"--{k.value}" for k in node.value.keys if isinstance(k, ast.Constant))
+    parsers = [seen["parser"]] if "parser" in seen else []
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    for schema in seen.get("schemas", []):
+        flags.update(f"--{name}" for name in schema.__dataclass_fields__)
+    return flags
+
+
+LAUNCHERS = ("torchrun", "accelerate")
+
+
+def command_errors(cmd: str, cwd: str, inline: bool = False) -> tuple[list[str], str, list[str]]:
+    """(problems, the cwd after it, the scripts it runs) of one shell command line run from cwd (absolute)."""
+    errors, scripts = [], []
+    for part in re.split(r"&&|;", cmd):
+        try:
             words = shlex.split(part)
-            args = [w for w in words[words.index("train.py") + 1 :] if not w.startswith("$")]
-            configurator.load(args, [TrainConfig, ModelConfig])  # raises ConfigError on any bad key or value
-            checked += 1
+        except ValueError:
+            continue
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value prefixes
+            words = words[1:]
+        if not words:
+            continue
+        if words[0] == "cd":
+            cwd = os.path.normpath(os.path.join(cwd, words[1]))
+            continue
+        launcher = os.path.basename(words[0])
+        script = module = None
+        if launcher == "bash" and len(words) > 1 and words[1].endswith(".sh"):
+            path = os.path.relpath(os.path.normpath(os.path.join(cwd, words[1])), ROOT)
+            if GENERATED.search(path):
+                continue
+            if not os.path.isfile(os.path.join(ROOT, path)):
+                errors.append(f"{cmd!r}: no script {path}")
+            elif "case $part in" in (body := open(os.path.join(ROOT, path)).read()):  # bench/gpu_suite.sh PART ...
+                parts = [w for w in words[2:] if not w.isupper()]  # PART: a placeholder
+                unknown = [w for w in parts if not re.search(rf"^\s*{re.escape(w)}\)", body, flags=re.M)]
+                if unknown:
+                    errors.append(f"{cmd!r}: {path} has no part {unknown}")
+            continue
+        if re.fullmatch(r"python3?", launcher) and len(words) > 1:
+            if words[1] == "-m" and words[2] != "torch.distributed.run":
+                module, args = words[2], words[3:]
+            elif words[1] == "-m" or words[1].endswith(".py"):
+                script_at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+                if script_at is None:
+                    continue
+                script, args = words[script_at], words[script_at + 1:]
+            else:  # python -c, python - <<EOF
+                continue
+        elif launcher in LAUNCHERS:
+            script_at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+            if script_at is None:
+                continue
+            script, args = words[script_at], words[script_at + 1:]
+        else:
+            continue
+        if module is not None:
+            if not os.path.isfile(os.path.join(ROOT, *module.split("."), "__main__.py")):
+                continue  # python -m pytest, pip, ...: not ours
+            scripts.append(f"-m {module}")
+        else:
+            path = os.path.normpath(os.path.join(cwd, script))
+            if GENERATED.search(os.path.relpath(path, ROOT)):  # data/<name>/prepare.py: a placeholder
+                continue
+            if not os.path.isfile(path):
+                errors.append(f"{cmd!r}: no script {os.path.relpath(path, ROOT)}")
+                continue
+            script = path
+            scripts.append(os.path.relpath(path, ROOT))
+        args = [a for a in args if not a.startswith("$")]
+        if inline or any(SYNOPSIS.search(a) for a in args):
+            # a usage line or an inline fragment: the flags it names must exist; values are placeholders
+            problem, seen = _run_parser(script, module, None, cwd)
+            known = _known_flags(seen, script)
+            flags = {re.split(r"[=\]|)]", a.lstrip("[("))[0] for a in args if a.lstrip("[(").startswith("--")}
+            unknown = sorted(f for f in flags if f not in known)
+            if problem or not known and flags or unknown:
+                errors.append(f"{cmd!r}: unknown flags {unknown} ({problem or 'parsed'})")
+        else:
+            problem, _ = _run_parser(script, module, args, cwd)
+            if problem:
+                errors.append(f"{cmd!r}: {problem}")
+    return errors, cwd, scripts
+
+
+def doc_command_errors(text: str, doc: str) -> tuple[list[str], list[str]]:
+    """(problems, scripts run) of every command in text: fenced bash blocks, then inline commands."""
+    errors, scripts, cwd = [], [], ROOT
+    for cmd in _commands(text):
+        if cmd.startswith("\n"):
+            cwd = ROOT
+        e, cwd, s = command_errors(cmd.strip(), cwd)
+        errors += e
+        scripts += s
+    for cmd in _inline_commands(text):
+        e, _, s = command_errors(cmd, os.path.join(ROOT, INLINE_CWD.get(doc, "")), inline=True)
+        errors += e
+        scripts += s
+    return errors, scripts
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_commands_name_real_scripts_and_flags(doc):
+    """Every command in the docs (GPU-only ones too) runs a script that exists, and that script's own parser
+    (configurator.load against the typed configs, or argparse) accepts its arguments; nothing else runs."""
+    errors, scripts = doc_command_errors(_doc(doc), doc)
+    assert not errors, "\n".join(errors)
     if doc in ("README.md", "docs/TRAINING_GUIDE_DETAILED.md"):
-        assert checked >= 5
+        assert scripts.count("train.py") >= 5
+
+
+def test_the_command_checks_can_fail():
+    planted = {
+        "python train.py config/tiny_gpt2.py --lerning_rate=1e-3": "unknown config key 'lerning_rate'",
+        "python train.py config/tiny_gpt2.py --dtype=float8": "dtype",
+        "python plots/analyze_run.py x.json --tokenz 1e9": "unrecognized arguments",
+        "python scaling_laws.py plan --flops 1e21 --family gpt5": "invalid choice",
+        "python bench/loss_bench.py --iters=three": "invalid int value",
+        "python -m recipes megatron config/full_llama3_1.5b_optimal.py --ngpu 8 --tp 2 --tensor 2 --mock --out x":
+            "unrecognized arguments",
+        "python bench/no_such_bench.py --x=1": "no script bench/no_such_bench.py",
+        "cd finetune && python validate_config.py --config c.yaml --wrld_size 8": "unrecognized arguments",
+        "bash bench/no_such_suite.sh": "no script",
+        "RESULTS=/tmp/x PY=python3 bash bench/gpu_suite.sh headline mikro": "has no part ['mikro']",
+    }
+    for cmd, message in planted.items():
+        errors, _, _ = command_errors(cmd, ROOT)
+        assert len(errors) == 1 and message in errors[0], (cmd, errors)
+    errors, _, _ = command_errors("python -m recipes torchtitan CONFIG [--flaot8 tensorwise|rowwise]", ROOT)
+    assert errors and "--flaot8" in errors[0]
+    errors, _ = doc_command_errors("Run `python bench/vs_nanogpt.py --round 5`.", "README.md")
+    assert errors and "--round" in errors[0]
+    assert missing_paths("see `config/no_such_preset.py` and `../nowhere.py`", "finetune/README.md") == [
+        "../nowhere.py", "config/no_such_preset.py"]
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
@@ -92,3 +359,114 @@ def test_every_config_preset_is_documented_and_loads():
             continue  # written by scaling_laws.py plan; documented in docs/LLAMA3_AND_SCALING_LAW_IMPLEMENTATION.md
         assert path in readme, f"{path} is not in the README's quick reference"
         configurator.load([os.path.join(ROOT, path)], [TrainConfig, ModelConfig])
+
+
+# -----------------------------------------------------------------------------
+# bench/RESULTS.md: every ratio printed beside its two figures is their ratio, to the digits printed
+
+NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+
+
+def _number(cell: str) -> float | None:
+    m = re.search(NUM, cell.replace("**", ""))
+    return float(m[0].replace(",", "")) if m else None
+
+
+def _agrees(value: float, shown: str) -> bool:
+    """value rounds to shown (half a unit of its last printed digit either way)."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(value - float(shown.replace(",", ""))) <= 0.5 * 10**-decimals + 1e-9
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Markdown tables as rows of cells, the separator row dropped."""
+    tables, rows = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                rows.append(cells)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def ratio_errors(text: str) -> list[str]:
+    """Ratios in text that are not the ratio of the figures they sit beside, and ratio columns this cannot check."""
+    errors = []
+
+    def check(where: str, value: float, shown: str, also: float | None = None) -> None:
+        if not (_agrees(value, shown) or also is not None and _agrees(also, shown)):
+            errors.append(f"{where}: printed {shown}, the figures give {value:.4g}")
+
+    for table in _tables(text):
+        header, rows = table[0], table[1:]
+        for k, name in enumerate(header):
+            if not name.lower().startswith("ratio"):
+                continue
+            for row in rows:
+                m = re.match(rf"\**({NUM})x?", row[k])
+                if not m:
+                    continue
+                where = f"{row[0]!r}, {name!r}"
+                if name == "ratio" or name.startswith("ratio ours /"):  # the two columns before it
+                    check(where, _number(row[k - 2]) / _number(row[k - 1]), m[1])
+                elif name.startswith("ratio vs "):  # this row's figure over the named reference row's
+                    ref = next(r for r in rows if name[len("ratio vs "):] in r[0])
+                    check(where, _number(row[k - 1]) / _number(ref[k - 1]), m[1])
+                elif name == "ratio to the faster bare route":
+                    check(where, _number(row[1]) / max(_number(row[2]), _number(row[3])), m[1])
+                else:
+                    errors.append(f"a ratio column this test cannot check: {name!r}")
+        for i, row in enumerate(rows):
+            if row[0].lower().startswith("ratio") and i >= 2:  # a ratio row: the two rows above it
+                for j in range(1, len(row)):
+                    m = re.match(rf"\**({NUM})x", row[j])
+                    a, b = _number(rows[i - 2][j]), _number(rows[i - 1][j])
+                    if m and a and b:
+                        check(f"ratio row, column {header[j]!r}", a / b, m[1], also=b / a)
+            peak = next((j for j, h in enumerate(header) if h.startswith("peak GiB")), None)
+            for j, cell in enumerate(row):
+                m = re.fullmatch(rf"({NUM}) \(x({NUM})\)", cell)
+                if m and peak is None:
+                    errors.append(f"{cell!r}: an (x ratio) without a peak GiB column to check it against")
+                elif m:  # an estimate (x peak / estimate)
+                    check(f"{row[0]!r}, {header[j]!r}", _number(row[peak]) / float(m[1]), m[2])
+                elif (m := re.fullmatch(rf"({NUM}) \(({NUM})x\)", cell)) and j > 1:  # a figure (x the first one)
+                    check(f"{row[0]!r}, {header[j]!r}", _number(m[1]) / _number(row[1]), m[2])
+        if "share" in header:  # each row's ms over the table's total
+            ms, share = header.index("ms"), header.index("share")
+            total = sum(_number(r[ms]) for r in rows)
+            for row in rows:
+                check(f"{row[0][:40]!r}, share", 100 * _number(row[ms]) / total, row[share].rstrip("%"))
+    # in prose and cells: "1.01x (671 vs 663 tok/s)", "39% of its peak memory (1,567 vs 4,056 MiB)"
+    for m in re.finditer(rf"({NUM})(x|%)?[^()\n\d]{{0,60}}\(({NUM})\s*[a-zA-Z/]*\s+vs\s+({NUM})", text):
+        value = float(m[3].replace(",", "")) / float(m[4].replace(",", ""))
+        check(f"{m[0]!r}", 100 * value if m[2] == "%" else value, m[1])
+    return errors
+
+
+def test_results_ratios_match_their_figures():
+    errors = ratio_errors(_doc("bench/RESULTS.md"))
+    assert not errors, "\n".join(errors)
+
+
+def test_the_ratio_checks_can_fail():
+    planted = [
+        "| model | tokens/s |\n|---|---|\n| ours | 100 |\n| HF | 50 |\n| ratio | 2.10x |\n",
+        "| compile | ours | HF | ratio |\n|---|---|---|---|\n| False | 499 | 481 | 1.05x |\n",
+        "| | ours | nanoGPT | ratio ours / nanoGPT |\n|---|---|---|---|\n| after | 73.6 ms | 79.9 ms | 0.922 |\n",
+        "| loss | ms | ratio vs F.cross_entropy |\n|---|---|---|\n| F.cross_entropy | 10 | 1.00 |\n| a | 7 | 0.75 |\n",
+        "| t | a | b | c | ratio to the faster bare route |\n|---|---|---|---|---|\n| g | 8 | 9 | 10 | 0.9x |\n",
+        "| run | peak GiB | estimate |\n|---|---|---|\n| a | 53.13 | 47.59 (x1.10) |\n",
+        "| GEMM | bf16 | fp8 |\n|---|---|---|\n| head | 662 | 950 (1.43x) |\n",
+        "| part | ms | share |\n|---|---|---|\n| a | 30 | 30% |\n| b | 70 | 60% |\n",
+        "the KV cache was 0.84x uncached (33 vs 40 tokens/s)",
+        "with 40% of its peak memory (1,567 vs 4,056 MiB)",
+        "| x | ratio of things |\n|---|---|\n| a | 1.0x |\n",
+    ]
+    for text in planted:
+        assert ratio_errors(text), text
+    fixed = "| model | tokens/s |\n|---|---|\n| ours | 100 |\n| HF | 50 |\n| ratio | 2.00x |\n"
+    assert ratio_errors(fixed) == [] and ratio_errors("0.83x uncached (33 vs 40 tokens/s)") == []

@@ -228,6 +228,66 @@ def test_analyze_run_gpu_fields(train_log: str, tmp_path: pathlib.Path) -> None:
     assert "tokens/iteration" not in out  # no --tokens, no extrapolation
 
 
+def resumed_run(train_log: str, folder: pathlib.Path) -> list[str]:
+    """The real log as the two logs of a resumed run, in one folder: the first killed after iter 8, the
+    second resumed from a checkpoint at iter 6, so iters 6-8 are in both (the second's with other times)."""
+    log = read(train_log)
+    first, second = json.loads(json.dumps(log)), json.loads(json.dumps(log))
+    for key in ("training_iterations", "evaluations", "gradient_norms"):
+        first[key] = [r for r in log[key] if r["iter"] <= 8]
+        second[key] = [r for r in log[key] if r["iter"] >= 6]
+    first["started_at"], second["started_at"] = "2026-01-01T00:00:00", "2026-01-01T01:00:00"
+    second["config"]["train"]["init_from"] = "resume"
+    for r in second["training_iterations"]:
+        if r["iter"] == 6:  # a new process: its first step is untimed
+            r["dt_ms"] = r["tokens_per_sec"] = None
+        elif r["iter"] <= 8:
+            r["dt_ms"] = 1000.0 + r["iter"]
+    folder.mkdir()
+    paths = [str(folder / "run_20260101_000000.json"), str(folder / "run_20260101_010000.json")]
+    for path, part in zip(paths, (first, second)):
+        pathlib.Path(path).write_text(json.dumps(part))
+    return paths
+
+
+def test_analyze_run_merges_the_logs_of_a_resumed_run(train_log: str, tmp_path: pathlib.Path) -> None:
+    first, second = resumed_run(train_log, tmp_path / "resumed")
+    out = ok(run_script("analyze_run.py", first, second, "--tokens", "1e9")).stdout
+    assert ok(run_script("analyze_run.py", second, first, "--tokens", "1e9")).stdout == out  # start order
+    assert out.count("\nrun ") + out.startswith("run ") == 1  # one report: two parts of one run
+    assert out.startswith(f"run                 {second} ")
+    assert ("note                2 logs of one resumed run, merged by iteration (a later log's records replace "
+            "an earlier one's where both cover an iteration): run_20260101_000000.json (iters 0-5), "
+            "run_20260101_010000.json (iters 6-11)") in out
+    log = read(train_log)
+    records = log["training_iterations"]
+    assert f"latest              iter 11 of 12, {records[-1]['tokens_seen']:,} tokens seen" in out
+    # the warm-up rule per part (0 records each for 6-record parts); untimed: iter 0, and iter 6 of the second
+    merged = read(first)["training_iterations"][:6] + read(second)["training_iterations"]
+    kept = [r for r in merged if r["dt_ms"] is not None]
+    dt = [r["dt_ms"] for r in kept]
+    assert [r["iter"] for r in kept] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11] and 1007.0 in dt
+    assert "speed over 10 timed records, iters 1 to 11 (skipped the first 0 + 0 of 12 records as warm-up, " \
+           "counted from the start of each log, 2 untimed)" in out
+    assert row(out, "time per iteration") == pytest.approx([sum(dt) / len(dt), min(dt), max(dt)], abs=6e-4)
+    best = min(log["evaluations"], key=lambda e: e["val_loss"])
+    assert f"best val loss       {best['val_loss']:.4f} at iter {best['iter']} " in out
+    assert f"evaluations: {len(log['evaluations'])})" in out  # iter 8 from the later log only
+
+
+def test_analyze_run_gives_one_report_per_run(train_log: str, tmp_path: pathlib.Path) -> None:
+    other = variant(train_log, tmp_path, "gpu fields")  # another folder: another run
+    first, _ = resumed_run(train_log, tmp_path / "resumed")
+    again = tmp_path / "resumed" / "run_20260102_000000.json"  # a new run from scratch into the same folder
+    again.write_text(json.dumps(read(train_log) | {"started_at": "2026-01-02T00:00:00"}))
+    out = ok(run_script("analyze_run.py", train_log, other, first, str(again))).stdout
+    reports = out.split("\n\n" + "run ")
+    heads = [line for line in out.splitlines() if line.startswith("run ")]
+    assert len(reports) == 4 and len(heads) == 4, out
+    assert [h.split()[1] for h in heads] == [train_log, other, first, str(again)]
+    assert "logs of one resumed run" not in out  # none of these continues another
+
+
 def test_extrapolation_arithmetic() -> None:
     assert analyze_run.extrapolate(1000, 100, 3600.0) == (10, 0.01)  # 10 steps of 3.6 s
     assert analyze_run.extrapolate(1001, 100, 1000.0)[0] == 11  # a started step is a whole step

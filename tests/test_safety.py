@@ -1,5 +1,5 @@
 """Never lose a user's work: a finished run is not overwritten, one run per out_dir, a full disk is one line,
-signals stop a run within seconds in every phase, and workers whose launcher died stop (issue 21)."""
+signals stop a run within seconds in every phase, and workers whose launcher died stop."""
 
 import glob
 import hashlib

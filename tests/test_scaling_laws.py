@@ -261,6 +261,24 @@ def test_plan_writes_config_that_loads(family, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_params"] == n
 
 
+def test_plan_and_its_chinchilla_variant_get_different_out_dirs(tmp_path, capsys):
+    """The two plans of one budget are two runs: sharing an out_dir, the second would be refused (or resume the
+    first). The committed plan configs are what plan writes, so they must differ too."""
+    flops, out_dirs = SMALL_BUDGETS["llama3"], {}
+    for chinchilla in (False, True):
+        out = str(tmp_path / f"plan_{chinchilla}.py")
+        args = ["plan", "--flops", str(flops), "--family", "llama3", "--grid", "small", "--out", out]
+        assert sl.main(args + ["--chinchilla"] * chinchilla) == 0
+        (train_cfg, _), _ = configurator.load([out], [TrainConfig, ModelConfig])
+        out_dirs[chinchilla] = train_cfg.out_dir
+    capsys.readouterr()
+    tag = sl.budget_tag(flops)
+    assert out_dirs == {False: f"out-plan-llama3-{tag}", True: f"out-plan-llama3-{tag}-chinchilla"}
+    committed = [os.path.join(ROOT, "config", f"plan_llama3_1.36e21{s}.py") for s in ("", "_chinchilla")]
+    loaded = [configurator.load([path], [TrainConfig, ModelConfig])[0][0].out_dir for path in committed]
+    assert loaded == ["out-plan-llama3-1.36e21", "out-plan-llama3-1.36e21-chinchilla"]
+
+
 # -----------------------------------------------------------------------------
 # Command-line errors: one line on stderr, nonzero exit, no traceback
 

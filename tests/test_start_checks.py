@@ -1,4 +1,4 @@
-"""What a newcomer hits at start: sizes that cannot fit, unwritable folders, a crash's leftovers (issue 12)."""
+"""What a newcomer hits at start: sizes that cannot fit, unwritable folders, a crash's leftovers."""
 
 import glob
 import os
