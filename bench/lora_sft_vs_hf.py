@@ -152,8 +152,10 @@ def run(argv: list[str]) -> int:
             runs["ours"].append(res)
             print(json.dumps({"round": r, **res}), flush=True)
             t0 = time.perf_counter()
-            hp = subprocess.run([sys.executable, os.path.abspath(__file__), a.config, *a.overrides, "--side", "hf",
-                                 "--out_dir", os.path.join(tmp, f"hf{r}")], capture_output=True, text=True)
+            # in finetune/, as ours runs: a config's relative data paths mean the same on both sides
+            hp = subprocess.run([sys.executable, os.path.abspath(__file__), os.path.abspath(a.config), *a.overrides,
+                                 "--side", "hf", "--out_dir", os.path.join(tmp, f"hf{r}")], capture_output=True,
+                                text=True, cwd=os.path.join(ROOT, "finetune"))
             if hp.returncode:
                 raise RuntimeError(f"the HF Trainer side failed (exit {hp.returncode}):\n{hp.stderr[-3000:]}")
             res = json.loads(hp.stdout.strip().splitlines()[-1]) | {"seconds": time.perf_counter() - t0}

@@ -139,7 +139,9 @@ class TrainerArgs:
     name: str = "Trainer"  # Trainer | SpectralRefactorTrainer
     refactor_every: int = 200
     refactor_start: int | None = None  # first step a refactor may run at; None: after the LR warmup
-    refactor_mode: str = "balanced"  # balanced | exact | clamp | delta (finetune/spectral.py)
+    # delta | exact | clamp | balanced (finetune/spectral.py). delta by measurement (finetune/README.md): balanced,
+    # the guide's mode, rewrites a PiSSA adapter's base directions; it stays available to reproduce the guide
+    refactor_mode: str = "delta"
     refactor_lambda: float = 0.85  # balanced: S~ = (1 - lambda) S + lambda mean(S)
     refactor_bound: float | None = None  # clamp: bound on the spectral norm of scaling * B A
     refactor_opt_state: str = "reset"  # reset | map_first_moment | keep

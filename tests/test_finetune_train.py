@@ -476,7 +476,7 @@ def test_a_normal_run_shows_its_progress_and_no_warnings(assets, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=FINETUNE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "torchao not imported" in p.stdout
-    assert "spectral refactor (balanced) after steps 3, 6" in p.stdout
+    assert "spectral refactor (delta) after steps 3, 6" in p.stdout
     assert "iter 1:" in p.stdout and "steps left 6 (~" in p.stdout  # after the first timed window
     segments = [seg.strip() for seg in p.stderr.replace("\r", "\n").splitlines() if seg.strip()]
     bars = ("tokenizing", "evaluating", "decoding answers")
