@@ -267,16 +267,22 @@ def test_validate_config_bad_input_is_one_error_line(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
 
 
+def _run_demo(out_dir, max_new_tokens: int, timeout: int, **env) -> subprocess.CompletedProcess:
+    """examples/demo_smollm2_cpu.sh cut to 2 steps and a few eval examples, its output in out_dir; env adds
+    variables (MODEL_DIR: another base)."""
+    env = dict(os.environ, OUT_DIR=str(out_dir), PYTHON=sys.executable, **env)
+    tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
+            "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", f"dataset.max_new_tokens={max_new_tokens}",
+            "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
+    return subprocess.run(["bash", os.path.join(FINETUNE, "examples", "demo_smollm2_cpu.sh"), *tiny], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NANOLLM_DEMO_TEST"),
                     reason="opt-in with NANOLLM_DEMO_TEST=1: the SmolLM2 demo takes minutes on a CPU")
 def test_smollm2_demo_runs_end_to_end(tmp_path):
-    env = dict(os.environ, OUT_DIR=str(tmp_path / "demo"), PYTHON=sys.executable)
-    tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
-            "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", "dataset.max_new_tokens=8",
-            "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
-    p = subprocess.run(["bash", os.path.join(FINETUNE, "examples", "demo_smollm2_cpu.sh"), *tiny], env=env,
-                       capture_output=True, text=True, timeout=1800)
+    p = _run_demo(tmp_path / "demo", max_new_tokens=8, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "before (step   0)" in p.stdout and "after (step   2)" in p.stdout
     assert os.path.isfile(tmp_path / "demo" / "merged" / "model.safetensors")
@@ -308,12 +314,7 @@ def test_the_demo_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     from test_finetune_train import _write_assets
 
     assets = _write_assets(str(tmp_path / "assets"))
-    env = dict(os.environ, OUT_DIR=str(tmp_path / "demo"), PYTHON=sys.executable, MODEL_DIR=assets["model"])
-    tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
-            "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", "dataset.max_new_tokens=4",
-            "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
-    p = subprocess.run(["bash", os.path.join(FINETUNE, "examples", "demo_smollm2_cpu.sh"), *tiny], env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = _run_demo(tmp_path / "demo", max_new_tokens=4, timeout=600, MODEL_DIR=assets["model"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "before (step   0): strict" in p.stdout and "after (step   2): strict" in p.stdout
     answers = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"prompt"')]
