@@ -36,7 +36,7 @@ import torch
 import atomic
 from configurator import UserError
 from model import GPT, ModelConfig
-from parallel import Dist, barrier, local_optimizer
+from parallel import Dist, all_reduce_max, barrier, local_optimizer
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 
@@ -47,8 +47,8 @@ class CheckpointError(UserError):
 
 class DirLock:
     """An exclusive flock on a folder itself (no lock file is left behind), held until release(), or
-    release_locks() at the end of the command (loop.finish), or the object's collection; the kernel
-    releases it when the process dies, however it dies."""
+    release_locks() at the end of the command (loop.finish); the kernel releases it when the process dies,
+    however it dies."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -58,9 +58,6 @@ class DirLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-    def __del__(self) -> None:
-        self.release()
 
 
 _HELD: list[DirLock] = []
@@ -136,9 +133,12 @@ def tensor_bytes(tensors: Iterable[object]) -> int:
 
 
 def remove_temps(out_dir: str) -> None:
-    """Delete what a crashed save left (out_dir/ckpt.tmp/): never read, only confusing. Call on rank 0 at
-    start, holding the lock (a second run must never delete a running run's temp folder)."""
-    shutil.rmtree(os.path.join(out_dir, TMP), ignore_errors=True)
+    """Delete the folders a crashed save left in out_dir: every <name>.tmp/ (save()'s ckpt.tmp/ or
+    checkpoint-N.tmp/, a PEFT adapter's .peft.tmp/): never read, only confusing. Call on rank 0 at start,
+    holding the lock (a second run must never delete a running run's temp folder)."""
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp") and os.path.isdir(os.path.join(out_dir, name)):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def find(out_dir: str) -> str | None:
@@ -170,16 +170,8 @@ def save(
     state dict), and write_extra(tmp_dir) adds files on rank 0 before state.json seals the folder.
     """
     model_sd = model_state() if model_state is not None else full_model_state_dict(model, mode)  # collective under FSDP
-    if d.is_master:
-        bad = [k for k, v in model_sd.items() if not torch.isfinite(v).all()]
-        ok = torch.tensor(0 if bad else 1)
-    else:
-        bad, ok = [], torch.tensor(1)
-    if d.world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast(ok.to(d.device), src=0)
-    if not bool(ok):
+    bad = [k for k, v in model_sd.items() if not torch.isfinite(v).all()] if d.is_master else []
+    if not _all_ok(not bad, d):  # every rank refuses together, none left waiting in a collective
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}...); the run has diverged")
 
     tmp = os.path.join(out_dir, name + ".tmp")
@@ -254,11 +246,7 @@ def _all_ok(ok: bool, d: Dist) -> bool:
     """Whether ok holds on every rank (a collective when world_size > 1)."""
     if d.world_size == 1:
         return ok
-    import torch.distributed as dist
-
-    t = torch.tensor(0.0 if ok else 1.0, device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return not bool(t.item())
+    return not bool(all_reduce_max(torch.tensor(0.0 if ok else 1.0, device=d.device), d).item())
 
 
 def _previous(out_dir: str, name: str) -> str:
