@@ -121,6 +121,15 @@ def map_moments(
     return new_A, new_B
 
 
+def reset_moments(state: dict) -> None:
+    """The reset policy on one parameter's AdamW state: moments zeroed and step set to 0, in place."""
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            state[key].zero_()
+    if "step" in state:
+        state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
 @torch.no_grad()
 def spectral_refactor(
     model: torch.nn.Module,
@@ -156,12 +165,8 @@ def spectral_refactor(
                 sA["exp_avg"].copy_(mA)
                 sB["exp_avg"].copy_(mB)
             elif opt_state == "reset":
-                for s in (sA, sB):
-                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                        if key in s:
-                            s[key].zero_()
-                    if "step" in s:
-                        s["step"] = torch.zeros_like(s["step"]) if torch.is_tensor(s["step"]) else 0
+                reset_moments(sA)
+                reset_moments(sB)
             A.copy_(A_new)
             B.copy_(B_new)
             n += 1

@@ -69,7 +69,7 @@ from finetune.sft_data import (  # noqa: E402
     template_of,
     tokenize_examples,
 )
-from finetune.spectral import refactor_factors, spectral_refactor  # noqa: E402
+from finetune.spectral import refactor_factors, reset_moments, spectral_refactor  # noqa: E402
 from loop import RunState, print0  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -133,13 +133,8 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
             new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, init=m.init_factors.get(name), **kw)
             for p, new in ((A, new_A), (B, new_B)):
                 p.data.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
-                state = optimizer.state.get(p, {})
                 if tr.refactor_opt_state == "reset":
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key in state:
-                            state[key].zero_()
-                    if "step" in state:
-                        state["step"] = torch.zeros_like(state["step"])
+                    reset_moments(optimizer.state.get(p, {}))
             n += 1
     return {"adapters": n, "skipped": skipped, "ranks_identical": ranks_identical(model, d)}
 
@@ -208,13 +203,6 @@ def prune_checkpoints(out_dir: str, limit: int | None) -> list[str]:
     return old
 
 
-def remove_temps(out_dir: str) -> None:
-    """Delete what a crashed save left (checkpoint-*.tmp/ beside a complete folder); call holding the lock."""
-    for name in os.listdir(out_dir):
-        if name.startswith("checkpoint-") and name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-
-
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", TEMPLATE_FILE)
 
 
@@ -236,7 +224,7 @@ def claim_output_dir(t, resume: str | None):
                           f"continue it with --resume_from_checkpoint latest, start over with "
                           f"training.overwrite_output_dir=true (which deletes them), or choose another "
                           f"training.output_dir")
-    remove_temps(t.output_dir)
+    checkpoint.remove_temps(t.output_dir)
     return held
 
 
@@ -250,7 +238,6 @@ def overwrite(t, resume: str | None, d: parallel.Dist) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"overwrite_output_dir: deleted {', '.join(found)} from {t.output_dir}", flush=True)
     parallel.barrier(d)
-
 
 
 def _steps_text(steps: list[int]) -> str:
