@@ -113,10 +113,9 @@ def run(argv: list[str]) -> int:
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = cfg.model.tokenizer or path
     text = text_batches(tokenizer, a.text, a.seq_len, a.n_seq)
-    evals = tokenize_examples(load_examples(ds.eval_source or ds.source, ds.eval_split,
-                                            fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
-                                            limit=4 if a.smoke else ds.max_eval_samples, template=ds.template),
-                              tokenizer, ds.max_length)
+    source, split, fields = ds.eval_data()
+    evals = tokenize_examples(load_examples(source, split, fields=fields, limit=4 if a.smoke else ds.max_eval_samples,
+                                            template=ds.template), tokenizer, ds.max_length)
     task = eval_batches(evals, cfg.training.per_device_eval_batch_size)
 
     model = hf_checkpoint.from_hf(path, dtype=torch.float32)
@@ -128,9 +127,9 @@ def run(argv: list[str]) -> int:
         load_lora_state_dict(model, init)
         stats = {}
         if mode != "none":
-            if mode == "clamp" and bound is None:
-                bound = spectral_refactor(model, None, mode="exact")["sv_max_before"] / 2
             stats = spectral_refactor(model, None, mode=mode, lam=cfg.trainer.refactor_lambda, bound=bound)
+        if mode == "exact" and bound is None:  # clamp's default bound: half the largest value, which exact reads
+            bound = stats["sv_max_before"] / 2
         print(json.dumps({"at": "init", "mode": mode, "bound": bound if mode == "clamp" else None,
                           "sv_max_before": stats.get("sv_max_before"), "sv_max_after": stats.get("sv_max_after"),
                           "weight_change": adapted_weight_change(model, init), "eval_loss": mean_loss(model, task),

@@ -21,6 +21,7 @@ the eval losses.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -85,9 +86,9 @@ def hf_run(config: str, overrides: list[str], out_dir: str) -> dict:
                                              target_modules=list(lo.target_modules), init_lora_weights=init))
     train = tokenize_examples(load_examples(ds.source, ds.split, fields=ds.fields, limit=ds.max_train_samples,
                                             template=ds.template), tokenizer, ds.max_length)
-    evals = tokenize_examples(load_examples(ds.eval_source or ds.source, ds.eval_split,
-                                            fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
-                                            limit=ds.max_eval_samples, template=ds.template), tokenizer, ds.max_length)
+    source, split, fields = ds.eval_data()
+    evals = tokenize_examples(load_examples(source, split, fields=fields, limit=ds.max_eval_samples,
+                                            template=ds.template), tokenizer, ds.max_length)
     loader = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)  # our batches, in our order
     order = [int(i) for k in range(t.max_steps) for i in loader.indices(k)]
     dataset = [{"input_ids": train[i][0], "labels": [-100 if v == -1 else v for v in train[i][1]]} for i in order]
@@ -136,8 +137,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of both sides")
     p.add_argument("--smoke", action="store_true", help="one round (the tests' tiny config)")
-    p.add_argument("--side", choices=("hf",), help=argparse_suppress())
-    p.add_argument("--out_dir", help=argparse_suppress())
+    p.add_argument("--side", choices=("hf",), help=argparse.SUPPRESS)
+    p.add_argument("--out_dir", help=argparse.SUPPRESS)
     a = p.parse_intermixed_args(argv)
     if a.side == "hf":
         print(json.dumps(hf_run(a.config, a.overrides, a.out_dir)))
@@ -166,12 +167,6 @@ def run(argv: list[str]) -> int:
                       "ratio_hf_over_ours": round(theirs / mine, 3),
                       "ours_eval_loss": runs["ours"][-1]["eval_loss"][-1], "hf_eval_loss": runs["hf"][-1]["eval_loss"][-1]}))
     return 0
-
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def main(argv: list[str]) -> int:

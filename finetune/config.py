@@ -96,6 +96,11 @@ class DatasetArgs:
     answer_eval_samples: int = 200  # examples greedily decoded for eval/answer_accuracy; 0: skip
     max_new_tokens: int = 256  # generation budget per answer
 
+    def eval_data(self) -> tuple[str, str, dict[str, str] | None]:
+        """(source, split, fields) of the eval set: source's fields unless eval_source names another dataset."""
+        return (self.eval_source or self.source, self.eval_split,
+                self.eval_fields or (None if self.eval_source else self.fields))
+
 
 @dataclass
 class TrainingArgs:

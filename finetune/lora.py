@@ -181,11 +181,7 @@ def _adapted_linears(model: GPT) -> list[tuple[str, nn.Module, str, list[tuple[s
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """(name, module) of every adapted linear, in HF module order.
-
-    Matched by attributes, not class, so it holds whether this file was imported as `lora` (from
-    finetune/) or as `finetune.lora` (from the repo root).
-    """
+    """(name, module) of every adapted linear (LoRALinear), in HF module order."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")]
 
 

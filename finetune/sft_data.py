@@ -56,6 +56,13 @@ TEMPLATES = {
                "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n"),
     "plain": "{prompt}\n",
 }
+
+
+def render_prompt(text: str, template: str) -> str:
+    """text as training shows it to the model: stripped, in the TEMPLATES[template] frame."""
+    return TEMPLATES[template].format(prompt=text.strip())
+
+
 # Per dataset: the hub id, its fields (prompt, response), its answer marker and its default template.
 DATASETS = {
     "gsm8k": {"hub": ("openai/gsm8k", "main"), "fields": ("question", "answer"), "format": "gsm8k",
@@ -157,7 +164,7 @@ def load_examples(source: str, split: str = "train", *, fields: dict | None = No
             raise DataError(f"{where} example {i} lacks the field {p_field!r} or {r_field!r}")
         response = str(row[r_field])
         answer = str(row[a_field]) if a_field else extract_marked(response, fmt)
-        out.append({"prompt": TEMPLATES[name].format(prompt=str(row[p_field]).strip()), "response": response,
+        out.append({"prompt": render_prompt(str(row[p_field]), name), "response": response,
                     "answer": answer})
     return out
 

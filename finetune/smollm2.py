@@ -15,12 +15,11 @@ temporary folder and renamed into place, so an interrupted build never leaves a 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+import atomic  # noqa: E402
 import configurator  # noqa: E402
 from tokenizer import package_file  # noqa: E402
 
@@ -61,22 +60,14 @@ def hf_folder(out_dir: str | None = None) -> str:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-smollm2-")
     try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if os.path.isdir(out_dir):  # an incomplete folder from elsewhere: replace it
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with atomic.temp_dir(out_dir, prefix=".tmp-smollm2-") as tmp:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            atomic.replace_dir(tmp, out_dir)  # an incomplete folder from elsewhere is replaced
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if all(os.path.isfile(os.path.join(out_dir, f)) for f in DONE):
             return out_dir  # another process finished the same conversion first
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 

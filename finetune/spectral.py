@@ -26,8 +26,9 @@ Optimizer state (torch.optim.Adam/AdamW moments of the LoRA parameters):
   map. This is the guide's trainer's behaviour.
 - keep: the state is left as is (moments in the old basis).
 
-refactor_factors() is the pure per-adapter math on full tensors; under DDP every rank runs it on the
-same (all-reduced) factors, under ZeRO-1/FSDP the caller gathers, refactors and redistributes.
+refactor_factors() is the pure per-adapter math on full tensors; under DDP and ZeRO-1 every rank runs it
+on its full copy and rank 0's result is broadcast, under FSDP the caller gathers, refactors and
+redistributes (finetune/train.py's refactor).
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def spectral_refactor(
     state = optimizer.state if optimizer is not None else {}
     n = skipped = 0
     sv_before = sv_after = 0.0
-    # adapted linears (lora.LoRALinear), found by attribute so either import path of lora.py works
-    for m in (m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")):
+    from finetune.lora import lora_modules  # here: config.py imports this module for check_args alone
+
+    for _, m in lora_modules(model):
         for name in m.names:
             A, B = m.lora_A[name], m.lora_B[name]
             if not A.any() or not B.any():

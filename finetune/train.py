@@ -55,6 +55,7 @@ from finetune.lora import (  # noqa: E402
     apply_lora,
     load_lora_state_dict,
     lora_init_state,
+    lora_modules,
     lora_parameters,
     lora_state_dict,
     save_peft_adapter,
@@ -123,7 +124,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
     from torch.distributed.tensor import distribute_tensor
 
     n = skipped = 0
-    for m in (m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "init_factors")):
+    for _, m in lora_modules(model):
         for name in m.names:
             A, B = m.lora_A[name], m.lora_B[name]
             full_A, full_B = parallel.full_tensor(A.data), parallel.full_tensor(B.data)  # collective, same order everywhere
@@ -319,9 +320,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
     evaluating = t.eval_steps != 0  # training.eval_steps=0: no evaluation (and no checkpoint-best)
     eval_ex = []
     if evaluating:
-        eval_ex = load_examples(ds.eval_source or ds.source, ds.eval_split,
-                                fields=ds.eval_fields or (None if ds.eval_source else ds.fields),
-                                limit=ds.max_eval_samples, template=template)
+        source, split, fields = ds.eval_data()
+        eval_ex = load_examples(source, split, fields=fields, limit=ds.max_eval_samples, template=template)
     train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length, progress=d.is_master)
     loader = SFTLoader(train_tok, t.per_device_train_batch_size, accum, d.rank, d.world_size, t.seed, d.device)
     eval_ranks = (0, 1) if mode == "fsdp" else (d.rank, d.world_size)  # FSDP: every rank runs every batch

@@ -75,8 +75,7 @@ def check_dataset(cfg: FinetuneConfig) -> list[str]:
     from finetune.sft_data import DATASETS, load_examples
 
     ds, notes = cfg.dataset, []
-    evals = (ds.eval_source or ds.source, ds.eval_split, ds.eval_fields or (None if ds.eval_source else ds.fields))
-    for role, (source, split, fields) in (("train", (ds.source, ds.split, ds.fields)), ("eval", evals)):
+    for role, (source, split, fields) in (("train", (ds.source, ds.split, ds.fields)), ("eval", ds.eval_data())):
         if source in DATASETS:
             notes.append(f"{role} data: {source} ({split}) from the Hugging Face hub ({DATASETS[source]['hub'][0]}), "
                          f"downloaded at train time")
@@ -100,9 +99,8 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = cfg.model.tokenizer or path
     template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
-    fields = ds.eval_fields or (None if ds.eval_source else ds.fields)
-    examples = load_examples(ds.eval_source or ds.source, ds.eval_split, fields=fields, limit=ds.max_eval_samples,
-                             template=template)
+    source, split, fields = ds.eval_data()
+    examples = load_examples(source, split, fields=fields, limit=ds.max_eval_samples, template=template)
     d = parallel.Dist(0, 0, 1, parallel.resolve_device(device))
     dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
     model = load_adapted(path, checkpoint).to(device=d.device, dtype=dtype)
@@ -136,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown flag {bad[0]}; config values are written section.key=value")
         if args.world_size < 1:
             raise ConfigError(f"--world_size={args.world_size} must be >= 1")
-        if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "adapter_config.json")):
-            raise ConfigError(f"--checkpoint={args.checkpoint} holds no adapter_config.json; pass an "
-                              f"output_dir/checkpoint-N folder")
+        if args.checkpoint is not None:  # an output_dir or one of its checkpoint-N folders
+            args.checkpoint = configurator.check_input_dir(args.checkpoint, "--checkpoint", ("adapter_config.json",))
         cfg = load_config(args.config, overrides)
         accum = grad_accum_steps(cfg, args.world_size)
         lines = [f"config {args.config}: every key known and typed; {cfg.training.per_device_train_batch_size} per "
