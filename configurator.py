@@ -33,6 +33,15 @@ from dataclasses import dataclass, fields
 LEGACY_KEYS = {"flash_attn"}
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # hardware.resolve_dtype: auto is bfloat16 where supported
+
+
+def check_dtype(name: str) -> None:
+    """A ValueError (one line) unless name is one of DTYPES."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not one of {', '.join(DTYPES)}")
+
+
 @dataclass
 class TrainConfig:
     """How a run is trained. Shapes of the model live in ModelConfig; block_size is shared by both."""
@@ -106,8 +115,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype={self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        check_dtype(self.dtype)
         if self.use_zero1 and self.use_fsdp:
             raise ValueError("use_zero1 and use_fsdp are mutually exclusive: FSDP already shards the optimizer state")
         if self.use_cuda_graphs and not self.compile:

@@ -45,8 +45,7 @@ class SampleConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"top_k={self.top_k} must be > 0 (or None)")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype={self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        configurator.check_dtype(self.dtype)
 
 
 def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokenizer]:

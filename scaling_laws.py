@@ -58,6 +58,7 @@ CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # --chinchilla keeps shapes with D/N in [18, 22]. One layer more or fewer moves D/N by about
 # 2 / n_layer (8% at 24 layers) and width and FFN steps fall in between, so the band holds many shapes.
 CHINCHILLA_TOLERANCE = 0.10
+CHINCHILLA_BAND = f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_TOKENS_PER_PARAM:g}"  # in plan headers
 
 
 def predicted_loss(n_params: float, n_tokens: float, fit: Fit = FITS["hoffmann"]) -> float:
@@ -377,7 +378,7 @@ def config_text(cand: Candidate, family_name: str, flops: float, seq_len: int, c
     # the training guide's 2000 warmup steps, but never most of a short run (small budgets, tests)
     warmup_iters = min(WARMUP_ITERS, max_iters // 10)
     model_keys = list(MODEL_KEYS) + [k for k in family.features if k not in MODEL_KEYS]
-    band = f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_TOKENS_PER_PARAM:g}" if chinchilla else ""
+    band = CHINCHILLA_BAND if chinchilla else ""
     lines = [
         f"# Planned by: {command}",
         f"# The lowest predicted loss among {family_name} shapes{band} for {budget_tag(flops)} training FLOPs:",
@@ -561,7 +562,7 @@ def run_plan(args: argparse.Namespace) -> None:
     best, count = plan(family, args.flops, args.seq_len, FITS[args.fit], grid, args.chinchilla, args.top)
     which = f"{args.family} shapes on the {args.grid} grid"
     if args.chinchilla:
-        which += f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_TOKENS_PER_PARAM:g}"
+        which += CHINCHILLA_BAND
     if not best:
         raise configurator.ConfigError(f"no {which} at {budget_tag(args.flops)} FLOPs")
     print(f"{count:,} {which}, {budget_tag(args.flops)} FLOPs, seq_len {args.seq_len}, fit {args.fit}")
