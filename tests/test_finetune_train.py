@@ -338,7 +338,7 @@ def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
         assert all(torch.equal(c[k], b[k]) for k in b)
 
 
-def test_wandb_gets_the_seeds_metric_names(assets, tmp_path, monkeypatch):
+def test_wandb_gets_the_lora_guides_metric_names(assets, tmp_path, monkeypatch):
     """report_to: [wandb] logs train/loss, train/learning_rate, train/grad_norm and eval/* (a stand-in wandb)."""
     import types
 
