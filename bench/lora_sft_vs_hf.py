@@ -7,6 +7,7 @@ imports them.
     python bench/lora_sft_vs_hf.py finetune/configs/smollm2/smollm2_math_cpu.yaml model.name_or_path=DIR \
         training.max_steps=60 --rounds 2
     python bench/lora_sft_vs_hf.py CONFIG section.key=value ... --smoke          # one round, what the tests run
+    python bench/lora_sft_vs_hf.py CONFIG --profile 5                            # where our step's time goes
 
 What both sides do, each in a fresh process: load the base in fp32, add LoRA (the config's r, alpha, rsLoRA,
 init and targets; dropout 0, since each library draws its masks from its own RNG), tokenize the config's
@@ -22,6 +23,7 @@ the eval losses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -131,17 +133,85 @@ def hf_run(config: str, overrides: list[str], out_dir: str) -> dict:
     return {"side": "hf", "seconds": time.perf_counter() - t0, "eval_loss": [before, after], "train_loss": losses}
 
 
+def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2) -> dict:
+    """Where our step's time goes: `steps` of loop.train_step (the step finetune/train.py runs, on its
+    batches in its order, with the bench's shared settings) under torch.profiler after `warmup` steps.
+    Returns the seconds of loading the base and of apply_lora (PiSSA's SVDs), ms per step, the share of CPU
+    time in aten::mm/addmm, the share of targets that are prompt or padding (-1: the output head's work
+    there is spent on nothing), and the top ops by self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import hf_checkpoint
+    import loop
+    import parallel
+    import runlog
+    from finetune.config import load_config, lora_config, resolve_model_path
+    from finetune.lora import apply_lora
+    from finetune.sft_data import SFTLoader, load_examples, tokenize_examples
+
+    cfg = load_config(config, [*overrides, *SHARED])
+    ds, t = cfg.dataset, cfg.training
+    d = parallel.Dist(0, 0, 1, torch.device("cpu"))
+    with contextlib.chdir(os.path.join(ROOT, "finetune")):  # where a config's relative paths point, as for ours()
+        path = resolve_model_path(cfg.model.name_or_path)
+        train = tokenize_examples(load_examples(ds.source, ds.split, fields=ds.fields, limit=ds.max_train_samples,
+                                                template=ds.template), cfg.model.tokenizer or path, ds.max_length)
+    torch.manual_seed(t.seed)
+    t0 = time.perf_counter()
+    model = hf_checkpoint.from_hf(path, dtype=torch.float32)  # finetune.train.build_lora_model, timed in two
+    t1 = time.perf_counter()
+    apply_lora(model, lora_config(cfg), seed=t.seed)
+    start_up = {"load_base_s": round(t1 - t0, 3), "apply_lora_s": round(time.perf_counter() - t1, 3)}
+    optimizer = parallel.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                         weight_decay=t.weight_decay)
+    batches = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)
+    seen: list[torch.Tensor] = []
+
+    class Recording:  # the loader, keeping the profiled steps' targets
+        def next_batch(self):
+            x, y = batches.next_batch()
+            seen.append(y)
+            return x, y
+
+    steps_loop = loop.Loop(d, model, model, optimizer, Recording(), runlog.RunLog("", False, {}), accum=1,
+                           max_iters=warmup + steps, lr_at=lambda it: t.learning_rate,
+                           evaluate_and_save=lambda run, done: None, save=lambda run: None, grad_clip=t.max_grad_norm)
+    run = loop.RunState()
+    for _ in range(warmup):
+        loop.train_step(steps_loop, run)
+    seen.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loop.train_step(steps_loop, run)
+        seconds = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    gemm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm"))
+    targets = torch.cat([y.flatten() for y in seen])
+    return {"profile": True, **start_up, "steps": steps, "batch_shapes": sorted({tuple(y.shape) for y in seen}),
+            "ms_per_step": round(1000 * seconds / steps, 1), "gemm_share": round(gemm / total, 3),
+            "ignored_target_share": round(float((targets == -1).float().mean()), 3),
+            "top_ops_ms_per_step": [[e.key, round(e.self_cpu_time_total / 1000 / steps, 1)] for e in ops[:6]]}
+
+
 def run(argv: list[str]) -> int:
     p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of both sides")
     p.add_argument("--smoke", action="store_true", help="one round (the tests' tiny config)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="instead of the two jobs: profile STEPS of our training step (where the time goes)")
     p.add_argument("--side", choices=("hf",), help=argparse.SUPPRESS)
     p.add_argument("--out_dir", help=argparse.SUPPRESS)
     a = p.parse_intermixed_args(argv)
     if a.side == "hf":
         print(json.dumps(hf_run(a.config, a.overrides, a.out_dir)))
+        return 0
+    if a.profile:
+        print(json.dumps(profile_ours(a.config, a.overrides, a.profile)))
         return 0
     if a.rounds < 1:
         raise configurator.ConfigError(f"--rounds={a.rounds} must be >= 1")

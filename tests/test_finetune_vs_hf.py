@@ -41,6 +41,35 @@ def test_the_bench_runs_and_compares(assets, tmp_path, capsys):  # noqa: F811
     assert lora_sft_vs_hf.main([config, "--rounds", "0"]) == 2
 
 
+def test_the_bench_profiles_the_loop_step(assets, tmp_path, capsys):  # noqa: F811
+    """--profile: our training step (loop.train_step) under torch.profiler, on the run's own batches: the
+    GEMM share and the share of ignored targets are those of the batches it drew."""
+    import json
+
+    import torch
+
+    from finetune.config import load_config
+    from finetune.sft_data import SFTLoader, load_examples, tokenize_examples
+
+    config = _config(assets, tmp_path / "c.yaml", tmp_path / "unused")
+    capsys.readouterr()
+    assert lora_sft_vs_hf.main([config, "--profile", "2"]) == 0
+    (r,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert r["profile"] and r["steps"] == 2 and r["ms_per_step"] > 0 and 0 < r["gemm_share"] < 1
+    assert r["load_base_s"] >= 0 and r["apply_lora_s"] > 0  # PiSSA's SVDs take time even at this size
+    assert r["top_ops_ms_per_step"][0][1] >= r["top_ops_ms_per_step"][-1][1] > 0
+    # the same batches, drawn independently: the loader's 3rd and 4th, after the 2 warm-up steps
+    cfg = load_config(config, lora_sft_vs_hf.SHARED)
+    ds, t = cfg.dataset, cfg.training
+    train = tokenize_examples(load_examples(ds.source, ds.split, fields=ds.fields, template=ds.template),
+                              cfg.model.tokenizer or cfg.model.name_or_path, ds.max_length)
+    loader = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)
+    ys = [loader.next_batch()[1] for _ in range(4)][2:]
+    assert r["batch_shapes"] == [list(s) for s in sorted({tuple(y.shape) for y in ys})]
+    assert r["ignored_target_share"] == pytest.approx(float((torch.cat([y.flatten() for y in ys]) == -1).float().mean()),
+                                                      abs=1e-3)
+
+
 def test_refactor_bench_at_init_and_after_training_against_peft(assets, tmp_path, capsys):  # noqa: F811
     """bench/lora_refactor.py on the tiny model: at init, exact and delta leave the PiSSA model's function and
     weights as they are, balanced changes both, clamp holds its bound; after training, the text loss of the
