@@ -397,7 +397,7 @@ def pack(inputs: list[tuple[list[int], list[int]]], max_length: int, row_limit: 
     seqs = [(ctx + cont)[-(max_length + 1):][:-1] for ctx, cont in inputs]  # tokenize() checked 1 <= cont <= max
     shared = 0
     shortest = min(len(s) for s in seqs)
-    while shared < shortest - 1 and all(s[shared] == seqs[0][shared] for s in seqs):
+    while shared < shortest and all(s[shared] == seqs[0][shared] for s in seqs):
         shared += 1
     prefix = seqs[0][:shared]
     rows: list[Row] = []

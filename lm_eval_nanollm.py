@@ -17,18 +17,18 @@ lm-eval is a test/bench dependency: this module is the only one that imports it.
 from __future__ import annotations
 
 import os
+import sys
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models: its registry skips them once ours is in it)
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry, register_model
 
 import evals
 from generation import generate
 
 
-@register_model("nanollm")
 class NanoLLM(TemplateLM):
     """lm_eval's LM interface over our GPT: log-likelihoods (plain and rolling) and greedy generation."""
 
@@ -37,6 +37,9 @@ class NanoLLM(TemplateLM):
                  max_batch_size: object = None, **unused: object) -> None:
         super().__init__()
         self.model, self.enc, self.what = evals.load_model(checkpoint, tokenizer)
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"nanollm: --device {device} but no CUDA GPU here; using cpu", file=sys.stderr)  # as lm-eval's hf
+            device = "cpu"
         self._device = torch.device(device or "cpu")
         self.model.to(self._device).eval()
         self.batch_tokens = int(batch_tokens)
@@ -109,6 +112,9 @@ class NanoLLM(TemplateLM):
     def _decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
+
+if "nanollm" not in model_registry.keys():  # once per process, whether imported or run as a script
+    register_model("nanollm")(NanoLLM)
 
 # lm-eval's own definition of each published task, inside the lm_eval package
 LM_EVAL_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
