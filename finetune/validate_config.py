@@ -87,13 +87,14 @@ def check_dataset(cfg: FinetuneConfig) -> list[str]:
 
 def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str) -> dict[str, float]:
     """Test-split metrics of the base + checkpoint's adapter (the base alone when checkpoint is None),
-    through the evaluation fine-tuning runs (sft_data.evaluate)."""
+    through the evaluation fine-tuning runs (sft_eval.evaluate)."""
     import torch
 
     import loop
     import parallel
     from finetune.lora import load_adapted
-    from finetune.sft_data import DATASETS, eval_batches, evaluate, load_examples, tokenize_examples
+    from finetune.sft_data import DATASETS, eval_batches, load_examples, tokenize_examples
+    from finetune.sft_eval import evaluate
 
     ds, t = cfg.dataset, cfg.training
     path = resolve_model_path(cfg.model.name_or_path)
