@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 import atomic
-from configurator import UserError
+from errors import UserError
 from model import GPT, ModelConfig
 from parallel import Dist, all_reduce_max, barrier, local_optimizer
 

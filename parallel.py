@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from configurator import UserError
+from errors import UserError
 
 
 class LaunchError(UserError):

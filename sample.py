@@ -15,10 +15,12 @@ import torch
 
 import checkpoint
 import configurator
+import errors
 import hardware
 import hf_checkpoint
 import parallel
 import tokenizer as tokenizers
+import train_config
 from generation import generate
 from model import GPT
 
@@ -45,7 +47,7 @@ class SampleConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"top_k={self.top_k} must be > 0 (or None)")
-        configurator.check_dtype(self.dtype)
+        train_config.check_dtype(self.dtype)
 
 
 def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokenizer]:
@@ -67,7 +69,7 @@ def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokeniz
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: sample(argv))
+    return errors.run_command(lambda: sample(argv))
 
 
 def sample(argv: list[str]) -> int:

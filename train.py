@@ -4,7 +4,7 @@ Train a GPT-2, LLaMA-2, LLaMA-3 or Qwen3 model, from one CPU to many GPUs.
     python train.py config/train_shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py config/full_qwen3_1.8b_optimal.py --use_zero1=True
 
-Every default lives in configurator.TrainConfig or in model.ModelConfig; a config file (Python
+Every default lives in train_config.TrainConfig or in model.ModelConfig; a config file (Python
 assignments) and --key=value overrides are checked against both.
 
 The story of a run, one function per phase: launch (join the process group, check the launch) ->
@@ -27,13 +27,14 @@ import torch
 
 import checkpoint
 import configurator
+import errors
 import fp8
 import hardware
 import loop
 import parallel
-from configurator import TrainConfig
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 # Model fields a resumed or Hugging Face run may change: they alter how, not what, is computed.
 RUNTIME_MODEL_KEYS = {"attention_backend", "dropout"}
@@ -366,7 +367,7 @@ def main(argv: list[str]) -> int:
             return 0
         return train(tc, mc, explicit)
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
 from generation import generate  # noqa: E402
 from hardware import resolve_dtype  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 BENCH_FLAGS = {"prompt_len": 64, "new_tokens": 64, "rounds": 3}
 

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
+import errors  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 
 @dataclass
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(record), flush=True)
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import fp8  # noqa: E402
 import hardware  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -128,7 +129,7 @@ class Batches:
 def run(argv: list[str]) -> dict:
     (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig])
     if bc.sdpa != "auto" and bc.sdpa not in SDPA_BACKENDS:
-        raise configurator.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
+        raise errors.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
     if bc.smoke:  # a few eager steps of whatever (tiny) config on CPU: proves the script runs
         tc.device, bc.steps, bc.warmup = "cpu", min(bc.steps, 3), min(bc.warmup, 1)
         tc.compile = tc.compile and "compile" in explicit
@@ -256,7 +257,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run(argv)), flush=True)
         return 0
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

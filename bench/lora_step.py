@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
 from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
 from generation import generate  # noqa: E402
@@ -51,7 +51,7 @@ SHAPE_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "interm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class BenchError(configurator.UserError):
+class BenchError(errors.UserError):
     """A bad flag: one `error:` line."""
 
 
@@ -154,7 +154,7 @@ def generation(model: GPT, prompt: torch.Tensor, n: int, device: str, dtype: tor
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = configurator.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
+    p = errors.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="a model shape (Llama architecture)")
     for name in SHAPE_FLAGS:
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's")
@@ -268,7 +268,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(r) if args.json else report(r))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

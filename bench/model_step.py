@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 BENCH_FLAGS = {"steps": 5, "rounds": 3, "warmup": 2}
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-from configurator import ConfigError, coerce, suggest
+from configurator import coerce, suggest
+from errors import ConfigError
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")

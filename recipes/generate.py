@@ -24,10 +24,12 @@ import tomllib
 
 import atomic
 import configurator
-from configurator import TrainConfig, UserError
+import errors
+from errors import UserError
 from model import ModelConfig
 from recipes import megatron_data
 from token_loader import DataError, read_meta, resolve_data_dir, vocab_mismatch
+from train_config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,7 +50,7 @@ def load_preset(path: str) -> tuple[TrainConfig, ModelConfig]:
         raise RecipeError(f"unknown preset {path}: no such file; pass one of config/*.py")
     try:
         tc, mc, _ = configurator.load_train([path])
-    except configurator.ConfigError as e:
+    except errors.ConfigError as e:
         raise RecipeError(f"preset {path}: {e}") from None
     return tc, mc
 
@@ -614,7 +616,7 @@ def check_megatron_args(script: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = configurator.ArgumentParser(prog="python -m recipes", description=__doc__.split("\n\n")[1])
+    p = errors.ArgumentParser(prog="python -m recipes", description=__doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("torchtitan", help="torchtitan TOML, flavor module, run_train.sh, README")
     t.add_argument("config")
@@ -643,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a generated recipe folder")
     v.add_argument("dir")
     v.add_argument("--require_data", action="store_true", help="the torchtitan recipe's dataset must be prepared")
-    return configurator.run_command(lambda: run(p.parse_args(argv)))
+    return errors.run_command(lambda: run(p.parse_args(argv)))
 
 
 def run(a: argparse.Namespace) -> int:

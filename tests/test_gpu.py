@@ -11,8 +11,8 @@ from test_train import ok, read_log, run_train, tiny_args
 
 import configurator
 import model as model_module
-from configurator import TrainConfig
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 pytestmark = pytest.mark.gpu
 

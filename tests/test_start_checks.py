@@ -10,6 +10,7 @@ import torch
 from test_train import ROOT, _assert_clean_error, ok, read_log, run_train, tiny_args
 
 import configurator
+import errors
 import hardware
 import token_loader
 from model import GPT, ModelConfig
@@ -98,7 +99,7 @@ def test_unwritable_out_dir_in_process(case, tmp_path):
     if path is None:
         path = str(tmp_path / "f")
         open(path, "w").close()
-    with pytest.raises(configurator.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         configurator.check_output_dir(path)
 
 

@@ -13,6 +13,7 @@ import torch
 from conftest import read_until, tiny_gpt, tiny_hf_llama
 
 import configurator
+import errors
 import hardware
 import loop
 import train
@@ -109,13 +110,13 @@ def test_mfu_formula():
 
 
 def test_config_errors_in_process():
-    with pytest.raises(configurator.ConfigError, match="did you mean 'learning_rate'"):
+    with pytest.raises(errors.ConfigError, match="did you mean 'learning_rate'"):
         configurator.load_train(["--lerning_rate=1e-3"])
-    with pytest.raises(configurator.ConfigError, match="mutually exclusive"):
+    with pytest.raises(errors.ConfigError, match="mutually exclusive"):
         configurator.load_train(["--use_zero1=True", "--use_fsdp=True"])
-    with pytest.raises(configurator.ConfigError, match="learning_rate='nan' must be a finite number"):
+    with pytest.raises(errors.ConfigError, match="learning_rate='nan' must be a finite number"):
         configurator.load_train(["--learning_rate=nan"])
-    with pytest.raises(configurator.ConfigError, match="use_cuda_graphs=True needs compile=True"):
+    with pytest.raises(errors.ConfigError, match="use_cuda_graphs=True needs compile=True"):
         configurator.load_train(["--use_cuda_graphs=True", "--compile=False"])
     tc, mc, explicit = configurator.load_train(["config/tiny_gpt2.py", "--batch_size=3", "--lr_decay_iters=None"])
     assert (tc.batch_size, tc.block_size, mc.block_size, tc.lr_decay_iters) == (3, 128, 128, tc.max_iters)

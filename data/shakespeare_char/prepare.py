@@ -19,8 +19,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from configurator import ConfigError, check_output_dir  # noqa: E402
+from configurator import check_output_dir  # noqa: E402
 from dataprep import PrepareError, fail, shakespeare_plays, write_tokens  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 
