@@ -36,7 +36,8 @@ import torch
 import atomic
 from errors import UserError
 from model import GPT, ModelConfig
-from parallel import Dist, all_reduce_max, barrier, local_optimizer
+from optim import local_optimizer
+from parallel import Dist, all_reduce_max, barrier
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 

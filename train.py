@@ -31,6 +31,7 @@ import errors
 import fp8
 import hardware
 import loop
+import optim
 import parallel
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
@@ -123,7 +124,8 @@ def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) 
         model = GPT(mc)
     dtype = "bfloat16" if tc.dtype == "auto" else tc.dtype
     mem = hardware.estimate_memory(model, tc.batch_size, tc.block_size, dtype, world, tc.use_zero1, tc.use_fsdp,
-                                   tc.compile, tc.gradient_accumulation_steps // world, tc.use_cuda_graphs)
+                                   tc.compile, tc.gradient_accumulation_steps // world, tc.use_cuda_graphs,
+                                   one_moment=optim.muon_params(model) if tc.optimizer == "muon" else 0)
     per_rank = tc.gradient_accumulation_steps // world
     tokens = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     parallelism = "FSDP" if tc.use_fsdp else "ZeRO-1" if tc.use_zero1 else "DDP" if world > 1 else "single process"
@@ -143,7 +145,7 @@ def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) 
               "ZeRO-1/FSDP sharding and the accumulation per rank)")
     print(f"estimated memory per GPU ({dtype}, batch {tc.batch_size} x {tc.block_size}, "
           f"{'compiled' if tc.compile else 'eager'}): weights {mem['weights_gb']:.2f} GiB, grads {mem['grads_gb']:.2f}, "
-          f"optimizer {mem['optimizer_gb']:.2f}, activations {mem['activations_gb']:.2f}, "
+          f"optimizer{' (muon)' if tc.optimizer == 'muon' else ''} {mem['optimizer_gb']:.2f}, activations {mem['activations_gb']:.2f}, "
           f"loss buffers {mem['loss_buffers_gb']:.2f}; total {mem['total_gb']:.2f} GiB (+ CUDA context)")
     summary = {
         "architecture": mc.arch_string,
@@ -196,6 +198,11 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     ckpt_path, ckpt_state = None, None
     if tc.init_from == "resume":
         ckpt_path, ckpt_state = checkpoint.latest(tc.out_dir)
+        saved = ckpt_state.get("train_config", {}).get("optimizer", "adamw")
+        if saved != tc.optimizer:
+            raise TrainingError(f"{ckpt_path} was trained with optimizer={saved} and this run asks for "
+                                f"optimizer={tc.optimizer}; resume with --optimizer={saved} (its optimizer state "
+                                f"does not carry over), or train the other one in another --out_dir")
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
     configurator.check_output_dir(tc.out_dir)
@@ -257,14 +264,28 @@ def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype
         misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
                                      d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
                                      torch.cuda.mem_get_info(d.device)[0],
-                                     tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs)
+                                     tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs,
+                                     optim.muon_params(model) if tc.optimizer == "muon" else 0)
         if misfit:
             print(f"warning: {misfit}", file=sys.stderr, flush=True)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                         betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    optimizer = optim.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
+                                      betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay, muon=muon_settings(tc))
     return model, train_model, optimizer, hooks, fp8_summary
+
+
+def muon_settings(tc: TrainConfig) -> optim.MuonSettings | None:
+    """Muon's settings when optimizer=muon; None for AdamW."""
+    if tc.optimizer != "muon":
+        return None
+    return optim.MuonSettings(tc.muon_lr_scale, tc.muon_momentum, tc.muon_ns_steps, tc.muon_adjust_lr)
+
+
+def lr_at(tc: TrainConfig):
+    """The schedule: the learning rate of optimizer step `it` (loop.get_lr with the config's keys)."""
+    return lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr,
+                                  tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_shape)
 
 
 def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
@@ -305,7 +326,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
         wandb={"project": tc.wandb_project, "name": tc.wandb_run_name} if tc.wandb_log else None,
         tensorboard=tc.tensorboard_log)
     print0(d, f"model {mc.arch_string}: {model.num_params():,} parameters, {fpt:.3g} FLOPs/token; {mode} on "
-              f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}")
+              f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}; "
+              f"optimizer {tc.optimizer}, lr schedule {tc.lr_schedule}")
     print0(d, f"tokens per step: {tc.batch_size} batch x {tc.gradient_accumulation_steps} accumulation "
               f"({accum} per rank) x {tc.block_size} tokens = {tokens_per_step:,}; "
               + (f"MFU against the {peak_note}" if peak is not None else peak_note))
@@ -350,8 +372,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     return loop.run_loop(loop.Loop(
         d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
         max_iters=tc.max_iters,
-        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
-        evaluate_and_save=evaluate_and_save, save=save_checkpoint, after_step=hooks, grad_clip=tc.grad_clip,
+        lr_at=lr_at(tc), evaluate_and_save=evaluate_and_save, save=save_checkpoint, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=autocast, use_cuda_graphs=tc.use_cuda_graphs,
         timing_warmup=3 if tc.compile else 1, log_interval=tc.log_interval,
         gradient_log_interval=tc.gradient_log_interval, max_nonfinite_steps=tc.max_nonfinite_steps,

@@ -42,6 +42,7 @@ import errors  # noqa: E402
 import fp8  # noqa: E402
 import hardware  # noqa: E402
 import loop  # noqa: E402
+import optim  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
@@ -151,8 +152,8 @@ def run(argv: list[str]) -> dict:
         fp8_summary = fp8.summary(plan)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                         betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    optimizer = optim.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
+                                      betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     autocast, scaler = loop.precision(dtype, d.device)
     steps = loop.Loop(
         d, model, train_model, optimizer, Batches(bc, tc, mc, d, accum), runlog.RunLog("", False, {}), accum,

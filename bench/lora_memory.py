@@ -3,7 +3,7 @@ Peak GPU memory of a LoRA fine-tuning step against finetune/validate_config.py's
 
 The step is finetune/train.py's: the base in bf16 (fp32 on CPU) with fp32 adapters (lora.apply_lora with
 the YAML's lora section), parallel.wrap (activation checkpointing when training.gradient_checkpointing is
-set) and parallel.build_optimizer as there, and loop.py's own forward_backward and optimizer_step. The base is
+set) and optim.build_optimizer as there, and loop.py's own forward_backward and optimizer_step. The base is
 random (a hub model cannot be downloaded on the GPU box) and every row is max_length tokens long, the
 worst case the estimate describes. lora.init is set to gaussian: PiSSA gives the same shapes, and its
 SVDs would take minutes at 8B.
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import errors  # noqa: E402
 import loop  # noqa: E402
+import optim  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
 from bench.lora_step import PRESETS  # noqa: E402
@@ -84,8 +85,8 @@ def run(argv: list[str]) -> int:
     d = parallel.Dist(rank=0, local_rank=0, world_size=1, device=device)
     train_model = parallel.wrap(model, d, fsdp=False, compile=False, cuda_graphs=False, dtype=dtype,
                                 activation_checkpointing=t.gradient_checkpointing)
-    optimizer = parallel.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                         weight_decay=t.weight_decay)
+    optimizer = optim.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
     autocast, _ = loop.precision(dtype, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)

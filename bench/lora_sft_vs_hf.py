@@ -144,6 +144,7 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
 
     import hf_checkpoint
     import loop
+    import optim
     import parallel
     import runlog
     from finetune.config import load_config, lora_config, resolve_model_path
@@ -163,8 +164,8 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
     t1 = time.perf_counter()
     apply_lora(model, lora_config(cfg), seed=t.seed)
     start_up = {"load_base_s": round(t1 - t0, 3), "apply_lora_s": round(time.perf_counter() - t1, 3)}
-    optimizer = parallel.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                         weight_decay=t.weight_decay)
+    optimizer = optim.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
     batches = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)
     seen: list[torch.Tensor] = []
 

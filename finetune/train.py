@@ -40,6 +40,7 @@ import configurator  # noqa: E402
 import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
 import loop  # noqa: E402
+import optim  # noqa: E402
 import parallel  # noqa: E402
 from finetune.config import (  # noqa: E402
     ConfigError,
@@ -115,7 +116,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Fine
     tr = cfg.trainer
     kw = dict(mode=tr.refactor_mode, lam=tr.refactor_lambda, bound=tr.refactor_bound)
     if mode != "fsdp":
-        stats = spectral_refactor(model, parallel.local_optimizer(optimizer), opt_state=tr.refactor_opt_state, **kw)
+        stats = spectral_refactor(model, optim.local_optimizer(optimizer), opt_state=tr.refactor_opt_state, **kw)
         if d.world_size > 1:
             import torch.distributed as dist
 
@@ -348,10 +349,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
                                          f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
     train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype,
                                 activation_checkpointing=t.gradient_checkpointing)
-    optimizer = parallel.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
-                                         betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-    for group in parallel.local_optimizer(optimizer).param_groups:
-        group["eps"] = t.adam_epsilon
+    optimizer = optim.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
+                                      betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                                      eps=t.adam_epsilon)
     autocast, _ = loop.precision(dtype, d.device)
     run, best = RunState(), {"step": None, "value": None}
     if state is not None:
