@@ -20,7 +20,7 @@ from model import GPT
 from recipes import generate, megatron_data
 from token_loader import TokenLoader
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.timeout(3600)]  # the first run builds two venvs
 CHECKS = os.path.join(ROOT, "tests", "engine_checks")
 
 
