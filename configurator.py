@@ -10,17 +10,24 @@ and its public names, then the overrides, are checked against the fields of the 
 an unknown key is rejected with the closest known key, a value of the wrong type is rejected with
 the expected type. A key that several dataclasses share (e.g. block_size) is given to each.
 Mistakes raise errors.ConfigError (one `error:` line under errors.run_command).
+`--help` lists every key with its default and its one-line meaning, read from the comment on the field's
+line in the dataclass, so the help cannot drift from the code.
 This module imports no torch, so light commands (plots, data preparation) stay light.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
+import inspect
+import io
 import math
 import os
 import runpy
 import tempfile
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import fields
@@ -152,12 +159,69 @@ def resolve(values: dict[str, typing.Any], schemas: list[type]) -> list[typing.A
     return out
 
 
-def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], set[str]]:
-    """Parse `[CONFIG.py] [--key=value ...]` into schema instances.
+HELP_FLAGS = ("-h", "--help")
+
+
+def field_help(schema: type) -> dict[str, str]:
+    """Field name -> its one-line meaning: the comment on the field's line in the class source ('' if none)."""
+    source = textwrap.dedent(inspect.getsource(schema))
+    comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    cls = ast.parse(source).body[0]
+    return {node.target.id: comments.get(node.end_lineno, "")
+            for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def _shown(value: typing.Any) -> str:
+    """A default as a user would type it after `=`."""
+    if isinstance(value, str) and (not value or not value.isprintable() or " " in value):
+        return repr(value)
+    return str(value)
+
+
+def keys_help(schemas: list[type], prefix: str = "") -> list[tuple[str, str]]:
+    """(`key=default`, meaning) for every key of schemas; a field whose default is a dataclass (a section of
+    a YAML config) gives its keys as section.key. A key that several schemas share is listed once."""
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for schema in schemas:
+        meanings = field_help(schema)
+        for f in fields(schema):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                rows += keys_help([type(default)], f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}={_shown(default)}", meanings[f.name]))
+    return rows
+
+
+def format_keys(rows: list[tuple[str, str]], dashes: str = "--") -> str:
+    """keys_help's rows as aligned lines: `  --key=default   meaning`."""
+    width = min(36, max(len(key) for key, _ in rows) + len(dashes))
+    return "\n".join(f"  {dashes + key:<{width}}  {meaning}".rstrip() for key, meaning in rows)
+
+
+def help_text(schemas: list[type], doc: str | None = None) -> str:
+    """--help of a command that takes `[CONFIG.py] [--key=value ...]`: its docstring (usage and examples),
+    then every key of schemas with its default and meaning."""
+    head = doc.strip() if doc else "usage: [CONFIG.py] [--key=value ...]"
+    return (f"{head}\n\nkeys (assignments in CONFIG.py, or --key=value; the default after =):\n"
+            + format_keys(keys_help(schemas)))
+
+
+def load(args: list[str], schemas: list[type], doc: str | None = None) -> tuple[list[typing.Any], set[str]]:
+    """Parse `[CONFIG.py] [--key=value ...]` into schema instances; -h or --help prints help_text(schemas, doc)
+    and exits 0.
 
     Returns (instances, explicit keys): the keys set by the file or the command line, as opposed
     to defaults, so callers can tell "n_layer=12 because the user said so" from a default.
     """
+    if any(a in HELP_FLAGS for a in args):
+        print(help_text(schemas, doc))
+        raise SystemExit(0)
     config_path = None
     if args and not args[0].startswith("--"):
         config_path, args = args[0], args[1:]
@@ -169,11 +233,11 @@ def load(args: list[str], schemas: list[type]) -> tuple[list[typing.Any], set[st
     return resolve(values, schemas), explicit
 
 
-def load_train(args: list[str]) -> tuple[TrainConfig, typing.Any, set[str]]:
+def load_train(args: list[str], doc: str | None = None) -> tuple[TrainConfig, typing.Any, set[str]]:
     """`[CONFIG.py] [--key=value ...]` of train.py as (TrainConfig, model.ModelConfig, explicitly set keys)."""
     from model import ModelConfig  # torch: only for the commands that build a model
 
-    (train_cfg, model_cfg), explicit = load(args, [TrainConfig, ModelConfig])
+    (train_cfg, model_cfg), explicit = load(args, [TrainConfig, ModelConfig], doc)
     return train_cfg, model_cfg, explicit
 
 

@@ -43,15 +43,26 @@ def run_command(body: Callable[[], int], cleanup: Callable[[], None] | None = No
             cleanup()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written (examples, key tables); an option's default after its meaning
+    unless the meaning names it (or it has none: an unset flag, None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are a ConfigError (one `error:` line under run_command, no usage dump).
 
-    --help prints the description as written, examples included.
+    --help prints the description as written, examples included, and each option's default.
     """
 
     def __init__(self, prog: str | None = None, description: str | None = None, **kwargs: typing.Any) -> None:
         super().__init__(prog=prog, description=description and description.strip(),
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+                         formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)

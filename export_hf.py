@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    (cfg,), _ = configurator.load(argv, [ExportConfig])
+    (cfg,), _ = configurator.load(argv, [ExportConfig], __doc__)
     configurator.check_output_dir(cfg.hf_dir, "hf_dir")
     path, state = checkpoint.latest(cfg.out_dir)
     model = checkpoint.load_model(path)

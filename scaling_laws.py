@@ -499,24 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
     loss = commands.add_parser("loss", help="predicted loss of N parameters trained on D tokens")
     loss.add_argument("--params", type=_positive_number, required=True, help="N, all parameters")
     loss.add_argument("--tokens", type=_positive_number, required=True, help="D, training tokens")
-    loss.add_argument("--fit", choices=FITS, default="hoffmann")
+    loss.add_argument("--fit", choices=FITS, default="hoffmann", help="the fitted loss law L(N, D)")
 
     def budget_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--flops", type=_positive_number, required=True, help="training FLOPs budget C")
-        p.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=2048)
-        p.add_argument("--fit", choices=FITS, default="hoffmann")
+        p.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=2048,
+                       help="training sequence length (attention FLOPs)")
+        p.add_argument("--fit", choices=FITS, default="hoffmann", help="the fitted loss law L(N, D)")
         p.add_argument("--grid", choices=GRIDS, default="full", help="'small' is for tests")
 
     p = commands.add_parser("plan", help="grid-search shapes of a family under a FLOPs budget")
     budget_args(p)
-    p.add_argument("--family", choices=FAMILIES, required=True)
+    p.add_argument("--family", choices=FAMILIES, required=True, help="the architecture whose shapes are searched")
     p.add_argument("--chinchilla", action="store_true", help="only shapes with D/N within 10%% of 20")
     p.add_argument("--top", type=_positive_int, default=5, help="how many shapes to print")
     p.add_argument("--out", help="config file for the best shape (default: config/plan_FAMILY_FLOPS.py)")
 
     p = commands.add_parser("plot", help="plot predicted loss against parameters for every family")
     budget_args(p)
-    p.add_argument("--out", default="docs/figures/scaling_loss_vs_params.png")
+    p.add_argument("--out", default="docs/figures/scaling_loss_vs_params.png", help="the PNG to write")
     return parser
 
 

@@ -382,7 +382,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        tc, mc, explicit = configurator.load_train(argv)
+        tc, mc, explicit = configurator.load_train(argv, __doc__)
         if tc.dry_run:
             dry_run(tc, mc, explicit)
             return 0

@@ -23,7 +23,7 @@ class TrainConfig:
     """How a run is trained. Shapes of the model live in ModelConfig; block_size is shared by both."""
 
     # I/O and logging
-    out_dir: str = "out"
+    out_dir: str = "out"  # folder of the checkpoint (ckpt/) and the run logs
     dataset: str = "shakespeare_char"  # folder under data/ (or a path) with train/val shards and meta.json
     eval_interval: int = 250  # iterations between evaluations (and checkpoint saves)
     eval_iters: int = 20  # global batches of fixed validation windows per evaluation
@@ -34,38 +34,38 @@ class TrainConfig:
     overwrite_out_dir: bool = False  # let a new run (scratch or HF) delete the checkpoint out_dir holds
     eval_only: bool = False  # evaluate once, write the run log, change no checkpoint, exit
     dry_run: bool = False  # print shapes, FLOPs and a memory estimate without reading data
-    wandb_log: bool = False
-    wandb_project: str = "nanollm"
-    wandb_run_name: str = "run"
-    tensorboard_log: bool = False
+    wandb_log: bool = False  # also log to Weights & Biases
+    wandb_project: str = "nanollm"  # the wandb project
+    wandb_run_name: str = "run"  # the wandb run's name
+    tensorboard_log: bool = False  # also write TensorBoard events (out_dir/tb)
     # batch
     batch_size: int = 12  # sequences per rank per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step summed over ranks (divided by world size)
     block_size: int = 1024  # training sequence length
     # optimizer and schedule
-    learning_rate: float = 6e-4
-    max_iters: int = 5000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    learning_rate: float = 6e-4  # peak learning rate, reached at the end of warmup
+    max_iters: int = 5000  # optimizer steps of the whole run
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (2-D weights only; norms and biases get none)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     decay_lr: bool = True  # False: constant learning_rate after warmup
-    warmup_iters: int = 200
+    warmup_iters: int = 200  # steps of linear warmup from 0 to learning_rate
     lr_decay_iters: int | None = None  # end of the decay; None: max_iters
-    min_lr: float = 6e-5
+    min_lr: float = 6e-5  # the learning rate at the end of the decay
     lr_schedule: str = "cosine"  # 'cosine', or 'wsd' (warmup, stable at the peak, decay over the last lr_decay_fraction)
     lr_decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters spent decaying to min_lr
     lr_decay_shape: str = "linear"  # wsd: 'linear' or '1-sqrt' (faster at first, slower near min_lr)
     optimizer: str = "adamw"  # 'adamw', or 'muon' (Muon for the blocks' 2-D weights, AdamW for the rest; optim.py)
     muon_lr_scale: float = 1.0  # the Muon group's lr = the schedule's lr times this
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_ns_steps: int = 5  # Newton-Schulz iterations per step
     muon_adjust_lr: str = "match_rms_adamw"  # 'match_rms_adamw' (AdamW's lr transfers) or 'original' (lr ~0.02)
     max_nonfinite_steps: int = 5  # consecutive skipped (NaN/inf loss or gradient) steps before stopping
     # system
     device: str = "auto"  # 'auto' (cuda:LOCAL_RANK if a GPU is present, else cpu), 'cpu', 'cuda', 'cuda:N'
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that support it, else float32), 'bfloat16', 'float16', 'float32'
-    compile: bool = True
+    compile: bool = True  # torch.compile the model (slower start, faster steps)
     compile_mode: str = "model"  # 'model': one graph (around DDP); 'blocks': each Block + the loss apart (faster compile)
     fp8: str = ""  # '' (off), 'tensorwise' or 'rowwise': torchao float8 block linears (needs an sm_89+ GPU)
     fp8_emulate: bool = False  # run fp8 in emulation (CPU tests of the numerics; slow, not for training)
@@ -73,8 +73,8 @@ class TrainConfig:
     use_fsdp: bool = False  # FSDP2: shard parameters, gradients and optimizer state
     use_cuda_graphs: bool = False  # capture the compiled step in CUDA graphs (GPU, static shapes)
     use_dataloader: bool = False  # read batches in DataLoader worker processes (pinned memory on GPU)
-    dataloader_num_workers: int = 4
-    seed: int = 1337
+    dataloader_num_workers: int = 4  # worker processes with use_dataloader=True
+    seed: int = 1337  # seed of the init, the batch order and dropout (dropout adds the rank)
     save_checkpoint: bool = True  # False: never write a checkpoint (benchmarks); eval and logs are unchanged
 
     def __post_init__(self) -> None:

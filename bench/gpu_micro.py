@@ -34,12 +34,10 @@ from train_config import TrainConfig  # noqa: E402
 
 @dataclass
 class MicroConfig:
-    iters: int = 20
-    warmup: int = 5
-    rounds: int = 3
-    smoke: bool = False
-
-
+    iters: int = 20  # timed calls per round
+    warmup: int = 5  # untimed calls first
+    rounds: int = 3  # rounds; the median is reported
+    smoke: bool = False  # everything tiny, on the CPU (the tests)
 def timed(fn: Callable[[], object], cfg: MicroConfig, device: torch.device) -> float:
     """Median ms per call of fn."""
     for _ in range(cfg.warmup):
@@ -85,7 +83,7 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, rowwise: bool) -> Callable[[], 
 
 
 def run(argv: list[str]) -> list[dict]:
-    (tc, mc, cfg), _ = configurator.load(argv, [TrainConfig, ModelConfig, MicroConfig])
+    (tc, mc, cfg), _ = configurator.load(argv, [TrainConfig, ModelConfig, MicroConfig], __doc__)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     if cfg.smoke:
         cfg.iters, cfg.warmup, cfg.rounds = 1, 1, 1

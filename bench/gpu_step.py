@@ -54,13 +54,13 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 
 @dataclass
 class BenchConfig:
-    steps: int = 20
-    warmup: int = 5
-    data: str = "synthetic"
-    pool: int = 8
-    sdpa: str = "auto"
-    gc_freeze: bool = False
-    smoke: bool = False
+    steps: int = 20  # timed optimizer steps
+    warmup: int = 5  # untimed steps first, compilation included
+    data: str = "synthetic"  # 'synthetic' (a fixed pool of random batches) or a prepared dataset folder
+    pool: int = 8  # batches in the synthetic pool
+    sdpa: str = "auto"  # auto, flash, cudnn, efficient or math: restrict SDPA's kernels
+    gc_freeze: bool = False  # gc.freeze() after warm-up, as nanochat does
+    smoke: bool = False  # a tiny CPU run, for the tests
     profile: str = ""  # a file: after timing, profile one more step and write the top kernels by GPU time there
 
 
@@ -128,7 +128,7 @@ class Batches:
 
 
 def run(argv: list[str]) -> dict:
-    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig])
+    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig], __doc__)
     if bc.sdpa != "auto" and bc.sdpa not in SDPA_BACKENDS:
         raise errors.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
     if bc.smoke:  # a few eager steps of whatever (tiny) config on CPU: proves the script runs

@@ -58,8 +58,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--preset", default="8b", help=f"the base's shape: {', '.join(PRESETS)}")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: no GPU figures, the smoke test)")
+    p.add_argument("--steps", type=int, default=3, help="training steps before the peak memory is read")
     a = p.parse_intermixed_args(argv)
     if a.preset not in PRESETS:
         raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")

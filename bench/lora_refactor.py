@@ -86,8 +86,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--text", required=True, help="a plain-text file: the loss outside the task")
     p.add_argument("--bound", type=float, default=None, help="clamp's bound (default: half the largest value)")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR", help="fine-tuned adapters to compare")
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--n_seq", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per window of --text")
+    p.add_argument("--n_seq", type=int, default=32, help="windows of --text the loss is taken over")
     p.add_argument("--smoke", action="store_true", help="few windows (the tests)")
     a = p.parse_args(argv)
     adapters = []

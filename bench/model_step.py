@@ -19,17 +19,24 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 
-BENCH_FLAGS = {"steps": 5, "rounds": 3, "warmup": 2}
+
+@dataclass
+class BenchFlags:
+    steps: int = 5  # timed steps per round
+    rounds: int = 3  # rounds per model; the median is reported
+    warmup: int = 2  # untimed steps before the rounds
 
 
 def hf_twin(model: GPT):
@@ -85,15 +92,8 @@ def timed_rounds(step, x: torch.Tensor, y: torch.Tensor, device: str, bench: dic
 
 
 def main(argv: list[str]) -> None:
-    bench = dict(BENCH_FLAGS)
-    rest = []
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if key in bench:
-            bench[key] = int(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-    (tc, mc), _ = configurator.load(rest, [TrainConfig, ModelConfig])
+    (tc, mc, flags), _ = configurator.load(argv, [TrainConfig, ModelConfig, BenchFlags], __doc__)
+    bench = asdict(flags)
     device = (
         "cuda"
         if tc.device == "auto" and torch.cuda.is_available()
@@ -146,4 +146,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(errors.run_command(lambda: main(sys.argv[1:]) or 0))

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--dataset", default=os.path.join(ROOT, "data", "shakespeare_char"),
                    help="a prepared character-level dataset folder (train.bin, meta.json)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; the median is reported")
     p.add_argument("--iters", type=int, default=300, help="iterations per run")
     p.add_argument("--skip", type=int, default=50, help="iterations not timed at the start of each run")
     p.add_argument("--smoke", action="store_true", help="1 round of 20 iterations, 10 skipped")

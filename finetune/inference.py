@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the prompt template (default: the one the adapter was trained with, read from "
                              f"{TEMPLATE_FILE}); none: the prompt as is")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: --model_path)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="tokens generated per prompt at most")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padded)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the weights' dtype")
 
     def body() -> int:
         args = parser.parse_args(argv)

@@ -47,6 +47,7 @@ from finetune.config import (  # noqa: E402
     FinetuneConfig,
     grad_accum_steps,
     interval_steps,
+    keys_epilog,
     load_config,
     lora_config,
     resolve_model_path,
@@ -462,7 +463,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        parser = errors.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser = errors.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.",
+                                       usage="train.py [-h] --config CONFIG [--resume_from_checkpoint DIR] "
+                                             "[section.key=value ...]", epilog=keys_epilog())
         parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
         parser.add_argument("--resume_from_checkpoint", default=None,
                             help="a checkpoint-N folder; 'latest' or an output_dir: its newest complete checkpoint-N")

@@ -28,7 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import configurator  # noqa: E402
 import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from finetune.config import ConfigError, FinetuneConfig, grad_accum_steps, load_config, resolve_model_path  # noqa: E402
+from finetune.config import (  # noqa: E402
+    ConfigError,
+    FinetuneConfig,
+    grad_accum_steps,
+    keys_epilog,
+    load_config,
+    resolve_model_path,
+)
 from finetune.memory import estimate_memory, memory_lines, projections  # noqa: E402
 
 
@@ -115,7 +122,8 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = errors.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
+    parser = errors.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.",
+                                   epilog=keys_epilog())
     parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
     parser.add_argument("--model_config", default=None,
                         help="the base's shape when model.name_or_path is a hub id not on disk: a config.json, "

@@ -118,10 +118,10 @@ def _run_parser(script: str | None, module: str | None, args: list[str], cwd: st
     real_load, real_parse = configurator.load, argparse.ArgumentParser.parse_known_args
     depth = [0]
 
-    def load(argv, schemas):
+    def load(argv, schemas, doc=None):
         seen["schemas"] = schemas
         if not seen.get("names_only"):
-            real_load(argv, schemas)
+            real_load(argv, schemas, doc)
         raise _Parsed
 
     def parse_known_args(self, args=None, namespace=None):

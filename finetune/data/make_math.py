@@ -171,10 +171,11 @@ def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int, level: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"))
-    parser.add_argument("--n_train", type=int, default=2000)
-    parser.add_argument("--n_test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"),
+                        help="the folder to write (gsm8k/train.jsonl and gsm8k/test.jsonl inside)")
+    parser.add_argument("--n_train", type=int, default=2000, help="training problems")
+    parser.add_argument("--n_test", type=int, default=200, help="held-out problems (no question repeats a training one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generator")
     parser.add_argument("--level", default="mixed", choices=list(LEVELS),
                         help="easy: one addition or subtraction below 50; mixed: two-step problems of six kinds")
 
