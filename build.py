@@ -2,7 +2,8 @@
 The build layer both entry points and the benches call, so a change to how a run is built reaches all of them:
 
 - the pretraining model and its pieces: resolve_model_config (checkpoint, Hugging Face folder or config),
-  build_model (the raw model), build (transforms, wrapping, optimizer), memory_estimate;
+  build_model (the raw model), build (transforms, wrapping, optimizer), muon_settings, lr_at (the schedule),
+  memory_estimate;
 - what both train.py and finetune/train.py do around the loop: claim_out_dir and overwrite_out_dir (a new
   run never replaces a trained model unless asked), resume (optimizer, RNG and loader state of a checkpoint),
   model_summary (the run log's model section).
@@ -23,10 +24,13 @@ import torch
 import checkpoint
 import fp8
 import hardware
+import loop
+import optim
 import parallel
-from configurator import TrainConfig, UserError
+from errors import UserError
 from loop import RunState, TrainingError
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 # Model fields a resumed or Hugging Face run may change: they alter how, not what, is computed.
 RUNTIME_MODEL_KEYS = {"attention_backend", "dropout"}
@@ -73,15 +77,17 @@ def build_model(tc: TrainConfig, mc: ModelConfig, device: torch.device, ckpt_pat
     return model
 
 
-def _memory_args(tc: TrainConfig, world_size: int, dtype: str) -> tuple:
+def _memory_args(model: torch.nn.Module, tc: TrainConfig, world_size: int, dtype: str) -> dict:
     """hardware.estimate_memory's and memory_fit's arguments after the model, from a pretraining config."""
-    return (tc.batch_size, tc.block_size, dtype, world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
-            tc.gradient_accumulation_steps // world_size, tc.use_cuda_graphs)
+    return dict(batch_size=tc.batch_size, seq_len=tc.block_size, dtype=dtype, world_size=world_size,
+                zero1=tc.use_zero1, fsdp=tc.use_fsdp, compiled=tc.compile,
+                grad_accum=tc.gradient_accumulation_steps // world_size, grads_kept=tc.use_cuda_graphs,
+                one_moment=optim.muon_params(model) if tc.optimizer == "muon" else 0)
 
 
 def memory_estimate(model: torch.nn.Module, tc: TrainConfig, world_size: int, dtype: str) -> dict[str, float]:
     """Estimated GiB per GPU of training model under tc over world_size processes (hardware.estimate_memory)."""
-    return hardware.estimate_memory(model, *_memory_args(tc, world_size, dtype))
+    return hardware.estimate_memory(model, **_memory_args(model, tc, world_size, dtype))
 
 
 def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype, ckpt_path: str | None):
@@ -94,15 +100,28 @@ def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype
         plan, hooks = fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)
         fp8_summary = fp8.summary(plan)
     if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
-        args = _memory_args(tc, d.world_size, str(dtype).removeprefix("torch."))
-        misfit = hardware.memory_fit(model, *args[:7], torch.cuda.mem_get_info(d.device)[0], *args[7:])
+        misfit = hardware.memory_fit(model, free_bytes=torch.cuda.mem_get_info(d.device)[0],
+                                     **_memory_args(model, tc, d.world_size, str(dtype).removeprefix("torch.")))
         if misfit:
             print(f"warning: {misfit}", file=sys.stderr, flush=True)
     train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
                                 dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                         betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    optimizer = optim.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
+                                      betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay, muon=muon_settings(tc))
     return model, train_model, optimizer, hooks, fp8_summary
+
+
+def muon_settings(tc: TrainConfig) -> optim.MuonSettings | None:
+    """Muon's settings when optimizer=muon; None for AdamW."""
+    if tc.optimizer != "muon":
+        return None
+    return optim.MuonSettings(tc.muon_lr_scale, tc.muon_momentum, tc.muon_ns_steps, tc.muon_adjust_lr)
+
+
+def lr_at(tc: TrainConfig):
+    """The schedule: the learning rate of optimizer step `it` (loop.get_lr with the config's keys)."""
+    return lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr,
+                                  tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_shape)
 
 
 # -- around the loop: the output folder, a resume, the run log's model section ------------------------

@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 import atomic
-from configurator import UserError
+from errors import UserError
 from model import GPT, ModelConfig
-from parallel import Dist, Layout, all_reduce_max, barrier, local_optimizer
+from optim import local_optimizer
+from parallel import Dist, Layout, all_reduce_max, barrier
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 

@@ -4,7 +4,7 @@ Train a GPT-2, LLaMA-2, LLaMA-3 or Qwen3 model, from one CPU to many GPUs.
     python train.py config/train_shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py config/full_qwen3_1.8b_optimal.py --use_zero1=True
 
-Every default lives in configurator.TrainConfig or in model.ModelConfig; a config file (Python
+Every default lives in train_config.TrainConfig or in model.ModelConfig; a config file (Python
 assignments) and --key=value overrides are checked against both.
 
 The story of a run, one function per phase: launch (join the process group, check the launch) ->
@@ -27,13 +27,14 @@ import torch
 import build
 import checkpoint
 import configurator
+import errors
 import fp8
 import hardware
 import loop
 import parallel
-from configurator import TrainConfig
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) 
               "ZeRO-1/FSDP sharding and the accumulation per rank)")
     print(f"estimated memory per GPU ({dtype}, batch {tc.batch_size} x {tc.block_size}, "
           f"{'compiled' if tc.compile else 'eager'}): weights {mem['weights_gb']:.2f} GiB, grads {mem['grads_gb']:.2f}, "
-          f"optimizer {mem['optimizer_gb']:.2f}, activations {mem['activations_gb']:.2f}, "
+          f"optimizer{' (muon)' if tc.optimizer == 'muon' else ''} {mem['optimizer_gb']:.2f}, activations {mem['activations_gb']:.2f}, "
           f"loss buffers {mem['loss_buffers_gb']:.2f}; total {mem['total_gb']:.2f} GiB (+ CUDA context)")
     summary = {
         "architecture": mc.arch_string,
@@ -149,6 +150,11 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     ckpt_path, ckpt_state = None, None
     if tc.init_from == "resume":
         ckpt_path, ckpt_state = checkpoint.latest(tc.out_dir)
+        saved = ckpt_state.get("train_config", {}).get("optimizer", "adamw")
+        if saved != tc.optimizer:
+            raise TrainingError(f"{ckpt_path} was trained with optimizer={saved} and this run asks for "
+                                f"optimizer={tc.optimizer}; resume with --optimizer={saved} (its optimizer state "
+                                f"does not carry over), or train the other one in another --out_dir")
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
     configurator.check_output_dir(tc.out_dir)
@@ -207,7 +213,8 @@ def open_log(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, layout: paralle
         wandb={"project": tc.wandb_project, "name": tc.wandb_run_name} if tc.wandb_log else None,
         tensorboard=tc.tensorboard_log)
     print0(d, f"model {mc.arch_string}: {model.num_params():,} parameters, {fpt:.3g} FLOPs/token; {layout.name} on "
-              f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}")
+              f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}; "
+              f"optimizer {tc.optimizer}, lr schedule {tc.lr_schedule}")
     print0(d, f"tokens per step: {tc.batch_size} batch x {tc.gradient_accumulation_steps} accumulation "
               f"({accum} per rank) x {tc.block_size} tokens = {tokens_per_step:,}; "
               + (f"MFU against the {peak_note}" if peak is not None else peak_note))
@@ -276,7 +283,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     return loop.run_loop(loop.Loop(
         d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
         max_iters=tc.max_iters,
-        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
+        lr_at=build.lr_at(tc),
         evaluate_and_save=evaluate_and_save, save=save_checkpoint, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=autocast, use_cuda_graphs=tc.use_cuda_graphs,
         timing_warmup=3 if tc.compile else 1, log_interval=tc.log_interval,
@@ -287,13 +294,13 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        tc, mc, explicit = configurator.load_train(argv)
+        tc, mc, explicit = configurator.load_train(argv, __doc__)
         if tc.dry_run:
             dry_run(tc, mc, explicit)
             return 0
         return train(tc, mc, explicit)
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

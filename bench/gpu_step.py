@@ -39,13 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import build  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import fp8  # noqa: E402
 import hardware  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -53,13 +54,13 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 
 @dataclass
 class BenchConfig:
-    steps: int = 20
-    warmup: int = 5
-    data: str = "synthetic"
-    pool: int = 8
-    sdpa: str = "auto"
-    gc_freeze: bool = False
-    smoke: bool = False
+    steps: int = 20  # timed optimizer steps
+    warmup: int = 5  # untimed steps first, compilation included
+    data: str = "synthetic"  # 'synthetic' (a fixed pool of random batches) or a prepared dataset folder
+    pool: int = 8  # batches in the synthetic pool
+    sdpa: str = "auto"  # auto, flash, cudnn, efficient or math: restrict SDPA's kernels
+    gc_freeze: bool = False  # gc.freeze() after warm-up, as nanochat does
+    smoke: bool = False  # a tiny CPU run, for the tests
     profile: str = ""  # a file: after timing, profile one more step and write the top kernels by GPU time there
 
 
@@ -127,9 +128,9 @@ class Batches:
 
 
 def run(argv: list[str]) -> dict:
-    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig])
+    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig], __doc__)
     if bc.sdpa != "auto" and bc.sdpa not in SDPA_BACKENDS:
-        raise configurator.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
+        raise errors.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
     if bc.smoke:  # a few eager steps of whatever (tiny) config on CPU: proves the script runs
         tc.device, bc.steps, bc.warmup = "cpu", min(bc.steps, 3), min(bc.warmup, 1)
         tc.compile = tc.compile and "compile" in explicit
@@ -144,7 +145,7 @@ def run(argv: list[str]) -> dict:
     steps = loop.Loop(
         d, model, train_model, optimizer, Batches(bc, tc, mc, d, accum), runlog.RunLog("", False, {}), accum,
         max_iters=bc.warmup + bc.steps,
-        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
+        lr_at=build.lr_at(tc),
         evaluate_and_save=lambda run, done: None, save=lambda run: None, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=Within(autocast, bc.sdpa), use_cuda_graphs=tc.use_cuda_graphs)
     cuda = d.device.type == "cuda"
@@ -244,7 +245,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run(argv)), flush=True)
         return 0
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

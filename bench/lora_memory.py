@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
@@ -40,7 +40,7 @@ from model import GPT, ModelConfig  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: run(argv))
+    return errors.run_command(lambda: run(argv))
 
 
 class FixedBatch:
@@ -54,12 +54,12 @@ class FixedBatch:
 
 
 def run(argv: list[str]) -> int:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--preset", default="8b", help=f"the base's shape: {', '.join(PRESETS)}")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: no GPU figures, the smoke test)")
+    p.add_argument("--steps", type=int, default=3, help="training steps before the peak memory is read")
     a = p.parse_intermixed_args(argv)
     if a.preset not in PRESETS:
         raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")

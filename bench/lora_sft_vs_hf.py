@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the settings both sides share, on top of the user's: see the module docstring
@@ -199,7 +199,7 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
 
 
 def run(argv: list[str]) -> int:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of both sides")
@@ -216,7 +216,7 @@ def run(argv: list[str]) -> int:
         print(json.dumps(profile_ours(a.config, a.overrides, a.profile)))
         return 0
     if a.rounds < 1:
-        raise configurator.ConfigError(f"--rounds={a.rounds} must be >= 1")
+        raise errors.ConfigError(f"--rounds={a.rounds} must be >= 1")
     cfg_training(a.config, a.overrides)  # a bad config is one error line here, before any run
     runs: dict[str, list[dict]] = {"ours": [], "hf": []}
     with tempfile.TemporaryDirectory(prefix="lora_sft_vs_hf_") as tmp:
@@ -242,7 +242,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: run(argv))
+    return errors.run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

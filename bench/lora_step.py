@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 import parallel  # noqa: E402
 from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
 from finetune import build_lora  # noqa: E402
@@ -56,7 +56,7 @@ SHAPE_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "interm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class BenchError(configurator.UserError):
+class BenchError(errors.UserError):
     """A bad flag: one `error:` line."""
 
 
@@ -160,21 +160,21 @@ def generation(model: GPT, prompt: torch.Tensor, n: int, device: str, dtype: tor
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = configurator.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
+    p = errors.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="a model shape (Llama architecture)")
     for name in SHAPE_FLAGS:
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per row")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the base weights' and the step's dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--r", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=64)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of both sides; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
+    p.add_argument("--r", type=int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha (the scale is alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on the adapters' input")
     p.add_argument("--gen_tokens", type=int, default=64, help="new tokens in the generation comparison")
     p.add_argument("--smoke", action="store_true", help="the smoke shape, 1 round of 1 step: seconds")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(r) if args.json else report(r))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

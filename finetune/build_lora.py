@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+import optim
 import parallel
 from finetune.lora import LoRAConfig, apply_lora, load_lora_state_dict
 from model import GPT
@@ -30,11 +31,8 @@ def optimizer(model: torch.nn.Module, d: parallel.Dist, layout: parallel.Layout,
               betas: tuple[float, float], weight_decay: float, eps: float) -> torch.optim.Optimizer:
     """AdamW over the trainable (adapter) parameters, as pretraining builds it, with the config's epsilon
     (training.adam_epsilon: HF Trainer's key); ZeRO-1 shards its state."""
-    opt = parallel.build_optimizer(model, d, zero1=layout.shard_optimizer, lr=lr, betas=betas,
-                                   weight_decay=weight_decay)
-    for group in parallel.local_optimizer(opt).param_groups:
-        group["eps"] = eps
-    return opt
+    return optim.build_optimizer(model, d, zero1=layout.shard_optimizer, lr=lr, betas=betas,
+                                 weight_decay=weight_decay, eps=eps)
 
 
 def wrap_and_optimizer(model: GPT, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype, *,

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+import optim
 import parallel
 
 MODES = ("balanced", "exact", "clamp", "delta")
@@ -206,7 +207,7 @@ def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: p
     """
     kw = dict(mode=mode, lam=lam, bound=bound)
     if not layout.shard_params:
-        stats = spectral_refactor(model, parallel.local_optimizer(optimizer), opt_state=opt_state, **kw)
+        stats = spectral_refactor(model, optim.local_optimizer(optimizer), opt_state=opt_state, **kw)
         if d.world_size > 1:
             import torch.distributed as dist
 

@@ -41,6 +41,7 @@ import atomic  # noqa: E402
 import build  # noqa: E402
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
@@ -51,6 +52,7 @@ from finetune.config import (  # noqa: E402
     TrainingArgs,
     grad_accum_steps,
     interval_steps,
+    keys_epilog,
     load_config,
     lora_config,
     resolve_model_path,
@@ -444,7 +446,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        parser = configurator.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser = errors.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.",
+                                       usage="train.py [-h] --config CONFIG [--resume_from_checkpoint DIR] "
+                                             "[section.key=value ...]", epilog=keys_epilog())
         parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
         parser.add_argument("--resume_from_checkpoint", default=None,
                             help="a checkpoint-N folder; 'latest' or an output_dir: its newest complete checkpoint-N")
@@ -457,7 +461,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         return finetune(cfg, resolve_resume(args.resume_from_checkpoint, cfg.training.output_dir))
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

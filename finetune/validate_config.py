@@ -26,8 +26,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from finetune.config import ConfigError, FinetuneConfig, grad_accum_steps, load_config, resolve_model_path  # noqa: E402
+from finetune.config import (  # noqa: E402
+    ConfigError,
+    FinetuneConfig,
+    grad_accum_steps,
+    keys_epilog,
+    load_config,
+    resolve_model_path,
+)
 from finetune.memory import estimate_memory, memory_lines, projections  # noqa: E402
 
 
@@ -115,7 +123,8 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
+    parser = errors.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.",
+                                   epilog=keys_epilog())
     parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
     parser.add_argument("--model_config", default=None,
                         help="the base's shape when model.name_or_path is a hub id not on disk: a config.json, "
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import torch
 import build
 import configurator
 import loop
+import optim
 import parallel
-from configurator import TrainConfig
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE_CONFIG = os.path.join(ROOT, "finetune", "configs", "Llama-3.1", "llama3.1_8b_metamath.yaml")
@@ -35,7 +36,7 @@ def _first_step(monkeypatch) -> dict:
 
 
 def _built(model: torch.nn.Module, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    inner = parallel.local_optimizer(optimizer)
+    inner = optim.local_optimizer(optimizer)
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
             "train_model": type(train_model), "optimizer": type(optimizer),
