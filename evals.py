@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError
+from errors import UserError
 from model import GPT
 
 

@@ -21,10 +21,12 @@ import torch
 
 import atomic
 import configurator
+import errors
 import evals
 import hardware
 import loop
 import parallel
+from train_config import check_dtype
 
 
 @dataclass
@@ -46,11 +48,11 @@ class EvalConfig:
         for name in ("max_examples", "batch_tokens"):
             if getattr(self, name) < 0 or (name == "batch_tokens" and self.batch_tokens == 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be {'>= 0' if name == 'max_examples' else '> 0'}")
-        configurator.check_dtype(self.dtype)
+        check_dtype(self.dtype)
 
 
 def run(argv: list[str]) -> int:
-    (cfg,), _ = configurator.load(argv, [EvalConfig])
+    (cfg,), _ = configurator.load(argv, [EvalConfig], __doc__)
     tasks = evals.load_tasks(evals.parse_task_list(cfg.tasks), cfg.max_examples or None)  # bad input: before loading
     d = loop.start(cfg.device)
     model, enc, what = evals.load_model(cfg.checkpoint, cfg.tokenizer or None)
@@ -70,7 +72,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: run(argv), cleanup=loop.finish)
+    return errors.run_command(lambda: run(argv), cleanup=loop.finish)
 
 
 if __name__ == "__main__":

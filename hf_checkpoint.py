@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import atomic
-from configurator import UserError
+from errors import UserError
 from model import GPT, ModelConfig
 
 SHARD_BYTES = 5 * 1024**3  # as transformers' save_pretrained: shards of at most 5 GB

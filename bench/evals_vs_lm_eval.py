@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 
 def build_task(path: str, n: int) -> None:
@@ -53,7 +53,7 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = configurator.ArgumentParser(description=__doc__)
+    parser = errors.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=40, help="questions (default 40)")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating which side goes first")
     parser.add_argument("--lm_eval_batch_size", default="1", help="lm_eval's --batch_size (its default: 1)")
@@ -109,4 +109,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(configurator.run_command(lambda: main(sys.argv[1:])))
+    sys.exit(errors.run_command(lambda: main(sys.argv[1:])))

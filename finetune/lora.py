@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import atomic
 import hf_checkpoint
-from configurator import UserError
+from errors import UserError
 from model import GPT
 
 
