@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 import yaml
 
 from configurator import ConfigError, coerce, suggest
+from families import LORA_TARGETS
 
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -74,7 +74,7 @@ class LoraArgs:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     use_rslora: bool = False
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N
 
@@ -224,10 +224,10 @@ def _check(cfg: FinetuneConfig) -> None:
     m, lo, ds, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
-    unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
+    unknown = [x for x in lo.target_modules if x not in LORA_TARGETS]
     if unknown:
-        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
-                          f"choose among {', '.join(HF_TARGETS)}")
+        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], LORA_TARGETS)}; "
+                          f"choose among {', '.join(LORA_TARGETS)}")
     positive = {"lora.r": lo.r, "dataset.max_length": ds.max_length, "dataset.max_new_tokens": ds.max_new_tokens,
                 "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
                 "training.per_device_train_batch_size": t.per_device_train_batch_size,
