@@ -336,7 +336,6 @@ def _gemma_refuse(c: ModelConfig) -> str | None:
 # -----------------------------------------------------------------------------
 # The families
 
-_PLAIN = dict(qk_norm=(False,), scale_embeddings=(False,))
 _LLAMA_BLOCKS = dict(position_embedding=("rope",), norm=("rmsnorm",), mlp=("swiglu",), scale_embeddings=(False,))
 
 FAMILIES: dict[str, Family] = {
@@ -348,7 +347,7 @@ FAMILIES: dict[str, Family] = {
             architecture="GPT2LMHeadModel",
             presets=("gpt2",),
             requires=dict(position_embedding=("learned",), norm=("layernorm",), mlp=("gelu", "gelu_exact"),
-                          bias=(True,), **_PLAIN),
+                          bias=(True,), qk_norm=(False,), scale_embeddings=(False,)),
             read_config=_gpt2_read,
             write_config=_gpt2_write,
             layout=GPT2_LAYOUT,
