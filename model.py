@@ -58,29 +58,28 @@ class ModelConfig:
 
     vocab_size: int = 50304  # GPT-2's 50,257 padded up to a multiple of 64 for fast matmuls
     block_size: int = 1024  # longest sequence: size of the learned position table; generation crops to it
-    n_layer: int = 12
-    n_head: int = 12
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # query heads per attention
     n_kv_head: int | None = None  # None: same as n_head (multi-head attention)
-    n_embd: int = 768
+    n_embd: int = 768  # width of the residual stream
     head_dim: int | None = None  # None: n_embd // n_head
     intermediate_size: int | None = None  # MLP hidden width; None: 4 * n_embd
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"
-    position_embedding: str = "learned"
-    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # 'layernorm' (GPT-2), 'rmsnorm' (LLaMA, Qwen3) or 'rmsnorm_1p' (1 + w, Gemma)
+    norm_eps: float = 1e-5  # epsilon of every norm
+    mlp: str = "gelu"  # 'gelu' (tanh approximation, GPT-2), 'gelu_exact', 'swiglu' (LLaMA, Qwen3) or 'geglu' (Gemma)
+    position_embedding: str = "learned"  # 'learned' (GPT-2 table) or 'rope' (rotary)
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling_factor: float | None = None  # Llama-3.1 frequency scaling; None: off
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    qk_norm: bool = False
-    bias: bool = True
-    tie_embeddings: bool = True
-    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd)
-    dropout: float = 0.0
-    attention_backend: str = "sdpa"
-    init_std: float = 0.02
-
+    rope_low_freq_factor: float = 1.0  # Llama-3.1 scaling: wavelengths above original/low are scaled
+    rope_high_freq_factor: float = 4.0  # Llama-3.1 scaling: wavelengths below original/high are kept
+    rope_original_max_seq_len: int = 8192  # Llama-3.1 scaling: the context length the base was trained at
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    bias: bool = True  # biases in the linears and LayerNorms (GPT-2)
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd), rounded to their dtype (Gemma)
+    dropout: float = 0.0  # dropout on attention weights and residual branches; 0: off
+    attention_backend: str = "sdpa"  # 'sdpa' (torch), 'flash_attn_2' (the flash-attn package) or 'manual' (reference)
+    init_std: float = 0.02  # standard deviation of the normal init (residual projections scaled by 1/sqrt(2 n_layer))
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -35,7 +35,7 @@ import time
 import torch
 
 import atomic
-from configurator import UserError
+from errors import UserError
 
 
 class RunLogError(UserError):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import atomic
 import families
 import hf_checkpoint
-from configurator import UserError
+from errors import UserError
 from families import LORA_TARGETS
 from model import GPT
 

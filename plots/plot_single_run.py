@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 
 def draw_smoothed(
@@ -254,7 +254,7 @@ def default_out(paths: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = configurator.ArgumentParser(prog="plot_single_run.py", description=__doc__)
+    parser = errors.ArgumentParser(prog="plot_single_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs (several: overlaid)")
     runlogs.add_image_args(parser, out_default="next to the first log, run_X.png")
 
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {out}")
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import sys
 import pytest
 
 import configurator
-from configurator import TrainConfig
+import errors
 from model import ModelConfig
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [
@@ -117,10 +118,10 @@ def _run_parser(script: str | None, module: str | None, args: list[str], cwd: st
     real_load, real_parse = configurator.load, argparse.ArgumentParser.parse_known_args
     depth = [0]
 
-    def load(argv, schemas):
+    def load(argv, schemas, doc=None):
         seen["schemas"] = schemas
         if not seen.get("names_only"):
-            real_load(argv, schemas)
+            real_load(argv, schemas, doc)
         raise _Parsed
 
     def parse_known_args(self, args=None, namespace=None):
@@ -177,7 +178,7 @@ def _run_parser(script: str | None, module: str | None, args: list[str], cwd: st
         return None, seen
     except SystemExit as e:
         return (None if e.code in (0, None) else f"exit {e.code}: {stderr.getvalue().strip()}"), seen
-    except configurator.UserError as e:
+    except errors.UserError as e:
         return f"{type(e).__name__}: {e}", seen
     finally:
         for obj, name, value in originals:

@@ -21,11 +21,12 @@ from transformers import (
 )
 
 import configurator
+import errors
 import hf_checkpoint
 import model as model_module
-from configurator import TrainConfig
 from generation import generate
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 LLAMA31_ROPE = {
     "rope_type": "llama3",
@@ -573,12 +574,12 @@ def test_model_config_rejects_bad_values(kwargs, field):
 
 def test_config_errors_name_the_key():
     with pytest.raises(
-        configurator.ConfigError, match="unknown config key 'n_layers' .*did you mean 'n_layer'"
+        errors.ConfigError, match="unknown config key 'n_layers' .*did you mean 'n_layer'"
     ):
         configurator.load(["--n_layers=4"], [TrainConfig, ModelConfig])
-    with pytest.raises(configurator.ConfigError, match="n_layer='four' is not an integer"):
+    with pytest.raises(errors.ConfigError, match="n_layer='four' is not an integer"):
         configurator.load(["--n_layer=four"], [TrainConfig, ModelConfig])
-    with pytest.raises(configurator.ConfigError, match="config file not found"):
+    with pytest.raises(errors.ConfigError, match="config file not found"):
         configurator.load(["config/nope.py"], [TrainConfig, ModelConfig])
 
 

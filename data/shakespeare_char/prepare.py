@@ -10,7 +10,6 @@ val.bin (uint16), meta.json (format of dataprep.py, with the characters) and nan
 (vocab_size, itos, stoi).
 """
 
-import argparse
 import os
 import pickle
 import sys
@@ -19,21 +18,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from configurator import ConfigError, check_output_dir  # noqa: E402
-from dataprep import PrepareError, fail, shakespeare_plays, write_tokens  # noqa: E402
+import errors  # noqa: E402
+from configurator import check_output_dir  # noqa: E402
+from dataprep import shakespeare_plays, write_tokens  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Character-level Shakespeare for nanoGPT-style training.")
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-    args = p.parse_args()
-    try:
-        check_output_dir(args.out_dir)
-        text = "".join(play for _, play in shakespeare_plays())
-    except (PrepareError, ConfigError) as e:
-        fail(str(e))
-    os.makedirs(args.out_dir, exist_ok=True)
+def main(argv: list[str] | None = None) -> int:
+    p = errors.ArgumentParser(description="Character-level Shakespeare for nanoGPT-style training.")
+    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)),
+                   help="the folder to write (input.txt, train.bin, val.bin, meta.json, meta.pkl)")
+    args = p.parse_args(argv)
+    check_output_dir(args.out_dir)
+    text = "".join(play for _, play in shakespeare_plays())
     with open(os.path.join(args.out_dir, "input.txt"), "w") as f:
         f.write(text)
     tok = CharTokenizer("".join(sorted(set(text))))
@@ -49,7 +46,8 @@ def main() -> None:
     os.replace(os.path.join(args.out_dir, "meta.pkl.tmp"), os.path.join(args.out_dir, "meta.pkl"))
     print(f"{n:,} characters, vocab_size {tok.vocab_size}: train {meta['splits']['train']['tokens']:,} tokens, "
           f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']}) in {args.out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_command(main))
