@@ -95,6 +95,37 @@ def _run(argv: list[str]) -> int:
 # -- config ---------------------------------------------------------------------------------------
 
 
+def test_relative_paths_in_a_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    """Planted: with the paths read from the current folder (the rule before), the first assert fails, since the
+    command runs from elsewhere; the error names the config, the path as written and where it was looked for."""
+    folder = tmp_path / "configs" / "run"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "t.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    (folder / "base").mkdir()
+    (folder / "c.yaml").write_text("model: {name_or_path: base}\ndataset: {source: data/t.jsonl, eval_source: "
+                                   "data/t.jsonl}\ntraining: {output_dir: out}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(folder / "c.yaml"))
+    assert cfg.dataset.source == cfg.dataset.eval_source == str(folder / "data" / "t.jsonl")
+    assert cfg.model.name_or_path == str(folder / "base")
+    assert cfg.training.output_dir == "out"  # an output, like HF Trainer's: relative to the current folder
+    # an override is a shell argument: relative to the current folder, as written
+    cfg = load_config(str(folder / "c.yaml"), ["dataset.source=mine.jsonl", "model.name_or_path=org/name"])
+    assert cfg.dataset.source == "mine.jsonl" and cfg.model.name_or_path == "org/name"
+    (folder / "c.yaml").write_text("model: {name_or_path: org/name}\ndataset: {source: data/t.jsonl, eval_source: gsm8k}\n")
+    assert load_config(str(folder / "c.yaml")).model.name_or_path == "org/name"  # a hub id stays as written
+    (folder / "c.yaml").write_text("dataset: {source: ../t.jsonl}\n")
+    assert load_config(str(folder / "c.yaml"), ["dataset.source=x.jsonl", "dataset.eval_source=gsm8k",
+                                                "model.name_or_path=m"]).dataset.source == "x.jsonl"  # overridden
+    with pytest.raises(ConfigError) as e:
+        load_config(str(folder / "c.yaml"))
+    message = str(e.value)
+    assert "dataset.source=../t.jsonl" in message and str(folder / "c.yaml") in message
+    assert str(tmp_path / "configs" / "t.jsonl") in message and "\n" not in message
+
+
 def test_config_types_overrides_and_derived_counts(assets, tmp_path):
     path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
     cfg = load_config(path, ["training.learning_rate=1e-4", "--lora.target_modules=[q_proj,v_proj]",
