@@ -324,8 +324,10 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), not a {type(raw).__name__}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for arg in overrides:
-        section, name, value = parse_override(arg)
+    parsed = [parse_override(arg) for arg in overrides]
+    if path is not None:
+        _from_config_folder(raw, path, {(section, name) for section, name, _ in parsed})
+    for section, name, value in parsed:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"section '{section}' must be a mapping of keys to values")
         raw.setdefault(section, {})
@@ -337,6 +339,32 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = FinetuneConfig(**{s: _build(s, raw.get(s)) for s in SECTIONS})
     _check(cfg)
     return cfg
+
+
+# Paths a config file may name, and the local data files among them (sft_data.LOCAL_EXTENSIONS).
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("dataset", "source"), ("dataset", "eval_source"))
+DATA_FILES = (".json", ".jsonl", ".parquet")
+
+
+def _from_config_folder(raw: dict, path: str, overridden: set[tuple[str, str]]) -> None:
+    """Relative paths written in a config file are read from the config's own folder, wherever the command
+    runs (section.key=value overrides stay relative to the current folder, like any shell argument). A data
+    file must exist there; a relative model or tokenizer path is taken from there when it exists there (else it
+    stays as written: a hub id such as org/name). Keys an override sets are left alone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for section, key in (k for k in PATH_KEYS if k not in overridden):
+        value = raw.get(section).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith("~"):
+            continue
+        joined = os.path.normpath(os.path.join(folder, value))
+        if section == "dataset" and value.endswith(DATA_FILES):
+            if not os.path.isfile(joined):
+                raise ConfigError(f"{section}.{key}={value} in {path} is read from the config's folder, where "
+                                  f"{joined} does not exist; write it relative to the config's folder, or pass "
+                                  f"{section}.{key}=PATH (relative to the current folder)")
+            raw[section][key] = joined
+        elif section == "model" and os.path.exists(joined):
+            raw[section][key] = joined
 
 
 def lora_config(cfg: FinetuneConfig):  # -> lora.LoRAConfig (imported lazily: lora.py needs torch)
