@@ -11,8 +11,8 @@ The story of a run, one function per phase: launch (join the process group, chec
 what_to_train (checkpoint, data, architecture) -> build (the raw `model`: scratch, checkpoint or
 Hugging Face weights; transforms such as FP8; wrapped into `train_model`: compile, DDP/ZeRO-1/FSDP;
 the optimizer) -> data and state (the loader, a resume's optimizer, RNG and loader state, the eval
-batches) -> the run log -> loop.run_loop with pretraining's seams: evaluate and checkpoint at
-intervals. How one step runs (micro-steps, clipping, skipping non-finite steps, logging) is loop.py.
+batches, the downstream tasks of eval_tasks) -> the run log -> loop.run_loop with pretraining's seams:
+evaluate (val loss; task accuracy, evals.py) and checkpoint at intervals. How one step runs (micro-steps, clipping, skipping non-finite steps, logging) is loop.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,9 @@ import runlog
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
 from train_config import TrainConfig
+
+if TYPE_CHECKING:
+    import evals
 
 
 @torch.no_grad()
@@ -177,6 +181,41 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     return Source(ckpt_path, ckpt_state, ddir, meta, mc, lock)
 
 
+@dataclass
+class TaskEval:
+    """The downstream tasks a run scores in the loop (evals.py), with the dataset's tokenizer."""
+
+    tasks: list[evals.Task]
+    encoder: evals.Encoder
+    interval: int  # iterations between task evaluations
+
+
+def task_eval(tc: TrainConfig, meta: dict, data_dir: str, block_size: int) -> TaskEval | None:
+    """eval_tasks loaded and checked before any work (None when off): the tasks' files and the tokenizer."""
+    if not tc.eval_tasks:
+        return None
+    import evals
+    from tokenizer import tokenizer_from_meta
+
+    tasks = evals.load_tasks(evals.parse_task_list(tc.eval_tasks), tc.eval_tasks_max_examples or None)
+    enc = evals.encoder_from_tokenizer(tokenizer_from_meta(meta, data_dir))
+    evals.tokenize(tasks, enc, block_size)  # once for the run; a continuation that cannot fit fails here
+    return TaskEval(tasks, enc, tc.eval_tasks_interval or tc.eval_interval)
+
+
+def evaluate_tasks(model: torch.nn.Module, te: TaskEval, autocast, d: parallel.Dist) -> dict:
+    """Each task's acc, acc_norm and centered accuracy, the CORE aggregate and the seconds it took, as
+    fields of the evaluation record; every rank scores its share (a stop request ends it between batches)."""
+    import evals
+
+    r = evals.evaluate(model, te.encoder, te.tasks, autocast=autocast, rank=d.rank, world_size=d.world_size,
+                       device=d.device, step=lambda: loop.check_interrupt(d))
+    print0(d, f"tasks: {evals.summary(r)}")
+    keep = ("acc", "acc_norm", "centered", "random_baseline", "core_metric")
+    return {"tasks": {name: {k: v[k] for k in keep} for name, v in r["tasks"].items()},
+            "core": r["core"], "tasks_seconds": round(r["seconds"], 3)}
+
+
 def claim_out_dir(out_dir: str, new_run: bool, overwrite_out_dir: bool) -> checkpoint.DirLock:
     """Take out_dir for this run (on rank 0; build.claim_out_dir). A new run (new_run: scratch or Hugging Face
     weights, saving checkpoints) never replaces a trained model unless overwrite_out_dir says so; then the
@@ -232,6 +271,7 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     accum = tc.gradient_accumulation_steps // d.world_size  # micro-steps per rank per optimizer step
     src = what_to_train(tc, mc, explicit, d, accum)
     mc = src.model_config
+    tasks = task_eval(tc, src.meta, src.data_dir, mc.block_size)  # task files and tokenizer, checked before the build
     model, train_model, optimizer, hooks, fp8_summary = build.build(tc, mc, d, dtype, src.ckpt_path)
     autocast, scaler = loop.precision(dtype, d.device)
 
@@ -260,8 +300,9 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
 
     if tc.eval_only:
         losses = evaluate(model, eval_sets, autocast, d)
-        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
         print0(d, f"eval at iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        scores = evaluate_tasks(model, tasks, autocast, d) if tasks is not None else {}
+        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         log.close()
         return 0
 
@@ -269,12 +310,17 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     overwrite(tc.out_dir, tc.init_from != "resume" and tc.save_checkpoint, tc.overwrite_out_dir, d)
 
     def evaluate_and_save(run: RunState, done: bool) -> None:
+        tasks_due = tasks is not None and (run.iter_num % tasks.interval == 0 or done)
         if run.iter_num % tc.eval_interval != 0 and not done:
+            if tasks_due:  # a task interval between loss evaluations: a record of its own
+                log.evaluation({"iter": run.iter_num, "tokens_seen": run.tokens_seen,
+                                **evaluate_tasks(model, tasks, autocast, d)})
             return
         losses = evaluate(model, eval_sets, autocast, d)
-        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "tokens_seen": run.tokens_seen})
         print0(d, f"eval iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        scores = evaluate_tasks(model, tasks, autocast, d) if tasks_due else {}
+        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                        "tokens_seen": run.tokens_seen, **scores})
         improved = losses["val"] < run.best_val_loss
         if improved:
             run.best_val_loss = losses["val"]

@@ -76,6 +76,10 @@ class TrainConfig:
     dataloader_num_workers: int = 4  # worker processes with use_dataloader=True
     seed: int = 1337  # seed of the init, the batch order and dropout (dropout adds the rank)
     save_checkpoint: bool = True  # False: never write a checkpoint (benchmarks); eval and logs are unchanged
+    # downstream tasks in the loop (evals.py): accuracy on multiple-choice / cloze tasks beside the val loss
+    eval_tasks: str = ""  # comma-separated: a task name (evals.TASKS), NAME=PATH.jsonl or PATH.jsonl; '': none
+    eval_tasks_interval: int = 0  # iterations between task evaluations (and at the end); 0: eval_interval
+    eval_tasks_max_examples: int = 0  # score the first N examples of each task; 0: all
 
     def __post_init__(self) -> None:
         for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
@@ -116,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"fp8={self.fp8!r} is not one of '' (off), tensorwise, rowwise")
         if self.fp8_emulate and not self.fp8:
             raise ValueError("fp8_emulate=True needs fp8=tensorwise or fp8=rowwise")
+        for name in ("eval_tasks_interval", "eval_tasks_max_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
     def _check_optimizer(self) -> None:
         """The optimizer and schedule keys (optim.OPTIMIZERS, optim.ADJUST_LR, loop.get_lr's schedules)."""
