@@ -90,7 +90,8 @@ def memory_estimate(model: torch.nn.Module, tc: TrainConfig, world_size: int, dt
     return hardware.estimate_memory(model, **_memory_args(model, tc, world_size, dtype))
 
 
-def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype, ckpt_path: str | None):
+def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype,
+          ckpt_path: str | None) -> tuple[GPT, torch.nn.Module, torch.optim.Optimizer, list, str | None]:
     """(model, train_model, optimizer, after-step hooks, fp8 summary or None): the raw model built and
     transformed, then wrapped; the optimizer over its trainable parameters."""
     torch.manual_seed(tc.seed)
@@ -118,7 +119,7 @@ def muon_settings(tc: TrainConfig) -> optim.MuonSettings | None:
     return optim.MuonSettings(tc.muon_lr_scale, tc.muon_momentum, tc.muon_ns_steps, tc.muon_adjust_lr)
 
 
-def lr_at(tc: TrainConfig):
+def lr_at(tc: TrainConfig) -> Callable[[int], float]:
     """The schedule: the learning rate of optimizer step `it` (loop.get_lr with the config's keys)."""
     return lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr,
                                   tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_shape)
@@ -155,9 +156,11 @@ def overwrite_out_dir(out_dir: str, names: list[str], d: parallel.Dist, note: st
 
 
 def resume(path: str | None, state: dict | None, d: parallel.Dist, layout: parallel.Layout, model: torch.nn.Module,
-           optimizer: torch.optim.Optimizer, loader, seed: int, scaler: torch.amp.GradScaler | None = None) -> RunState:
+           optimizer: torch.optim.Optimizer, loader: object, seed: int,
+           scaler: torch.amp.GradScaler | None = None) -> RunState:
     """The run's starting state: a checkpoint's optimizer, RNG, scaler and loader position (state is its
-    state.json) restored into the built model, or a fresh start with the RNG seeded per rank."""
+    state.json) restored into the built model, or a fresh start with the RNG seeded per rank. loader: anything
+    with TokenLoader's load_state_dict()."""
     if state is None:
         torch.manual_seed(seed + d.rank)  # dropout differs by rank; a resume restores the saved RNG instead
         return RunState()

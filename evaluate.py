@@ -72,9 +72,9 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return errors.run_command(lambda: run(argv), cleanup=loop.finish)
+    with torch.no_grad():  # scoring only; a context, so an in-process caller keeps its own grad mode
+        return errors.run_command(lambda: run(argv), cleanup=loop.finish)
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main(sys.argv[1:]))

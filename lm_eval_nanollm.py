@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models: its registry skips them once ours is in it)
 import torch
@@ -25,6 +26,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 
+import errors
 import evals
 from generation import generate
 
@@ -155,12 +157,19 @@ def task_yaml(spec: str, lm_eval_name: str) -> str:
             f"    test: {q(os.path.abspath(path))}\ntest_split: test\n{fields}metadata:\n  version: 1.0\n")
 
 
-def main() -> None:
-    """lm_eval's command line with `nanollm` registered (it inserts `run` when no subcommand is given)."""
+def main() -> int:
+    """lm_eval's command line with `nanollm` registered (it inserts `run` when no subcommand is given);
+    a usage mistake is one `error:` line and exit 2, as in every command here."""
+    import argparse
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    def usage_error(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+        raise errors.ConfigError(f"{message} (see --help)")
+
+    argparse.ArgumentParser.error = usage_error  # lm_eval's parsers and subparsers are plain argparse
+    return errors.run_command(lambda: cli_evaluate() or 0)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

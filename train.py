@@ -33,6 +33,7 @@ import fp8
 import hardware
 import loop
 import parallel
+import runlog
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
 from train_config import TrainConfig
@@ -239,7 +240,7 @@ def overwrite(out_dir: str, new_run: bool, overwrite_out_dir: bool, d: parallel.
 
 
 def open_log(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype,
-             model: GPT, accum: int, fp8_summary: str | None):
+             model: GPT, accum: int, fp8_summary: str | None) -> tuple[runlog.RunLog, float | None, int]:
     """(run log, peak FLOP/s or None, FLOPs per token): the log's header written (build.model_summary, as
     fine-tuning's) and the run's shape printed."""
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size

@@ -27,8 +27,8 @@ import yaml
 
 from configurator import coerce, format_keys, keys_help, suggest
 from errors import ConfigError
+from families import LORA_TARGETS
 
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -75,7 +75,7 @@ class LoraArgs:
     r: int = 8  # adapter rank
     alpha: float = 16.0  # scale numerator: alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0  # dropout on each adapter's input; 0: off
-    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))  # the linears adapted, by their Hugging Face names
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the linears adapted, by their Hugging Face names
     use_rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilized LoRA)
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N
 
@@ -229,10 +229,10 @@ def _check(cfg: FinetuneConfig) -> None:
     m, lo, ds, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
-    unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
+    unknown = [x for x in lo.target_modules if x not in LORA_TARGETS]
     if unknown:
-        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
-                          f"choose among {', '.join(HF_TARGETS)}")
+        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], LORA_TARGETS)}; "
+                          f"choose among {', '.join(LORA_TARGETS)}")
     positive = {"lora.r": lo.r, "dataset.max_length": ds.max_length, "dataset.max_new_tokens": ds.max_new_tokens,
                 "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
                 "training.per_device_train_batch_size": t.per_device_train_batch_size,
@@ -324,8 +324,10 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), not a {type(raw).__name__}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for arg in overrides:
-        section, name, value = parse_override(arg)
+    parsed = [parse_override(arg) for arg in overrides]
+    if path is not None:
+        _from_config_folder(raw, path, {(section, name) for section, name, _ in parsed})
+    for section, name, value in parsed:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"section '{section}' must be a mapping of keys to values")
         raw.setdefault(section, {})
@@ -337,6 +339,32 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = FinetuneConfig(**{s: _build(s, raw.get(s)) for s in SECTIONS})
     _check(cfg)
     return cfg
+
+
+# Paths a config file may name, and the local data files among them (sft_data.LOCAL_EXTENSIONS).
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("dataset", "source"), ("dataset", "eval_source"))
+DATA_FILES = (".json", ".jsonl", ".parquet")
+
+
+def _from_config_folder(raw: dict, path: str, overridden: set[tuple[str, str]]) -> None:
+    """Relative paths written in a config file are read from the config's own folder, wherever the command
+    runs (section.key=value overrides stay relative to the current folder, like any shell argument). A data
+    file must exist there; a relative model or tokenizer path is taken from there when it exists there (else it
+    stays as written: a hub id such as org/name). Keys an override sets are left alone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for section, key in (k for k in PATH_KEYS if k not in overridden):
+        value = raw.get(section).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith("~"):
+            continue
+        joined = os.path.normpath(os.path.join(folder, value))
+        if section == "dataset" and value.endswith(DATA_FILES):
+            if not os.path.isfile(joined):
+                raise ConfigError(f"{section}.{key}={value} in {path} is read from the config's folder, where "
+                                  f"{joined} does not exist; write it relative to the config's folder, or pass "
+                                  f"{section}.{key}=PATH (relative to the current folder)")
+            raw[section][key] = joined
+        elif section == "model" and os.path.exists(joined):
+            raw[section][key] = joined
 
 
 def lora_config(cfg: FinetuneConfig):  # -> lora.LoRAConfig (imported lazily: lora.py needs torch)

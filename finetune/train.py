@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -45,6 +46,7 @@ import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
+import runlog  # noqa: E402
 from finetune import build_lora, spectral  # noqa: E402
 from finetune.config import (  # noqa: E402
     ConfigError,
@@ -84,7 +86,8 @@ SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "t
                                 "eval/answer_accuracy_flexible")}}
 
 
-def make_lr(scheduler: str, peak: float, floor: float, total: int, warmup: int, refactors: list[int], rewarm: int):
+def make_lr(scheduler: str, peak: float, floor: float, total: int, warmup: int, refactors: list[int],
+            rewarm: int) -> Callable[[int], float]:
     """lr_at(it): the schedule of training.lr_scheduler_type (cosine, linear or constant) from peak to floor,
     re-warmed linearly over `rewarm` steps after each refactor (0: a refactor that keeps the moments)."""
 
@@ -266,7 +269,8 @@ def what_to_train(cfg: FinetuneConfig, d: parallel.Dist, layout: parallel.Layout
 
 
 def build_model(cfg: FinetuneConfig, model_path: str, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype,
-                resume: str | None, init_state: dict | None, adapters: dict | None):
+                resume: str | None, init_state: dict | None,
+                adapters: dict | None) -> tuple[GPT, torch.nn.Module, torch.optim.Optimizer]:
     """(model, train_model, optimizer): the base in dtype with fp32 adapters (PiSSA's SVD, or a resume's saved
     initial factors and trained adapters), wrapped for the layout; AdamW over the adapters (build_lora.py)."""
     t = cfg.training
@@ -287,7 +291,7 @@ def build_model(cfg: FinetuneConfig, model_path: str, d: parallel.Dist, layout: 
 
 
 def open_log(cfg: FinetuneConfig, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype, model: GPT,
-             data: Data, accum: int):
+             data: Data, accum: int) -> tuple[runlog.RunLog, float | None, int]:
     """(run log, peak FLOP/s or None, FLOPs per token): the log's header written (build.model_summary, as
     pretraining's) and the run's shape printed."""
     t, tr = cfg.training, cfg.trainer
@@ -328,7 +332,7 @@ class Outputs:
     model: GPT
     optimizer: torch.optim.Optimizer
     loader: SFTLoader
-    log: object  # runlog.RunLog
+    log: runlog.RunLog
     output_dir: str
     save_total_limit: int | None
     config: dict  # the run's config, recorded in every checkpoint
@@ -375,8 +379,8 @@ class Outputs:
             self.log.event({"iter": it, "event": "final_adapter", "path": self.output_dir})
 
 
-def evaluate_and_save(out: Outputs, evaluate_now, eval_every: int | None, save_every: int, start_iter: int,
-                      resumed: bool):
+def evaluate_and_save(out: Outputs, evaluate_now: Callable[[], dict[str, float]] | None, eval_every: int | None,
+                      save_every: int, start_iter: int, resumed: bool) -> Callable[[RunState, bool], None]:
     """loop.Loop.evaluate_and_save: evaluate_now() every eval_every steps (checkpoint-best when it improves),
     a checkpoint-N every save_every, and at the end the final adapter."""
     def seam(run: RunState, done: bool) -> None:

@@ -97,6 +97,37 @@ def _run(argv: list[str]) -> int:
 # -- config ---------------------------------------------------------------------------------------
 
 
+def test_relative_paths_in_a_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    """Planted: with the paths read from the current folder (the rule before), the first assert fails, since the
+    command runs from elsewhere; the error names the config, the path as written and where it was looked for."""
+    folder = tmp_path / "configs" / "run"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "t.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    (folder / "base").mkdir()
+    (folder / "c.yaml").write_text("model: {name_or_path: base}\ndataset: {source: data/t.jsonl, eval_source: "
+                                   "data/t.jsonl}\ntraining: {output_dir: out}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(folder / "c.yaml"))
+    assert cfg.dataset.source == cfg.dataset.eval_source == str(folder / "data" / "t.jsonl")
+    assert cfg.model.name_or_path == str(folder / "base")
+    assert cfg.training.output_dir == "out"  # an output, like HF Trainer's: relative to the current folder
+    # an override is a shell argument: relative to the current folder, as written
+    cfg = load_config(str(folder / "c.yaml"), ["dataset.source=mine.jsonl", "model.name_or_path=org/name"])
+    assert cfg.dataset.source == "mine.jsonl" and cfg.model.name_or_path == "org/name"
+    (folder / "c.yaml").write_text("model: {name_or_path: org/name}\ndataset: {source: data/t.jsonl, eval_source: gsm8k}\n")
+    assert load_config(str(folder / "c.yaml")).model.name_or_path == "org/name"  # a hub id stays as written
+    (folder / "c.yaml").write_text("dataset: {source: ../t.jsonl}\n")
+    assert load_config(str(folder / "c.yaml"), ["dataset.source=x.jsonl", "dataset.eval_source=gsm8k",
+                                                "model.name_or_path=m"]).dataset.source == "x.jsonl"  # overridden
+    with pytest.raises(ConfigError) as e:
+        load_config(str(folder / "c.yaml"))
+    message = str(e.value)
+    assert "dataset.source=../t.jsonl" in message and str(folder / "c.yaml") in message
+    assert str(tmp_path / "configs" / "t.jsonl") in message and "\n" not in message
+
+
 def test_config_types_overrides_and_derived_counts(assets, tmp_path):
     path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
     cfg = load_config(path, ["training.learning_rate=1e-4", "--lora.target_modules=[q_proj,v_proj]",
@@ -454,19 +485,32 @@ def test_kill_9_inside_a_save_then_resume_latest_gives_the_same_adapters(straigh
 
 
 @pytest.mark.slow
-def test_an_interrupt_names_the_checkpoint_it_saved(assets, tmp_path):
+def test_sigterm_mid_run_saves_names_the_checkpoint_and_the_resume_finishes_the_run(assets, tmp_path):
+    """SIGTERM once the run prints its 3rd step: it saves checkpoint-N, names it, exits 130; resuming `latest`
+    goes on from N (no step repeated or skipped) to the end and writes the final adapter. Planted: a resume
+    that starts again from step 0, or stops at N, fails the step list below."""
     out = tmp_path / "out"
-    path = _config(assets, tmp_path / "c.yaml", out, training={"max_steps": 400, "eval_steps": 400,
-                                                                "save_steps": 400})
+    path = _config(assets, tmp_path / "c.yaml", out, training={"max_steps": 10, "eval_steps": 10, "save_steps": 10})
     p = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=FINETUNE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    read_until(p, "iter 2:")
-    p.send_signal(signal.SIGTERM)
-    rest, _ = p.communicate(timeout=120)
+    try:
+        read_until(p, "iter 2:")
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
     (line,) = [ln for ln in rest.splitlines() if ln.startswith("interrupted at iter")]
     it = int(line.split()[3].rstrip(";"))
     assert p.returncode == 130 and f"saved {out}/checkpoint-{it}: resume with --resume_from_checkpoint latest" in line
-    assert (out / f"checkpoint-{it}" / "state.json").is_file()
+    assert (out / f"checkpoint-{it}" / "state.json").is_file() and 3 <= it < 10
+    first = sorted(_losses(_log(out)))
+    assert first == list(range(it))
+    os.remove(glob.glob(str(out / "run_*.json"))[0])  # the resumed run's log alone below
+    r = subprocess.run([sys.executable, "train.py", "--config", path, "--resume_from_checkpoint", "latest"],
+                       cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(_losses(_log(out))) == list(range(it, 10))
+    assert (out / "checkpoint-10" / "state.json").is_file() and all((out / f).is_file() for f in ft.ADAPTER_FILES)
 
 
 # -- a CLI that talks: progress, messages, templates, evaluation off -----------------------------------
