@@ -83,21 +83,21 @@ def activation_bytes_per_token(model: torch.nn.Module, act_bytes: int, compiled:
     c = model.config
     dim, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     hidden = c.intermediate_size
-    mlp_in = 2 * hidden if c.mlp == "swiglu" else hidden
+    mlp_in = 2 * hidden if c.gated_mlp else hidden
     attention = act_bytes * (q + 2 * kv + q)  # q, k, v and the attention output (+ tiny logsumexp)
     if compiled:  # swiglu: Inductor also keeps silu(gate) (measured: 97 KB/token/layer at the 1.5B preset)
-        mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else mlp_in + hidden)
+        mlp = act_bytes * (mlp_in + 2 * hidden if c.gated_mlp else mlp_in + hidden)
         per_layer = 4 * 2 * dim + act_bytes * (2 * dim) + attention + mlp
     else:
         residual_and_norms = 4 * 2 * dim + 4 * 2 * dim + act_bytes * 2 * dim  # fp32 inputs/outputs, bf16 casts
-        mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else 2 * hidden)
+        mlp = act_bytes * (mlp_in + 2 * hidden if c.gated_mlp else 2 * hidden)
         per_layer = residual_and_norms + attention + mlp
     return c.n_layer * per_layer + 4 * dim  # + the final norm's input
 
 
 def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size: int, zero1: bool, fsdp: bool,
                     grads_alive: bool, tokens: int, activation_bytes: int, act_bytes: int, n_embd: int, vocab: int,
-                    chunk: int, head_trained: bool, gathered_block: int = 0) -> dict[str, float]:
+                    chunk: int, head_trained: bool, gathered_block: int = 0, one_moment: int = 0) -> dict[str, float]:
     """Bytes per GPU at the peak of a training step (the start of backward), by part; the one estimate that
     pretraining (estimate_memory) and LoRA (finetune/memory.py) fill in.
 
@@ -105,14 +105,15 @@ def training_memory(*, trained: int, frozen: int, frozen_bytes: int, world_size:
     and FSDP); frozen ones are held in frozen_bytes each, with nothing else. gathered_block: parameters of
     the largest block that FSDP all-gathers (and prefetches) in the compute dtype. The fused loss keeps
     grad_x (tokens, C) and, for a trained head, grad_w (V, C, fp32) from forward to backward, plus one
-    chunk of fp32 log-probabilities and the chunk's logits at a time.
+    chunk of fp32 log-probabilities and the chunk's logits at a time. one_moment of the trained parameters
+    have one fp32 optimizer buffer (Muon's momentum) instead of two.
     """
     shard = world_size if fsdp else 1
     return {
         "frozen_weights": frozen_bytes * frozen / shard,
         "trained_weights": 4 * trained / shard + 2 * act_bytes * gathered_block,
         "grads": 4 * trained / shard if grads_alive else 0.0,
-        "optimizer": 8 * trained / (world_size if (zero1 or fsdp) else 1),  # exp_avg + exp_avg_sq in fp32
+        "optimizer": (8 * trained - 4 * one_moment) / (world_size if (zero1 or fsdp) else 1),  # exp_avg + exp_avg_sq in fp32
         "activations": tokens * activation_bytes,
         "loss_buffers": tokens * n_embd * act_bytes + (4 * vocab * n_embd if head_trained else 0) + chunk * vocab * (4 + act_bytes),
     }
@@ -129,11 +130,13 @@ def estimate_memory(
     compiled: bool,
     grad_accum: int = 1,
     grads_kept: bool = False,
+    one_moment: int = 0,
 ) -> dict[str, float]:
     """Estimated peak GiB per GPU of pretraining (training_memory with every parameter trained). The
     gradients are alive at the peak only with accumulation (or CUDA graphs, grads_kept): with one
     micro-step per rank they are None there (zero_grad(set_to_none=True)). Measured within 7% of the
-    peak on an H100 (bench/RESULTS.md). CUDA context not included."""
+    peak on an H100 (bench/RESULTS.md). CUDA context not included. one_moment: parameters whose optimizer
+    keeps one fp32 buffer instead of AdamW's two (Muon's momentum, optim.muon_params)."""
     act_bytes = 4 if dtype == "float32" else 2
     tokens = batch_size * seq_len
     parts = training_memory(
@@ -141,7 +144,7 @@ def estimate_memory(
         grads_alive=grad_accum > 1 or grads_kept, tokens=tokens,
         activation_bytes=activation_bytes_per_token(model, act_bytes, compiled), act_bytes=act_bytes,
         n_embd=model.config.n_embd, vocab=model.config.vocab_size, chunk=min(tokens, model.loss_chunk), head_trained=True,
-        gathered_block=sum(p.numel() for p in model.h[0].parameters()) if fsdp else 0)
+        gathered_block=sum(p.numel() for p in model.h[0].parameters()) if fsdp else 0, one_moment=one_moment)
     gib = 1024**3
     out = {
         "weights_gb": parts["trained_weights"] / gib,
@@ -154,12 +157,13 @@ def estimate_memory(
 
 
 def memory_fit(model: torch.nn.Module, batch_size: int, seq_len: int, dtype: str, world_size: int, zero1: bool,
-               fsdp: bool, compiled: bool, free_bytes: int, grad_accum: int = 1, grads_kept: bool = False) -> str | None:
+               fsdp: bool, compiled: bool, free_bytes: int, grad_accum: int = 1, grads_kept: bool = False,
+               one_moment: int = 0) -> str | None:
     """None when estimate_memory fits in free_bytes; else one line with the estimate, the free memory
     and the largest batch_size that the estimate says fits (0 when even the weights do not)."""
     def total(b: int) -> float:
         return estimate_memory(model, b, seq_len, dtype, world_size, zero1, fsdp, compiled, grad_accum,
-                               grads_kept)["total_gb"] * 1024**3
+                               grads_kept, one_moment)["total_gb"] * 1024**3
 
     need = total(batch_size)
     if need <= free_bytes:

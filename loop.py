@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 import hardware
+import optim
 import parallel
 import runlog
 from errors import UserError
@@ -52,14 +53,23 @@ class TrainingError(UserError):
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
-           decay_lr: bool = True) -> float:
-    """Linear warmup from learning_rate / (warmup_iters + 1) to learning_rate, then cosine to min_lr."""
+           decay_lr: bool = True, schedule: str = "cosine", decay_fraction: float = 0.2,
+           decay_shape: str = "linear") -> float:
+    """Linear warmup from learning_rate / (warmup_iters + 1) to learning_rate, then to min_lr at lr_decay_iters:
+    cosine all the way ("cosine"), or warmup-stable-decay ("wsd": the peak until the last decay_fraction of
+    lr_decay_iters, then down, linearly or as 1 - sqrt of the decay's progress)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if not decay_lr:
         return learning_rate
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        start = max(warmup_iters, lr_decay_iters - round(decay_fraction * lr_decay_iters))
+        if it < start:
+            return learning_rate
+        progress = (it - start) / max(1, lr_decay_iters - start)
+        return min_lr + (1.0 - (math.sqrt(progress) if decay_shape == "1-sqrt" else progress)) * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
@@ -215,8 +225,7 @@ class Step:
 
 
 def set_lr(loop: Loop, lr: float) -> None:
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
+    optim.set_lr(loop.optimizer, lr)
 
 
 def forward_backward(loop: Loop) -> tuple[torch.Tensor, int]:
@@ -261,7 +270,7 @@ def optimizer_step(loop: Loop, loss: torch.Tensor, it: int) -> tuple[torch.Tenso
     else:
         bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
         found_inf = parallel.all_reduce_max(bad.float(), loop.d)
-        parallel.optimizer_step(loop.optimizer, found_inf)
+        optim.step(loop.optimizer, found_inf)
     loop.optimizer.zero_grad(set_to_none=not loop.use_cuda_graphs)
     return grad_norm, found_inf
 

@@ -51,8 +51,16 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     decay_lr: bool = True  # False: constant learning_rate after warmup
     warmup_iters: int = 200  # steps of linear warmup from 0 to learning_rate
-    lr_decay_iters: int | None = None  # end of the cosine decay; None: max_iters
+    lr_decay_iters: int | None = None  # end of the decay; None: max_iters
     min_lr: float = 6e-5  # the learning rate at the end of the decay
+    lr_schedule: str = "cosine"  # 'cosine', or 'wsd' (warmup, stable at the peak, decay over the last lr_decay_fraction)
+    lr_decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters spent decaying to min_lr
+    lr_decay_shape: str = "linear"  # wsd: 'linear' or '1-sqrt' (faster at first, slower near min_lr)
+    optimizer: str = "adamw"  # 'adamw', or 'muon' (Muon for the blocks' 2-D weights, AdamW for the rest; optim.py)
+    muon_lr_scale: float = 1.0  # the Muon group's lr = the schedule's lr times this
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per step
+    muon_adjust_lr: str = "match_rms_adamw"  # 'match_rms_adamw' (AdamW's lr transfers) or 'original' (lr ~0.02)
     max_nonfinite_steps: int = 5  # consecutive skipped (NaN/inf loss or gradient) steps before stopping
     # system
     device: str = "auto"  # 'auto' (cuda:LOCAL_RANK if a GPU is present, else cpu), 'cpu', 'cuda', 'cuda:N'
@@ -68,6 +76,10 @@ class TrainConfig:
     dataloader_num_workers: int = 4  # worker processes with use_dataloader=True
     seed: int = 1337  # seed of the init, the batch order and dropout (dropout adds the rank)
     save_checkpoint: bool = True  # False: never write a checkpoint (benchmarks); eval and logs are unchanged
+    # downstream tasks in the loop (evals.py): accuracy on multiple-choice / cloze tasks beside the val loss
+    eval_tasks: str = ""  # comma-separated: a task name (evals.TASKS), NAME=PATH.jsonl or PATH.jsonl; '': none
+    eval_tasks_interval: int = 0  # iterations between task evaluations (and at the end); 0: eval_interval
+    eval_tasks_max_examples: int = 0  # score the first N examples of each task; 0: all
 
     def __post_init__(self) -> None:
         for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
@@ -88,6 +100,7 @@ class TrainConfig:
             raise ValueError("learning_rate=0 would not train; set a positive learning_rate")
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        self._check_optimizer()
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -107,3 +120,28 @@ class TrainConfig:
             raise ValueError(f"fp8={self.fp8!r} is not one of '' (off), tensorwise, rowwise")
         if self.fp8_emulate and not self.fp8:
             raise ValueError("fp8_emulate=True needs fp8=tensorwise or fp8=rowwise")
+        for name in ("eval_tasks_interval", "eval_tasks_max_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+    def _check_optimizer(self) -> None:
+        """The optimizer and schedule keys (optim.OPTIMIZERS, optim.ADJUST_LR, loop.get_lr's schedules)."""
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of adamw, muon")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of cosine, wsd")
+        if not 0 < self.lr_decay_fraction <= 1:
+            raise ValueError(f"lr_decay_fraction={self.lr_decay_fraction} must be in (0, 1]")
+        if self.lr_decay_shape not in ("linear", "1-sqrt"):
+            raise ValueError(f"lr_decay_shape={self.lr_decay_shape!r} is not one of linear, 1-sqrt")
+        if self.muon_adjust_lr not in ("match_rms_adamw", "original"):
+            raise ValueError(f"muon_adjust_lr={self.muon_adjust_lr!r} is not one of match_rms_adamw, original")
+        if self.muon_lr_scale <= 0:
+            raise ValueError(f"muon_lr_scale={self.muon_lr_scale} must be > 0")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if not 1 <= self.muon_ns_steps <= 20:
+            raise ValueError(f"muon_ns_steps={self.muon_ns_steps} must be between 1 and 20")
+        if self.optimizer == "muon" and self.use_cuda_graphs:
+            raise ValueError("optimizer=muon with use_cuda_graphs=True is untested (no GPU here to prove it); "
+                             "drop use_cuda_graphs, or use optimizer=adamw")

@@ -63,7 +63,7 @@ def timed(fn: Callable[[], object], cfg: MicroConfig, device: torch.device) -> f
 def gemm_shapes(mc: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
     """name -> (M tokens, K in, N out) of each linear in a block, and the head."""
     q, kv = mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim
-    ff = mc.intermediate_size * (2 if mc.mlp == "swiglu" else 1)
+    ff = mc.intermediate_size * (2 if mc.gated_mlp else 1)
     return {"attn.c_attn": (tokens, mc.n_embd, q + 2 * kv), "attn.c_proj": (tokens, q, mc.n_embd),
             "mlp.c_fc": (tokens, mc.n_embd, ff), "mlp.c_proj": (tokens, mc.intermediate_size, mc.n_embd),
             "head": (tokens, mc.n_embd, mc.vocab_size)}

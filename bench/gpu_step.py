@@ -1,5 +1,5 @@
 """
-Training-step speed and memory of one configuration, built from the pieces train.py uses (the model
+Training-step speed and memory of one configuration, built by train.py's own build (build.build: the model
 on the meta device, the FP8 transform and its hooks, parallel.wrap, the optimizer) and timed through
 loop.train_step, the step every run takes (GradScaler, clipping and skipping included), on synthetic tokens:
 no evaluation, no checkpoint, no data files. Prints one JSON line. Run one process per
@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+import build  # noqa: E402
 import configurator  # noqa: E402
 import errors  # noqa: E402
 import fp8  # noqa: E402
@@ -44,7 +45,7 @@ import hardware  # noqa: E402
 import loop  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -138,26 +139,13 @@ def run(argv: list[str]) -> dict:
     if tc.fp8:
         fp8.check_supported(tc.fp8, d.device, tc.fp8_emulate)
     accum = tc.gradient_accumulation_steps // d.world_size
-    torch.manual_seed(tc.seed)
-    with torch.device("meta"):
-        model = GPT(mc)
-    model.to_empty(device=d.device)
-    model.init_weights()
-    est = hardware.estimate_memory(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
-                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile, accum, tc.use_cuda_graphs)
-    hooks, fp8_summary = [], None
-    if tc.fp8:
-        plan, hooks = fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)
-        fp8_summary = fp8.summary(plan)
-    train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
-                                dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = parallel.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                         betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    model, train_model, optimizer, hooks, fp8_summary = build.build(tc, mc, d, dtype, ckpt_path=None)
+    est = build.memory_estimate(model, tc, d.world_size, str(dtype).removeprefix("torch."))
     autocast, scaler = loop.precision(dtype, d.device)
     steps = loop.Loop(
         d, model, train_model, optimizer, Batches(bc, tc, mc, d, accum), runlog.RunLog("", False, {}), accum,
         max_iters=bc.warmup + bc.steps,
-        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
+        lr_at=build.lr_at(tc),
         evaluate_and_save=lambda run, done: None, save=lambda run: None, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=Within(autocast, bc.sdpa), use_cuda_graphs=tc.use_cuda_graphs)
     cuda = d.device.type == "cuda"
@@ -209,7 +197,7 @@ def run(argv: list[str]) -> dict:
         "compile_mode": tc.compile_mode if tc.compile else None, "cuda_graphs": tc.use_cuda_graphs,
         "fp8": tc.fp8 or None, "fp8_linears": fp8_summary, "sdpa": bc.sdpa,
         "sdpa_choice": sdpa_choice(mc, tc.batch_size, tc.block_size, d.device, dtype, bc.sdpa),
-        "parallelism": parallel.mode(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp),
+        "parallelism": parallel.layout(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp).name,
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "gc_freeze": bc.gc_freeze, "data": bc.data, "steps": bc.steps, "warmup": bc.warmup,
         "compile_s": round(max(0.0, warmup_s - bc.warmup * step_s), 2),

@@ -8,7 +8,9 @@ process, as a ratio. Then greedy generation tokens/s of our LoRA model with and 
     python bench/lora_step.py --smoke --json                    # seconds; what tests/test_bench.py runs
 
 A step is forward, loss, backward and AdamW on the adapters only (r, alpha, dropout and targets as the
-Llama-3.1 LoRA guide's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). bfloat16 means
+Llama-3.1 LoRA guide's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). Our
+adapters are added by finetune/train.py's build (build_lora.lora_model), and both sides step the optimizer
+finetune/train.py builds (build_lora.optimizer, at finetune/config.py's training defaults). bfloat16 means
 a bf16 base with fp32 adapters under bf16 autocast on both sides (peft keeps its adapters in fp32 too).
 The two models are timed alternately, ours then HF, for --rounds rounds of --steps steps after
 --warmup steps each; the median round is reported. Memory: bytes autograd saves for backward in one
@@ -30,8 +32,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import errors  # noqa: E402
+import parallel  # noqa: E402
 from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
-from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
+from finetune import build_lora  # noqa: E402
+from finetune.config import TrainingArgs  # noqa: E402
+from finetune.lora import LoRAConfig, lora_modules, lora_parameters  # noqa: E402
 from generation import generate  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
@@ -64,7 +69,7 @@ def build_pair(mc: ModelConfig, cfg: LoRAConfig, dtype: torch.dtype, device: str
     theirs = get_peft_model(hf_twin(base).to(dtype), LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         use_rslora=cfg.use_rslora))
-    ours = apply_lora(base.to(dtype), cfg, seed=0)
+    ours = build_lora.lora_model(base.to(dtype), cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     named = dict(theirs.named_parameters())
     with torch.no_grad():
@@ -81,8 +86,9 @@ def build_pair(mc: ModelConfig, cfg: LoRAConfig, dtype: torch.dtype, device: str
 
 def make_step(model: torch.nn.Module, is_ours: bool, device: str, dtype: torch.dtype, compile: bool):
     """One training step on (x, y): forward, loss, backward, AdamW over the trainable (adapter) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    d, t = parallel.Dist(0, 0, 1, torch.device(device)), TrainingArgs()
+    opt = build_lora.optimizer(model, d, parallel.layout(d, zero1=False, fsdp=False), lr=t.learning_rate,
+                               betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
     fwd = torch.compile(model) if compile else model
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 

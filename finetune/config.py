@@ -27,8 +27,8 @@ import yaml
 
 from configurator import coerce, format_keys, keys_help, suggest
 from errors import ConfigError
+from families import LORA_TARGETS
 
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -75,7 +75,7 @@ class LoraArgs:
     r: int = 8  # adapter rank
     alpha: float = 16.0  # scale numerator: alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0  # dropout on each adapter's input; 0: off
-    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))  # the linears adapted, by their Hugging Face names
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the linears adapted, by their Hugging Face names
     use_rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilized LoRA)
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N
 
@@ -229,10 +229,10 @@ def _check(cfg: FinetuneConfig) -> None:
     m, lo, ds, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
-    unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
+    unknown = [x for x in lo.target_modules if x not in LORA_TARGETS]
     if unknown:
-        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
-                          f"choose among {', '.join(HF_TARGETS)}")
+        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], LORA_TARGETS)}; "
+                          f"choose among {', '.join(LORA_TARGETS)}")
     positive = {"lora.r": lo.r, "dataset.max_length": ds.max_length, "dataset.max_new_tokens": ds.max_new_tokens,
                 "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
                 "training.per_device_train_batch_size": t.per_device_train_batch_size,

@@ -29,13 +29,14 @@ import errors  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from finetune.answers import extract_answer  # noqa: E402
 from finetune.lora import load_adapted  # noqa: E402
-from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, generate_answers, render_prompt  # noqa: E402
+from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, render_prompt  # noqa: E402
+from finetune.sft_eval import generate_answers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def render(prompts: list[str], template: str) -> list[dict]:
-    """Examples for sft_data.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
+    """Examples for sft_eval.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
     return [{"prompt": p if template == "none" else render_prompt(p, template)} for p in prompts]
 
 

@@ -25,6 +25,7 @@ import tomllib
 import atomic
 import configurator
 import errors
+import families
 from errors import UserError
 from model import ModelConfig
 from recipes import megatron_data
@@ -127,12 +128,13 @@ def titan_ffn_width(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> in
 
 
 def titan_family(mc: ModelConfig) -> str:
-    """torchtitan model family from the preset's features (never its name)."""
-    if mc.norm != "rmsnorm" or mc.mlp != "swiglu" or mc.position_embedding != "rope" or mc.bias:
+    """torchtitan model family from the preset's features (never its name): its family's titan (families.py)."""
+    family = next((f for f in families.FAMILIES.values() if f.matches(mc)), None)
+    if family is None or family.titan is None or mc.bias:  # torchtitan's models have no biases
         raise RecipeError(f"torchtitan {TORCHTITAN_VERSION} has no model with norm={mc.norm}, mlp={mc.mlp}, "
                           f"position_embedding={mc.position_embedding}, bias={mc.bias}; use a RMSNorm/SwiGLU/RoPE "
                           "preset, or train it with train.py or Megatron")
-    return "qwen3" if mc.qk_norm else "llama3"
+    return family.titan
 
 
 def titan_flavor(mc: ModelConfig, tc: TrainConfig) -> dict:
@@ -377,6 +379,11 @@ def megatron(preset: str, ngpu: int, out: str, tp: int = 1, pp: int = 1, cp: int
         check_fp8(mc)
     if mc.n_layer % pp:
         raise RecipeError(f"n_layer={mc.n_layer} is not divisible by --pp={pp}; choose a pipeline degree that divides it")
+    unmapped = [name for name, on in (("norm=rmsnorm_1p", mc.norm == "rmsnorm_1p"), ("mlp=geglu", mc.mlp == "geglu"),
+                                      ("scale_embeddings", mc.scale_embeddings)) if on]
+    if unmapped:
+        raise RecipeError(f"this Megatron recipe maps no {', '.join(unmapped)} to Megatron-LM arguments; "
+                          "train this preset with train.py")
     if data is None and not mock:
         raise RecipeError("give --data data/<name> (a prepared dataset) or --mock")
     data_args = ""

@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
 
 import finetune.train as ft  # noqa: E402
+import hf_checkpoint  # noqa: E402
+from finetune import build_lora, spectral  # noqa: E402
 from finetune.config import ConfigError, grad_accum_steps, interval_steps, load_config  # noqa: E402
 from finetune.data import make_math  # noqa: E402
 
@@ -155,16 +157,19 @@ def test_schedule_refactor_steps_and_rewarm():
     cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                       ["trainer.refactor_opt_state=reset", "trainer.refactor_rewarm_steps=4"])
     total, warmup = 586, ft.warmup_steps(cfg, 586)
-    assert warmup == 59 and ft.refactor_steps(cfg, total, warmup) == [100, 200, 300, 400, 500]
-    lr = ft.make_lr(cfg, total, warmup, [100, 200])
+    tr, t = cfg.trainer, cfg.training
+    assert warmup == 59 and spectral.refactor_steps(tr.refactor_every, tr.refactor_start, total, warmup) == [
+        100, 200, 300, 400, 500]
+    lr = ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100, 200],
+                    spectral.rewarm_steps(tr.refactor_opt_state, tr.refactor_rewarm_steps))
     base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
     assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
     assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
     keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                        ["trainer.refactor_opt_state=keep"])
-    assert ft.make_lr(keep, total, warmup, [100])(100) == base[100]
-    assert ft.refactor_steps(load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
-                                         ["trainer.name=Trainer"]), total, warmup) == []
+    k = keep.trainer
+    assert ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100],
+                      spectral.rewarm_steps(k.refactor_opt_state, k.refactor_rewarm_steps))(100) == base[100]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -270,8 +275,8 @@ def test_checkpoint_adapter_loads_in_peft_on_the_original_base(straight, assets)
 
     ckpt = straight["out"] / "checkpoint-8"
     cfg = load_config(straight["config"])
-    ours = ft.build_lora_model(cfg, assets["model"], torch.device("cpu"), torch.float32,
-                               torch.load(ckpt / "lora_init.pt", weights_only=True))
+    ours = build_lora.lora_model(hf_checkpoint.from_hf(assets["model"], dtype=torch.float32), ft.lora_config(cfg),
+                                 cfg.training.seed, torch.load(ckpt / "lora_init.pt", weights_only=True))
     load_lora_state_dict(ours, _adapters(ckpt))
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(ckpt))
     x = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -305,20 +310,21 @@ sys.path.insert(0, {ROOT!r})
 import torch
 import finetune.train as ft
 import parallel
+from finetune import spectral
 from finetune.lora import lora_state_dict
 
-refactor, calls = ft.refactor, []
+refactor, calls = spectral.refactor, []
 
 
-def dumping(model, optimizer, cfg, mode, d):
-    stats = refactor(model, optimizer, cfg, mode, d)
+def dumping(model, optimizer, layout, d, **settings):
+    stats = refactor(model, optimizer, layout, d, **settings)
     calls.append(1)  # refactors run after steps 3 and 6 (refactor_every 3)
     full = {{k: parallel.full_tensor(v).detach().cpu() for k, v in lora_state_dict(model).items()}}
     torch.save(full, f"{dumps}/rank{{d.rank}}_step{{3 * len(calls)}}.pt")
     return stats
 
 
-ft.refactor = dumping
+spectral.refactor = dumping
 sys.exit(ft.main(sys.argv[1:]))
 """)
     return str(script)

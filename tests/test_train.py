@@ -457,7 +457,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     opt = torch.optim.AdamW(m.parameters())
     d = parallel.Dist(0, 0, 1, torch.device("cpu"))
     with pytest.raises(checkpoint.CheckpointError, match="refusing to save non-finite weights"):
-        checkpoint.save(str(tmp_path), d, m, opt, "single", {"iter_num": 1})
+        checkpoint.save(str(tmp_path), d, m, opt, parallel.layout(d, zero1=False, fsdp=False), {"iter_num": 1})
     assert os.listdir(tmp_path) == []
 
 

@@ -1,0 +1,188 @@
+"""optim.py: parameter groups, per-group learning rates under the schedule, the non-finite skip."""
+
+import pytest
+import torch
+from conftest import tiny_gpt
+
+import loop
+import optim
+import parallel
+
+CPU = parallel.Dist(0, 0, 1, torch.device("cpu"))
+
+
+def test_adamw_groups_and_scaled_learning_rates():
+    """Decay on 2-D weights only; set_lr gives each group the schedule's lr times its lr_scale."""
+    model = tiny_gpt()
+    opt = optim.build_optimizer(model, CPU, zero1=False, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-6)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and opt.defaults["eps"] == 1e-6
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    no_decay["lr_scale"] = 0.5
+    optim.set_lr(opt, 2e-3)
+    assert decay["lr"] == 2e-3 and no_decay["lr"] == 1e-3
+    del no_decay["lr_scale"]  # a group loaded from a checkpoint saved before groups had scales
+    optim.set_lr(opt, 2e-3)
+    assert no_decay["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_flagged_step_changes_nothing(fused):
+    """found_inf=1 leaves weights and moments untouched (on device for the fused kernel); 0 steps."""
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-2, fused=fused)
+    model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[1].backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optim.step(opt, torch.ones(()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    optim.step(opt, torch.zeros(()))
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def newton_schulz_reference(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration written out, one matrix, float64 (Keller Jordan's Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.double()
+    if X.shape[0] > X.shape[1]:
+        X = X.T
+    X = X / max(X.norm().item(), 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def test_orthogonalize_matches_a_written_out_newton_schulz():
+    """The batched fp32 iteration against the float64 one, matrix by matrix, wide and tall."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 16, 48), (2, 48, 16), (1, 32, 32)):
+        G = torch.randn(shape, generator=g)
+        got = optim.orthogonalize(G, steps=5)
+        for i in range(shape[0]):
+            torch.testing.assert_close(got[i].double(), newton_schulz_reference(G[i], 5), atol=2e-5, rtol=0)
+        s = torch.linalg.svdvals(got.double())
+        assert s.max() < 1.3 and s.median() > 0.6  # about orthogonal (a square Gaussian's least ones lag)
+        if shape[1] != shape[2]:
+            assert s.min() > 0.5
+
+
+def _muon_model():
+    torch.manual_seed(0)
+    return tiny_gpt(n_layer=2, n_embd=32)
+
+
+def _batch(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+    return model(x, y)[1]
+
+
+@pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
+def test_muon_adamw_equals_torch_muon_beside_torch_adamw(adjust_lr):
+    """MuonAdamW over a model == torch.optim.Muon on the blocks' matrices + torch.optim.AdamW on the rest,
+    with torch's bf16 Newton-Schulz, over 4 steps with changing learning rates."""
+    ours_model, ref_model = _muon_model(), _muon_model()
+    settings = optim.MuonSettings(lr_scale=2.0, momentum=0.9, ns_steps=5, adjust_lr=adjust_lr)
+    ours = optim.build_optimizer(ours_model, CPU, zero1=False, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                 muon=settings)
+    ours.param_groups[0]["ns_dtype"] = "bfloat16"  # torch.optim.Muon's dtype (ours is fp32 on CPU)
+    named = list(ref_model.named_parameters())
+    hidden = [p for n, p in named if n.startswith("h.") and p.dim() == 2]
+    assert [id(p) for p in ours.param_groups[0]["params"]] == [id(p) for p in ours_model.parameters()
+                                                               if p.dim() == 2 and p in set(ours.param_groups[0]["params"])]
+    assert len(hidden) == 2 * 4  # c_attn, c_proj, c_fc, mlp c_proj of each block
+    rest = [p for n, p in named if not (n.startswith("h.") and p.dim() == 2)]
+    muon = torch.optim.Muon(hidden, lr=2e-3, weight_decay=0.1, momentum=0.9, adjust_lr_fn=adjust_lr)
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-3, betas=(0.9, 0.95), fused=True)
+    for it, lr in enumerate((1e-3, 3e-3, 2e-3, 5e-4)):
+        optim.set_lr(ours, lr)
+        for group in muon.param_groups:
+            group["lr"] = 2 * lr
+        for group in adamw.param_groups:
+            group["lr"] = lr
+        _batch(ours_model, it).backward()
+        _batch(ref_model, it).backward()
+        optim.step(ours, torch.zeros(()))
+        muon.step()
+        adamw.step()
+        ours.zero_grad()
+        muon.zero_grad()
+        adamw.zero_grad()
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert not torch.equal(ours_model.h[0].mlp.c_fc.weight, _muon_model().h[0].mlp.c_fc.weight)
+
+
+def test_muon_groups_and_a_flagged_step():
+    """Blocks' 2-D weights on Muon, the rest on AdamW; found_inf=1 changes no weight and no state."""
+    model = _muon_model()
+    opt = optim.build_optimizer(model, CPU, zero1=False, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                                muon=optim.MuonSettings())
+    muon_group, decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon_group["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.startswith("h.") and p.dim() == 2)
+    assert {names[id(p)] for p in decay["params"]} == {"wte.weight", "wpe.weight"}  # the head is tied to wte
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    _batch(model, 0).backward()
+    optim.step(opt, torch.zeros(()))
+    _batch(model, 1).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    assert set(state[id(muon_group["params"][0])]) == {"momentum_buffer"}
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(state[id(decay["params"][0])])
+    optim.step(opt, torch.ones(()))
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert all(torch.equal(v, opt.state[p][k]) for p in model.parameters() for k, v in state[id(p)].items())
+    optim.step(opt, torch.zeros(()))
+    assert not torch.equal(weights[2], list(model.parameters())[2])
+
+
+def test_muon_resume_keeps_this_run_s_muon_settings():
+    """load_state_dict restores the moments; the Muon keys and lr scales stay this run's."""
+    model = _muon_model()
+    opt = optim.build_optimizer(model, CPU, zero1=False, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                                muon=optim.MuonSettings(lr_scale=3.0))
+    _batch(model, 0).backward()
+    optim.step(opt, torch.zeros(()))
+    saved = opt.state_dict()
+    again = optim.build_optimizer(model, CPU, zero1=False, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                                  muon=optim.MuonSettings(lr_scale=1.5, ns_steps=3))
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["lr_scale"] == 1.5 and again.param_groups[0]["ns_steps"] == 3
+    p = again.param_groups[0]["params"][0]
+    assert torch.equal(again.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+# -----------------------------------------------------------------------------
+# The warmup-stable-decay schedule
+
+
+def test_wsd_schedule_boundaries():
+    """Warmup as cosine's; the peak until the last 20% of lr_decay_iters; then linear or 1-sqrt to min_lr."""
+    kw = dict(learning_rate=1e-3, warmup_iters=10, lr_decay_iters=110, min_lr=1e-4, schedule="wsd",
+              decay_fraction=0.2)
+    lr = loop.get_lr
+    assert lr(0, **kw) == pytest.approx(1e-3 / 11)  # warmup starts above zero
+    assert lr(9, **kw) == pytest.approx(1e-3 * 10 / 11)
+    assert lr(10, **kw) == 1e-3  # end of warmup: the peak
+    assert lr(50, **kw) == 1e-3 and lr(87, **kw) == 1e-3  # stable
+    assert lr(88, **kw) == 1e-3  # decay starts at 110 - round(0.2 * 110) = 88, from the peak
+    assert lr(99, **kw) == pytest.approx(1e-4 + 0.5 * 9e-4)  # mid-decay, linear
+    assert lr(99, **kw, decay_shape="1-sqrt") == pytest.approx(1e-4 + (1 - 0.5**0.5) * 9e-4)
+    assert lr(109, **kw) == pytest.approx(1e-4 + 9e-4 / 22)
+    assert lr(110, **kw) == pytest.approx(1e-4) and lr(10_000, **kw) == pytest.approx(1e-4)  # the end, and past it
+    decay = [lr(i, **kw, decay_shape="1-sqrt") for i in range(88, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing
+    assert lr(99, **kw, decay_lr=False) == 1e-3
+    # a decay longer than what follows warmup starts at the end of warmup
+    assert lr(10, **{**kw, "decay_fraction": 1.0}) == 1e-3 and lr(60, **{**kw, "decay_fraction": 1.0}) == pytest.approx(
+        1e-4 + 0.5 * 9e-4)
