@@ -233,6 +233,44 @@ def test_sigterm_during_a_long_evaluation_stops_between_batches_and_saves(tmp_pa
     assert [r["iter"] for r in log["evaluations"]] == [0]  # iter 5's evaluation was cut short
 
 
+@pytest.mark.slow
+def test_sigterm_to_both_ranks_during_an_evaluation_stops_them_together_and_saves(tmp_path):
+    """Under torchrun (2 gloo ranks), SIGTERM to both workers (as a scheduler sends it) once iter 4 is logged:
+    the ranks agree between evaluation batches, cut iter 5's evaluation short (no record of it), save the 5
+    steps and exit 130. A rank that stopped alone would leave the other in a collective until the timeout."""
+    import psutil
+    from conftest import write_char_dataset
+
+    out = tmp_path / "o"
+    data = write_char_dataset(tmp_path / "chars", n_chars=200_000)  # 625 val windows: 60 batches of 4 x 2 ranks
+    args = tiny_args(data, out, "--max_iters=10", "--eval_interval=5", "--eval_iters=60",
+                     "--gradient_accumulation_steps=2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        seen = read_until(p, "iter 4:")
+        workers = _children(p.pid)
+        assert len(workers) == 2, "".join(seen)[-2000:]
+        for w in workers:
+            os.kill(w, signal.SIGTERM)
+        rest, _ = p.communicate(timeout=120)
+    finally:  # whatever failed: kill every process of this run (its out_dir is in each command line)
+        p.kill()
+        p.wait(timeout=60)
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+    text = "".join(seen) + rest
+    ours = text.split("failed (exitcode")[0]  # torchrun then reports the worker's status 130 with its own traceback
+    assert "interrupted at iter 5" in ours and "Traceback" not in ours and "exitcode: 130" in text, text[-3000:]
+    assert checkpoint.read_state(str(out / "ckpt"))["iter_num"] == 5
+    log = read_log(out)
+    assert [r["iter"] for r in log["training_iterations"]][-1] == 4
+    assert [r["iter"] for r in log["evaluations"]] == [0]  # iter 5's evaluation was cut short on both ranks
+
+
 # -----------------------------------------------------------------------------
 # What a newcomer hit
 
