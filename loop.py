@@ -36,7 +36,7 @@ import hardware
 import optim
 import parallel
 import runlog
-from configurator import UserError
+from errors import UserError
 
 
 @dataclass

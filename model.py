@@ -1,10 +1,12 @@
 """
-One decoder-only transformer, with GPT-2, LLaMA-2, LLaMA-3 and Qwen3 as presets of it.
+One decoder-only transformer, with GPT-2, LLaMA-2, LLaMA-3, Qwen3 and Gemma as presets of it.
 
-The parts are chosen by config fields, never by a family's name:
-- norm:                "layernorm" (with bias, GPT-2) or "rmsnorm" (LLaMA, Qwen3)
+The parts are chosen by config fields, never by a family's name (families.py maps a family to them):
+- norm:                "layernorm" (with bias, GPT-2), "rmsnorm" (LLaMA, Qwen3) or "rmsnorm_1p" (scaled by
+                         1 + weight, the weight starting at 0, all in float32: Gemma; Megatron's "layernorm_1p")
 - mlp:                 "gelu" (4x, tanh-approximate GELU as GPT-2 uses), "gelu_exact" (the erf GELU that
-                         nanoGPT and HF's activation "gelu" use; about half the CPU time) or "swiglu" (LLaMA, Qwen3)
+                         nanoGPT and HF's activation "gelu" use; about half the CPU time), "swiglu" (LLaMA,
+                         Qwen3) or "geglu" (gated like SwiGLU, with the tanh GELU: Gemma)
 - position_embedding:  "learned" (GPT-2) or "rope" (rotate-half layout, as in Hugging Face checkpoints)
 - rope_theta and the Llama-3.1 frequency scaling (rope_scaling_factor, low/high frequency factors,
   original context length)
@@ -13,11 +15,12 @@ The parts are chosen by config fields, never by a family's name:
 - head_dim:            independent of n_embd / n_head (Qwen3)
 - bias:                biases in every linear layer (GPT-2) or none
 - tie_embeddings:      the output head reuses the token embedding
+- scale_embeddings:    token embeddings times sqrt(n_embd), rounded to their dtype (Gemma)
 - attention_backend:   "flash_attn_2", "sdpa" or "manual"
 
 Implementation choices that differ from the Hugging Face modules (the function is the same):
 - q, k and v are one fused linear (c_attn), and so are the SwiGLU gate and up projections (c_fc);
-  one large matmul is faster than three small ones. hf_checkpoint.py splits and joins them.
+  one large matmul is faster than three small ones (GeGLU's too). hf_checkpoint.py splits and joins them.
 - With targets, forward() computes the loss chunk by chunk (loss.py) without materialising the
   (B, T, vocab) logits, which for 128K-152K vocabularies is the largest activation in the model.
 - forward(idx, cache=...) is the decoding step of generation.py: the cache gives each new token's
@@ -43,8 +46,9 @@ import torch.nn.functional as F
 from loss import linear_cross_entropy, loss_chunk_tokens
 
 ATTENTION_BACKENDS = ("flash_attn_2", "sdpa", "manual")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_exact", "swiglu")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_1p")
+MLPS = ("gelu", "gelu_exact", "swiglu", "geglu")
+GATED_MLPS = ("swiglu", "geglu")  # c_fc outputs [gate | up]
 POSITION_EMBEDDINGS = ("learned", "rope")
 
 
@@ -54,28 +58,28 @@ class ModelConfig:
 
     vocab_size: int = 50304  # GPT-2's 50,257 padded up to a multiple of 64 for fast matmuls
     block_size: int = 1024  # longest sequence: size of the learned position table; generation crops to it
-    n_layer: int = 12
-    n_head: int = 12
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # query heads per attention
     n_kv_head: int | None = None  # None: same as n_head (multi-head attention)
-    n_embd: int = 768
+    n_embd: int = 768  # width of the residual stream
     head_dim: int | None = None  # None: n_embd // n_head
     intermediate_size: int | None = None  # MLP hidden width; None: 4 * n_embd
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"
-    position_embedding: str = "learned"
-    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # 'layernorm' (GPT-2), 'rmsnorm' (LLaMA, Qwen3) or 'rmsnorm_1p' (1 + w, Gemma)
+    norm_eps: float = 1e-5  # epsilon of every norm
+    mlp: str = "gelu"  # 'gelu' (tanh approximation, GPT-2), 'gelu_exact', 'swiglu' (LLaMA, Qwen3) or 'geglu' (Gemma)
+    position_embedding: str = "learned"  # 'learned' (GPT-2 table) or 'rope' (rotary)
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling_factor: float | None = None  # Llama-3.1 frequency scaling; None: off
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    qk_norm: bool = False
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    attention_backend: str = "sdpa"
-    init_std: float = 0.02
-
+    rope_low_freq_factor: float = 1.0  # Llama-3.1 scaling: wavelengths above original/low are scaled
+    rope_high_freq_factor: float = 4.0  # Llama-3.1 scaling: wavelengths below original/high are kept
+    rope_original_max_seq_len: int = 8192  # Llama-3.1 scaling: the context length the base was trained at
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    bias: bool = True  # biases in the linears and LayerNorms (GPT-2)
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd), rounded to their dtype (Gemma)
+    dropout: float = 0.0  # dropout on attention weights and residual branches; 0: off
+    attention_backend: str = "sdpa"  # 'sdpa' (torch), 'flash_attn_2' (the flash-attn package) or 'manual' (reference)
+    init_std: float = 0.02  # standard deviation of the normal init (residual projections scaled by 1/sqrt(2 n_layer))
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -118,6 +122,11 @@ class ModelConfig:
                     f"rope_low_freq_factor={self.rope_low_freq_factor} > 0"
                 )
             _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (SwiGLU, GeGLU): c_fc is [gate | up], 2 x intermediate_size rows."""
+        return self.mlp in GATED_MLPS
 
     @property
     def arch_string(self) -> str:
@@ -178,9 +187,22 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class RMSNorm1p(RMSNorm):
+    """RMSNorm scaled by (1 + weight), the weight starting at 0, computed in float32 then cast (as Gemma's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
+    if config.norm == "rmsnorm_1p":
+        return RMSNorm1p(dim, config.norm_eps)
     return LayerNorm(dim, config.bias, config.norm_eps)
 
 
@@ -346,19 +368,21 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        self.approximate = "tanh" if config.mlp == "gelu" else "none"  # GPT-2's "gelu_new", or erf GELU
+        self.gated = config.gated_mlp
+        self.silu = config.mlp == "swiglu"
+        # the tanh GELU (GPT-2's "gelu_new", GeGLU's gate) or the erf GELU
+        self.approximate = "none" if config.mlp == "gelu_exact" else "tanh"
         hidden = config.intermediate_size
-        # SwiGLU's gate and up projections are fused: c_fc outputs [gate | up].
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        # A gated MLP's gate and up projections are fused: c_fc outputs [gate | up].
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.silu else F.gelu(gate, approximate=self.approximate)) * up
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
@@ -393,6 +417,7 @@ class GPT(nn.Module):
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
         )
+        self.embed_scale = math.sqrt(config.n_embd) if config.scale_embeddings else None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config, config.n_embd)
@@ -415,7 +440,7 @@ class GPT(nn.Module):
         | wte, wpe, lm_head, c_attn, c_fc          | normal(0, init_std)                |
         | attn.c_proj, mlp.c_proj (residual paths) | normal(0, init_std / sqrt(2 * n_layer)) |
         | every bias                               | 0                                  |
-        | every norm weight (incl. q_norm, k_norm) | 1                                  |
+        | every norm weight (incl. q_norm, k_norm) | 1 (0 for rmsnorm_1p: its scale is 1 + weight) |
 
         The model has no buffers: RoPE frequencies are computed in forward().
         """
@@ -479,6 +504,8 @@ class GPT(nn.Module):
         else:
             pos, mask = cache.extend(T)  # (B, T) per row, since a left-padded row starts at 0
         x = self.wte(idx)  # (B, T, C)
+        if self.embed_scale is not None:  # rounded to the embeddings' dtype first, as Gemma does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from configurator import UserError
+from errors import UserError
 
 
 class LaunchError(UserError):
@@ -75,13 +75,51 @@ def setup(device: str) -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
-def mode(d: Dist, *, zero1: bool, fsdp: bool) -> str:
-    """'fsdp', 'zero1', 'ddp' or 'single' (ZeRO-1 over one process is plain AdamW): checkpoint layouts differ."""
-    if fsdp:
-        return "fsdp"
-    if d.world_size > 1:
-        return "zero1" if zero1 else "ddp"
-    return "single"
+@dataclass(frozen=True)
+class Layout:
+    """How a run lays training out over its data-parallel ranks, built once at launch (layout()). Checkpoint,
+    fine-tuning and spectral code ask it questions (is the optimizer state sharded? are the parameters?)
+    instead of comparing mode strings; `name` is the word checkpoints record ('single', 'ddp', 'zero1', 'fsdp')."""
+
+    dp_rank: int
+    dp_size: int
+    shard_optimizer: bool = False  # ZeRO-1: each rank holds (and saves) its part of the AdamW state
+    shard_params: bool = False  # FSDP2: parameters, gradients and optimizer state are DTensor shards
+
+    @property
+    def is_master(self) -> bool:
+        return self.dp_rank == 0
+
+    @property
+    def per_rank_optimizer_state(self) -> bool:
+        """Whether each rank holds a different part of the optimizer state (ZeRO-1, FSDP)."""
+        return self.shard_optimizer or self.shard_params
+
+    @property
+    def name(self) -> str:
+        if self.shard_params:
+            return "fsdp"
+        if self.dp_size > 1:
+            return "zero1" if self.shard_optimizer else "ddp"
+        return "single"
+
+    @classmethod
+    def saved(cls, name: str | None, world_size: int | None) -> Layout | None:
+        """The layout a checkpoint recorded (its name and world size); None for a name it cannot be."""
+        flags = {"single": (False, False), "ddp": (False, False), "zero1": (True, False), "fsdp": (False, True)}
+        if name not in flags:
+            return None
+        return cls(0, world_size or 1, *flags[name])
+
+    def same_sharding(self, other: Layout) -> bool:
+        """Whether other shards the optimizer state and the parameters as this layout does (single and DDP
+        both keep one full copy)."""
+        return (other.shard_optimizer, other.shard_params) == (self.shard_optimizer, self.shard_params)
+
+
+def layout(d: Dist, *, zero1: bool, fsdp: bool) -> Layout:
+    """The run's layout: FSDP when asked; ZeRO-1 only over several processes (over one it is plain AdamW)."""
+    return Layout(d.rank, d.world_size, shard_optimizer=zero1 and d.world_size > 1 and not fsdp, shard_params=fsdp)
 
 
 def teardown() -> None:

@@ -10,7 +10,9 @@ that it is always valid JSON (tail it, plot it, or json.load it mid-run):
                          memory_allocated_gb / memory_peak_gb: GPU memory (null on CPU);
                          memory_host_peak_gb: the process's peak resident set size (host RAM,
                          every device), so CPU runs have a memory figure too
-    evaluations          [{iter, train_loss, val_loss}]
+    evaluations          [{iter, train_loss, val_loss, tokens_seen}], with eval_tasks also
+                         tasks: {name: {acc, acc_norm, centered, random_baseline, core_metric}},
+                         core, tasks_seconds (evals.py)
     gradient_norms       [{iter, norms: {module: norm}}] every gradient_log_interval
     events               [{iter, event, ...}]: skipped non-finite steps, checkpoints, resume
 
@@ -35,7 +37,7 @@ import time
 import torch
 
 import atomic
-from configurator import UserError
+from errors import UserError
 
 
 class RunLogError(UserError):
@@ -138,6 +140,17 @@ class RunLog:
             sink.close()
 
 
+def flat(record: dict, prefix: str = "") -> dict:
+    """Nested records one level deep for the sinks: {'tasks': {'piqa': {'acc': x}}} -> {'tasks/piqa/acc': x}."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 class _WandbSink:
     def __init__(self, opts: dict, header: dict, names: dict[str, str]):
         self.names = names
@@ -149,7 +162,7 @@ class _WandbSink:
 
     def log(self, key: str, record: dict) -> None:
         if key in ("training_iterations", "evaluations"):
-            self.run.log({self.names.get(k, k): v for k, v in record.items()
+            self.run.log({self.names.get(k, k): v for k, v in flat(record).items()
                           if isinstance(v, int | float) and k != "iter"}, step=record["iter"])
 
     def close(self) -> None:
@@ -167,7 +180,7 @@ class _TensorboardSink:
 
     def log(self, key: str, record: dict) -> None:
         if key in ("training_iterations", "evaluations"):
-            for k, v in record.items():
+            for k, v in flat(record).items():
                 if isinstance(v, int | float) and k != "iter":
                     self.writer.add_scalar(self.names.get(k, f"{key}/{k}"), v, record["iter"])
 

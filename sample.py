@@ -15,10 +15,12 @@ import torch
 
 import checkpoint
 import configurator
+import errors
 import hardware
 import hf_checkpoint
 import parallel
 import tokenizer as tokenizers
+import train_config
 from generation import generate
 from model import GPT
 
@@ -28,14 +30,14 @@ class SampleConfig:
     out_dir: str = "out"  # where train.py wrote ckpt/
     init_from: str = "resume"  # 'resume' (out_dir/ckpt) or a Hugging Face model folder
     tokenizer: str | None = None  # gpt2, llama2, llama3, qwen3: needed with a Hugging Face folder
-    tokenizer_path: str | None = None
+    tokenizer_path: str | None = None  # a tokenizer file or folder in place of the named one
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
-    num_samples: int = 3
-    max_new_tokens: int = 300
+    num_samples: int = 3  # samples to draw
+    max_new_tokens: int = 300  # tokens generated per sample
     temperature: float = 0.8  # 0: greedy
-    top_k: int | None = 200
-    seed: int = 1337
-    device: str = "auto"
+    top_k: int | None = 200  # sample from the k most likely tokens; None: all
+    seed: int = 1337  # seed of the sampling
+    device: str = "auto"  # 'auto' (a GPU if present, else cpu), 'cpu', 'cuda', 'cuda:N'
     dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, else float32
 
     def __post_init__(self) -> None:
@@ -45,7 +47,7 @@ class SampleConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"top_k={self.top_k} must be > 0 (or None)")
-        configurator.check_dtype(self.dtype)
+        train_config.check_dtype(self.dtype)
 
 
 def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokenizer]:
@@ -67,11 +69,11 @@ def load_model_and_tokenizer(cfg: SampleConfig) -> tuple[GPT, tokenizers.Tokeniz
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: sample(argv))
+    return errors.run_command(lambda: sample(argv))
 
 
 def sample(argv: list[str]) -> int:
-    (cfg,), _ = configurator.load(argv, [SampleConfig])
+    (cfg,), _ = configurator.load(argv, [SampleConfig], __doc__)
     device = parallel.resolve_device(cfg.device)
     model, tok = load_model_and_tokenizer(cfg)
     start = cfg.start

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import configurator
+import errors
 
 if TYPE_CHECKING:
     from model import ModelConfig
@@ -64,7 +65,7 @@ CHINCHILLA_BAND = f" with D/N within {CHINCHILLA_TOLERANCE:.0%} of {CHINCHILLA_T
 def predicted_loss(n_params: float, n_tokens: float, fit: Fit = FITS["hoffmann"]) -> float:
     """Predicted final training loss of a model with n_params parameters trained on n_tokens tokens."""
     if not (n_params > 0 and n_tokens > 0):
-        raise configurator.ConfigError(f"parameters ({n_params}) and tokens ({n_tokens}) must be > 0")
+        raise errors.ConfigError(f"parameters ({n_params}) and tokens ({n_tokens}) must be > 0")
     return fit.E + fit.A / n_params**fit.alpha + fit.B / n_tokens**fit.beta
 
 
@@ -315,9 +316,9 @@ def plan(
 
 def _check_budget(flops: float, seq_len: int) -> None:
     if not (math.isfinite(flops) and flops > 0):
-        raise configurator.ConfigError(f"--flops must be a positive finite number, got {flops}")
+        raise errors.ConfigError(f"--flops must be a positive finite number, got {flops}")
     if seq_len <= 0:
-        raise configurator.ConfigError(f"--seq-len must be a positive integer, got {seq_len}")
+        raise errors.ConfigError(f"--seq-len must be a positive integer, got {seq_len}")
 
 
 # -----------------------------------------------------------------------------
@@ -492,30 +493,31 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The loss, plan and plot commands and their options."""
-    parser = configurator.ArgumentParser(prog="scaling_laws.py", description=__doc__.strip().splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=configurator.ArgumentParser)
+    parser = errors.ArgumentParser(prog="scaling_laws.py", description=__doc__.strip().splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=errors.ArgumentParser)
 
     loss = commands.add_parser("loss", help="predicted loss of N parameters trained on D tokens")
     loss.add_argument("--params", type=_positive_number, required=True, help="N, all parameters")
     loss.add_argument("--tokens", type=_positive_number, required=True, help="D, training tokens")
-    loss.add_argument("--fit", choices=FITS, default="hoffmann")
+    loss.add_argument("--fit", choices=FITS, default="hoffmann", help="the fitted loss law L(N, D)")
 
     def budget_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--flops", type=_positive_number, required=True, help="training FLOPs budget C")
-        p.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=2048)
-        p.add_argument("--fit", choices=FITS, default="hoffmann")
+        p.add_argument("--seq-len", "--seq_len", dest="seq_len", type=_positive_int, default=2048,
+                       help="training sequence length (attention FLOPs)")
+        p.add_argument("--fit", choices=FITS, default="hoffmann", help="the fitted loss law L(N, D)")
         p.add_argument("--grid", choices=GRIDS, default="full", help="'small' is for tests")
 
     p = commands.add_parser("plan", help="grid-search shapes of a family under a FLOPs budget")
     budget_args(p)
-    p.add_argument("--family", choices=FAMILIES, required=True)
+    p.add_argument("--family", choices=FAMILIES, required=True, help="the architecture whose shapes are searched")
     p.add_argument("--chinchilla", action="store_true", help="only shapes with D/N within 10%% of 20")
     p.add_argument("--top", type=_positive_int, default=5, help="how many shapes to print")
     p.add_argument("--out", help="config file for the best shape (default: config/plan_FAMILY_FLOPS.py)")
 
     p = commands.add_parser("plot", help="plot predicted loss against parameters for every family")
     budget_args(p)
-    p.add_argument("--out", default="docs/figures/scaling_loss_vs_params.png")
+    p.add_argument("--out", default="docs/figures/scaling_loss_vs_params.png", help="the PNG to write")
     return parser
 
 
@@ -558,13 +560,13 @@ def run_plan(args: argparse.Namespace) -> None:
         suffix = "_chinchilla" if args.chinchilla else ""
         out = os.path.join("config", f"plan_{args.family}_{budget_tag(args.flops)}{suffix}.py")
     if not os.path.isdir(os.path.dirname(out) or "."):
-        raise configurator.ConfigError(f"cannot write {out}: no directory {os.path.dirname(out)}")
+        raise errors.ConfigError(f"cannot write {out}: no directory {os.path.dirname(out)}")
     best, count = plan(family, args.flops, args.seq_len, FITS[args.fit], grid, args.chinchilla, args.top)
     which = f"{args.family} shapes on the {args.grid} grid"
     if args.chinchilla:
         which += CHINCHILLA_BAND
     if not best:
-        raise configurator.ConfigError(f"no {which} at {budget_tag(args.flops)} FLOPs")
+        raise errors.ConfigError(f"no {which} at {budget_tag(args.flops)} FLOPs")
     print(f"{count:,} {which}, {budget_tag(args.flops)} FLOPs, seq_len {args.seq_len}, fit {args.fit}")
     print(
         "tokens = FLOPs / FLOPs per token (model.py: 6 x matmul weights + 12 x n_layer x n_head x head_dim x seq_len)"
@@ -579,7 +581,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     """Run one command; returns the exit status (2 and one `error:` line for bad input)."""
-    return configurator.run_command(lambda: run(build_parser().parse_args(argv)))
+    return errors.run_command(lambda: run(build_parser().parse_args(argv)))
 
 
 def run(args: argparse.Namespace) -> int:

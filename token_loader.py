@@ -44,7 +44,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from configurator import UserError
+from errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FORMAT = "nanollm-tokens-v1"

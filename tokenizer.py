@@ -42,7 +42,7 @@ from itertools import chain
 
 import numpy as np
 
-from configurator import UserError
+from errors import UserError
 
 NAMES = ("gpt2", "llama2", "llama3", "qwen3", "char")
 

@@ -4,81 +4,42 @@ Train a GPT-2, LLaMA-2, LLaMA-3 or Qwen3 model, from one CPU to many GPUs.
     python train.py config/train_shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py config/full_qwen3_1.8b_optimal.py --use_zero1=True
 
-Every default lives in configurator.TrainConfig or in model.ModelConfig; a config file (Python
+Every default lives in train_config.TrainConfig or in model.ModelConfig; a config file (Python
 assignments) and --key=value overrides are checked against both.
 
 The story of a run, one function per phase: launch (join the process group, check the launch) ->
 what_to_train (checkpoint, data, architecture) -> build (the raw `model`: scratch, checkpoint or
 Hugging Face weights; transforms such as FP8; wrapped into `train_model`: compile, DDP/ZeRO-1/FSDP;
 the optimizer) -> data and state (the loader, a resume's optimizer, RNG and loader state, the eval
-batches) -> the run log -> loop.run_loop with pretraining's seams: evaluate and checkpoint at
-intervals. How one step runs (micro-steps, clipping, skipping non-finite steps, logging) is loop.py.
+batches, the downstream tasks of eval_tasks) -> the run log -> loop.run_loop with pretraining's seams:
+evaluate (val loss; task accuracy, evals.py) and checkpoint at intervals. How one step runs (micro-steps, clipping, skipping non-finite steps, logging) is loop.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+import build
 import checkpoint
 import configurator
+import errors
 import fp8
 import hardware
 import loop
-import optim
 import parallel
-from configurator import TrainConfig
+import runlog
 from loop import RunState, TrainingError, print0
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
-# Model fields a resumed or Hugging Face run may change: they alter how, not what, is computed.
-RUNTIME_MODEL_KEYS = {"attention_backend", "dropout"}
-
-
-def resolve_model_config(tc: TrainConfig, mc: ModelConfig, explicit: set[str], meta: dict | None,
-                         ckpt_state: dict | None) -> ModelConfig:
-    """The architecture to build: from the checkpoint (resume), the HF folder, or the config."""
-    runtime = {k: getattr(mc, k) for k in RUNTIME_MODEL_KEYS if k in explicit}
-    if ckpt_state is not None:
-        base = ModelConfig(**ckpt_state["model_config"])
-        source = "the checkpoint"
-    elif tc.init_from != "scratch":
-        import hf_checkpoint
-
-        base = hf_checkpoint.hf_to_config(hf_checkpoint.read_config(tc.init_from))
-        source = f"the Hugging Face folder {tc.init_from}"
-    else:
-        if "vocab_size" not in explicit and meta is not None:
-            mc.vocab_size = -(-meta["vocab_size"] // 64) * 64  # the dataset's vocabulary, padded to 64
-        return mc
-    for key in explicit & set(asdict(base)) - RUNTIME_MODEL_KEYS - {"block_size"}:
-        if getattr(mc, key) != getattr(base, key):
-            raise TrainingError(
-                f"{key}={getattr(mc, key)} in your config disagrees with {source} ({key}={getattr(base, key)}); "
-                "drop the override, or use another out_dir to train a new shape"
-            )
-    return ModelConfig(**{**asdict(base), **runtime})
-
-
-def build_model(tc: TrainConfig, mc: ModelConfig, device: torch.device, ckpt_path: str | None) -> GPT:
-    """The raw model on device: initialised (scratch), or holding checkpoint / Hugging Face weights."""
-    if ckpt_path is not None:
-        return checkpoint.load_model(ckpt_path, mc).to(device)
-    if tc.init_from != "scratch":
-        overrides = {k: getattr(mc, k) for k in RUNTIME_MODEL_KEYS}
-        import hf_checkpoint
-
-        return hf_checkpoint.from_hf(tc.init_from, dtype=torch.float32, **overrides).to(device)
-    with torch.device("meta"):
-        model = GPT(mc)
-    model.to_empty(device=device)
-    model.init_weights()  # the same seed on every rank: identical replicas before sharding
-    return model
+if TYPE_CHECKING:
+    import evals
 
 
 @torch.no_grad()
@@ -111,20 +72,18 @@ def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) 
             f"gradient_accumulation_steps={tc.gradient_accumulation_steps} is not divisible by the world size {world}"
         )
     if tc.init_from not in ("scratch", "resume"):
-        mc = resolve_model_config(tc, mc, set(), None, None)
+        mc = build.resolve_model_config(tc, mc, set(), None, None)
     elif "vocab_size" not in explicit:
         try:
-            mc = resolve_model_config(tc, mc, explicit, token_loader.read_meta(token_loader.resolve_data_dir(tc.dataset)),
-                                      None)
+            meta = token_loader.read_meta(token_loader.resolve_data_dir(tc.dataset))
+            mc = build.resolve_model_config(tc, mc, explicit, meta, None)
         except token_loader.DataError:
             print(f"note: dataset {tc.dataset} is not prepared, so vocab_size is the default {mc.vocab_size:,}; "
                   f"training takes it from the dataset")
     with torch.device("meta"):
         model = GPT(mc)
     dtype = "bfloat16" if tc.dtype == "auto" else tc.dtype
-    mem = hardware.estimate_memory(model, tc.batch_size, tc.block_size, dtype, world, tc.use_zero1, tc.use_fsdp,
-                                   tc.compile, tc.gradient_accumulation_steps // world, tc.use_cuda_graphs,
-                                   one_moment=optim.muon_params(model) if tc.optimizer == "muon" else 0)
+    mem = build.memory_estimate(model, tc, world, dtype)
     per_rank = tc.gradient_accumulation_steps // world
     tokens = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     parallelism = "FSDP" if tc.use_fsdp else "ZeRO-1" if tc.use_zero1 else "DDP" if world > 1 else "single process"
@@ -164,8 +123,8 @@ def dry_run(tc: TrainConfig, mc: ModelConfig, explicit: set[str] = frozenset()) 
     return summary
 
 
-def launch(tc: TrainConfig) -> tuple[parallel.Dist, torch.dtype, str]:
-    """Join the process group and check the launch: (dist, compute dtype, parallel mode)."""
+def launch(tc: TrainConfig) -> tuple[parallel.Dist, torch.dtype, parallel.Layout]:
+    """Join the process group and check the launch: (dist, compute dtype, parallel layout)."""
     d = loop.start(tc.device)
     if tc.use_cuda_graphs and d.device.type != "cuda":
         raise TrainingError("use_cuda_graphs=True needs a CUDA GPU; CUDA graphs do not exist on CPU")
@@ -174,8 +133,7 @@ def launch(tc: TrainConfig) -> tuple[parallel.Dist, torch.dtype, str]:
     if tc.gradient_accumulation_steps % d.world_size:
         raise TrainingError(f"gradient_accumulation_steps={tc.gradient_accumulation_steps} must be divisible by "
                             f"the number of processes ({d.world_size})")
-    mode = parallel.mode(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp)
-    return d, hardware.resolve_dtype(tc.dtype, d.device), mode
+    return d, hardware.resolve_dtype(tc.dtype, d.device), parallel.layout(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp)
 
 
 @dataclass
@@ -205,10 +163,11 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     elif tc.init_from != "scratch" and not os.path.isdir(tc.init_from):
         raise TrainingError(f"init_from={tc.init_from!r} is not 'scratch', 'resume' or an existing Hugging Face folder")
     configurator.check_output_dir(tc.out_dir)
-    lock = parallel.on_master(lambda: claim_out_dir(tc), d)
+    new_run = tc.init_from != "resume" and tc.save_checkpoint and not tc.eval_only  # one that may replace a model
+    lock = parallel.on_master(lambda: claim_out_dir(tc.out_dir, new_run, tc.overwrite_out_dir), d)
     ddir = token_loader.resolve_data_dir(tc.dataset)
     meta = token_loader.read_meta(ddir)
-    mc = resolve_model_config(tc, mc, explicit, meta, ckpt_state)
+    mc = build.resolve_model_config(tc, mc, explicit, meta, ckpt_state)
     if meta["vocab_size"] > mc.vocab_size:
         raise TrainingError(f"dataset {tc.dataset} has vocab_size {meta['vocab_size']} but the model has "
                             f"{mc.vocab_size}; set --vocab_size={meta['vocab_size']} or larger")
@@ -222,109 +181,78 @@ def what_to_train(tc: TrainConfig, mc: ModelConfig, explicit: set[str], d: paral
     return Source(ckpt_path, ckpt_state, ddir, meta, mc, lock)
 
 
-def claim_out_dir(tc: TrainConfig):
-    """Take out_dir for this run (on rank 0): its lock (keep the returned DirLock while the run lives), then
-    its crash leftovers. A new run (scratch or Hugging Face weights) never replaces a trained model unless
-    overwrite_out_dir says so; then the old checkpoint goes only once every check has passed (overwrite())."""
-    held = checkpoint.lock(tc.out_dir)
-    previous = checkpoint.find(tc.out_dir)
-    if previous is not None and tc.init_from != "resume" and tc.save_checkpoint and not tc.eval_only:
-        if not tc.overwrite_out_dir:
-            it = checkpoint.read_state(previous).get("iter_num", "?")
-            raise TrainingError(f"{tc.out_dir} holds a trained model ({previous}, iter {it}); continue it with "
-                                f"--init_from=resume, start over with --overwrite_out_dir=True (which deletes it), "
-                                f"or choose another --out_dir")
-    checkpoint.remove_temps(tc.out_dir)
-    return held
+@dataclass
+class TaskEval:
+    """The downstream tasks a run scores in the loop (evals.py), with the dataset's tokenizer."""
+
+    tasks: list[evals.Task]
+    encoder: evals.Encoder
+    interval: int  # iterations between task evaluations
 
 
-def overwrite(tc: TrainConfig, d: parallel.Dist) -> None:
+def task_eval(tc: TrainConfig, meta: dict, data_dir: str, block_size: int) -> TaskEval | None:
+    """eval_tasks loaded and checked before any work (None when off): the tasks' files and the tokenizer."""
+    if not tc.eval_tasks:
+        return None
+    import evals
+    from tokenizer import tokenizer_from_meta
+
+    tasks = evals.load_tasks(evals.parse_task_list(tc.eval_tasks), tc.eval_tasks_max_examples or None)
+    enc = evals.encoder_from_tokenizer(tokenizer_from_meta(meta, data_dir))
+    evals.tokenize(tasks, enc, block_size)  # once for the run; a continuation that cannot fit fails here
+    return TaskEval(tasks, enc, tc.eval_tasks_interval or tc.eval_interval)
+
+
+def evaluate_tasks(model: torch.nn.Module, te: TaskEval, autocast, d: parallel.Dist) -> dict:
+    """Each task's acc, acc_norm and centered accuracy, the CORE aggregate and the seconds it took, as
+    fields of the evaluation record; every rank scores its share (a stop request ends it between batches)."""
+    import evals
+
+    r = evals.evaluate(model, te.encoder, te.tasks, autocast=autocast, rank=d.rank, world_size=d.world_size,
+                       device=d.device, step=lambda: loop.check_interrupt(d))
+    print0(d, f"tasks: {evals.summary(r)}")
+    keep = ("acc", "acc_norm", "centered", "random_baseline", "core_metric")
+    return {"tasks": {name: {k: v[k] for k in keep} for name, v in r["tasks"].items()},
+            "core": r["core"], "tasks_seconds": round(r["seconds"], 3)}
+
+
+def claim_out_dir(out_dir: str, new_run: bool, overwrite_out_dir: bool) -> checkpoint.DirLock:
+    """Take out_dir for this run (on rank 0; build.claim_out_dir). A new run (new_run: scratch or Hugging Face
+    weights, saving checkpoints) never replaces a trained model unless overwrite_out_dir says so; then the
+    old checkpoint goes only once every check has passed (overwrite())."""
+    def refusal(found: list[str]) -> TrainingError:
+        it = checkpoint.read_state(found[0]).get("iter_num", "?")
+        return TrainingError(f"{out_dir} holds a trained model ({found[0]}, iter {it}); continue it with "
+                             f"--init_from=resume, start over with --overwrite_out_dir=True (which deletes it), "
+                             f"or choose another --out_dir")
+
+    return build.claim_out_dir(out_dir, "out_dir", lambda: [p for p in [checkpoint.find(out_dir)] if p],
+                               refusal if new_run and not overwrite_out_dir else None)
+
+
+def overwrite(out_dir: str, new_run: bool, overwrite_out_dir: bool, d: parallel.Dist) -> None:
     """--overwrite_out_dir=True: delete the old run's checkpoint, now that the new run has passed every check
     and is about to train (a mistake in its flags must not cost the old model)."""
-    previous = checkpoint.find(tc.out_dir)
-    if (d.is_master and tc.overwrite_out_dir and previous is not None and tc.init_from != "resume"
-            and tc.save_checkpoint and not tc.eval_only):
-        for name in (checkpoint.CKPT, checkpoint.OLD):
-            shutil.rmtree(os.path.join(tc.out_dir, name), ignore_errors=True)
-        print(f"overwrite_out_dir: deleted the previous checkpoint of {tc.out_dir} ({previous})", flush=True)
-    parallel.barrier(d)
+    previous = checkpoint.find(out_dir)
+    replaces = new_run and overwrite_out_dir and previous is not None
+    build.overwrite_out_dir(out_dir, [checkpoint.CKPT, checkpoint.OLD] if replaces else [], d,
+                            f"overwrite_out_dir: deleted the previous checkpoint of {out_dir} ({previous})")
 
 
-def build(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, dtype: torch.dtype, ckpt_path: str | None):
-    """(model, train_model, optimizer, after-step hooks, fp8 summary or None): the raw model built and
-    transformed, then wrapped; the optimizer over its trainable parameters."""
-    torch.manual_seed(tc.seed)
-    model = build_model(tc, mc, d.device, ckpt_path)
-    hooks, fp8_summary = [], None
-    if tc.fp8:  # a transform of the raw model, before compile and sharding
-        plan, hooks = fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)
-        fp8_summary = fp8.summary(plan)
-    if d.device.type == "cuda":  # warn before compilation and the first step, not after an OOM there
-        misfit = hardware.memory_fit(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
-                                     d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile,
-                                     torch.cuda.mem_get_info(d.device)[0],
-                                     tc.gradient_accumulation_steps // d.world_size, tc.use_cuda_graphs,
-                                     optim.muon_params(model) if tc.optimizer == "muon" else 0)
-        if misfit:
-            print(f"warning: {misfit}", file=sys.stderr, flush=True)
-    train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
-                                dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = optim.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                      betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay, muon=muon_settings(tc))
-    return model, train_model, optimizer, hooks, fp8_summary
-
-
-def muon_settings(tc: TrainConfig) -> optim.MuonSettings | None:
-    """Muon's settings when optimizer=muon; None for AdamW."""
-    if tc.optimizer != "muon":
-        return None
-    return optim.MuonSettings(tc.muon_lr_scale, tc.muon_momentum, tc.muon_ns_steps, tc.muon_adjust_lr)
-
-
-def lr_at(tc: TrainConfig):
-    """The schedule: the learning rate of optimizer step `it` (loop.get_lr with the config's keys)."""
-    return lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr,
-                                  tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_shape)
-
-
-def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
-    """Pretrain (or continue) a model."""
-    import token_loader
-
-    d, dtype, mode = launch(tc)
-    accum = tc.gradient_accumulation_steps // d.world_size  # micro-steps per rank per optimizer step
-    src = what_to_train(tc, mc, explicit, d, accum)
-    mc = src.model_config
-    model, train_model, optimizer, hooks, fp8_summary = build(tc, mc, d, dtype, src.ckpt_path)
-    autocast, scaler = loop.precision(dtype, d.device)
-
-    # -- data and state: the loader, a resume, the eval batches -----------------------------------
-    loader = token_loader.TokenLoader(src.data_dir, "train", tc.block_size, tc.batch_size, accum, d.rank,
-                                      d.world_size, tc.seed, mc.vocab_size, d.device, tc.use_dataloader,
-                                      tc.dataloader_num_workers, pin_memory=d.device.type == "cuda")
-    run = RunState()
-    if src.ckpt_state is not None:
-        checkpoint.load_into(src.ckpt_path, d, model, optimizer, mode, src.ckpt_state, scaler)
-        loader.load_state_dict(src.ckpt_state["loader"])
-        run = RunState(src.ckpt_state["iter_num"], src.ckpt_state["tokens_seen"], src.ckpt_state["best_val_loss"])
-    else:
-        torch.manual_seed(tc.seed + d.rank)  # dropout differs by rank; a resume restores the saved RNG instead
-    eval_sets = {split: token_loader.eval_batches(src.data_dir, split, tc.block_size, tc.batch_size,
-                                                  tc.eval_iters * accum, d.rank, d.world_size, mc.vocab_size)
-                 for split in ("train", "val")}
-
-    # -- the run log --------------------------------------------------------------------------------
+def open_log(tc: TrainConfig, mc: ModelConfig, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype,
+             model: GPT, accum: int, fp8_summary: str | None) -> tuple[runlog.RunLog, float | None, int]:
+    """(run log, peak FLOP/s or None, FLOPs per token): the log's header written (build.model_summary, as
+    fine-tuning's) and the run's shape printed."""
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * tc.block_size
     fpt = model.flops_per_token(tc.block_size)
     log, peak, peak_note = loop.open_run_log(
         tc.out_dir, d, dtype,
         {"config": {"train": asdict(tc), "model": asdict(mc)},
-         "model": {"architecture": mc.arch_string, "n_params": model.num_params(),
-                   "n_params_non_embedding": model.num_params(non_embedding=True), "flops_per_token": fpt}},
+         "model": build.model_summary(model, fpt, n_params_non_embedding=model.num_params(non_embedding=True))},
         mfu_note=f"fp8 {tc.fp8} run: MFU is bf16-equivalent (FLOPs against the bf16 peak)" if tc.fp8 else "",
         wandb={"project": tc.wandb_project, "name": tc.wandb_run_name} if tc.wandb_log else None,
         tensorboard=tc.tensorboard_log)
-    print0(d, f"model {mc.arch_string}: {model.num_params():,} parameters, {fpt:.3g} FLOPs/token; {mode} on "
+    print0(d, f"model {mc.arch_string}: {model.num_params():,} parameters, {fpt:.3g} FLOPs/token; {layout.name} on "
               f"{d.world_size} x {d.device.type}, {str(dtype).removeprefix('torch.')}, compile={tc.compile}; "
               f"optimizer {tc.optimizer}, lr schedule {tc.lr_schedule}")
     print0(d, f"tokens per step: {tc.batch_size} batch x {tc.gradient_accumulation_steps} accumulation "
@@ -332,6 +260,31 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
               + (f"MFU against the {peak_note}" if peak is not None else peak_note))
     if fp8_summary is not None:
         print0(d, f"fp8 {tc.fp8}{' (emulated)' if tc.fp8_emulate else ''}: {fp8_summary}")
+    return log, peak, fpt
+
+
+def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
+    """Pretrain (or continue) a model."""
+    import token_loader
+
+    d, dtype, layout = launch(tc)
+    accum = tc.gradient_accumulation_steps // d.world_size  # micro-steps per rank per optimizer step
+    src = what_to_train(tc, mc, explicit, d, accum)
+    mc = src.model_config
+    tasks = task_eval(tc, src.meta, src.data_dir, mc.block_size)  # task files and tokenizer, checked before the build
+    model, train_model, optimizer, hooks, fp8_summary = build.build(tc, mc, d, dtype, src.ckpt_path)
+    autocast, scaler = loop.precision(dtype, d.device)
+
+    # -- data and state: the loader, a resume, the eval batches -----------------------------------
+    loader = token_loader.TokenLoader(src.data_dir, "train", tc.block_size, tc.batch_size, accum, d.rank,
+                                      d.world_size, tc.seed, mc.vocab_size, d.device, tc.use_dataloader,
+                                      tc.dataloader_num_workers, pin_memory=d.device.type == "cuda")
+    run = build.resume(src.ckpt_path, src.ckpt_state, d, layout, model, optimizer, loader, tc.seed, scaler)
+    eval_sets = {split: token_loader.eval_batches(src.data_dir, split, tc.block_size, tc.batch_size,
+                                                  tc.eval_iters * accum, d.rank, d.world_size, mc.vocab_size)
+                 for split in ("train", "val")}
+
+    log, peak, fpt = open_log(tc, mc, d, layout, dtype, model, accum, fp8_summary)
     if src.ckpt_state is not None:
         loop.announce_resume(d, log, src.ckpt_path, run.iter_num)
 
@@ -341,27 +294,33 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
             return
         state = {**asdict(run), "model_config": asdict(mc), "train_config": asdict(tc), "loader": loader.state_dict(),
                  "dataset": {"name": tc.dataset, "path": src.data_dir, "meta": src.meta}}
-        path = checkpoint.save(tc.out_dir, d, model, optimizer, mode, state, scaler)
+        path = checkpoint.save(tc.out_dir, d, model, optimizer, layout, state, scaler)
         log.event({"iter": run.iter_num, "event": "checkpoint", "path": path})
         print0(d, f"saved checkpoint to {path} at iter {run.iter_num}")
 
     if tc.eval_only:
         losses = evaluate(model, eval_sets, autocast, d)
-        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
         print0(d, f"eval at iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        scores = evaluate_tasks(model, tasks, autocast, d) if tasks is not None else {}
+        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         log.close()
         return 0
 
     start_iter = run.iter_num
-    overwrite(tc, d)
+    overwrite(tc.out_dir, tc.init_from != "resume" and tc.save_checkpoint, tc.overwrite_out_dir, d)
 
     def evaluate_and_save(run: RunState, done: bool) -> None:
+        tasks_due = tasks is not None and (run.iter_num % tasks.interval == 0 or done)
         if run.iter_num % tc.eval_interval != 0 and not done:
+            if tasks_due:  # a task interval between loss evaluations: a record of its own
+                log.evaluation({"iter": run.iter_num, "tokens_seen": run.tokens_seen,
+                                **evaluate_tasks(model, tasks, autocast, d)})
             return
         losses = evaluate(model, eval_sets, autocast, d)
-        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "tokens_seen": run.tokens_seen})
         print0(d, f"eval iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        scores = evaluate_tasks(model, tasks, autocast, d) if tasks_due else {}
+        log.evaluation({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                        "tokens_seen": run.tokens_seen, **scores})
         improved = losses["val"] < run.best_val_loss
         if improved:
             run.best_val_loss = losses["val"]
@@ -371,7 +330,8 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
     return loop.run_loop(loop.Loop(
         d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
         max_iters=tc.max_iters,
-        lr_at=lr_at(tc), evaluate_and_save=evaluate_and_save, save=save_checkpoint, after_step=hooks, grad_clip=tc.grad_clip,
+        lr_at=build.lr_at(tc),
+        evaluate_and_save=evaluate_and_save, save=save_checkpoint, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=autocast, use_cuda_graphs=tc.use_cuda_graphs,
         timing_warmup=3 if tc.compile else 1, log_interval=tc.log_interval,
         gradient_log_interval=tc.gradient_log_interval, max_nonfinite_steps=tc.max_nonfinite_steps,
@@ -381,13 +341,13 @@ def train(tc: TrainConfig, mc: ModelConfig, explicit: set[str]) -> int:
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        tc, mc, explicit = configurator.load_train(argv)
+        tc, mc, explicit = configurator.load_train(argv, __doc__)
         if tc.dry_run:
             dry_run(tc, mc, explicit)
             return 0
         return train(tc, mc, explicit)
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

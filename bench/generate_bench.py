@@ -18,42 +18,36 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
+import errors  # noqa: E402
 from generation import generate  # noqa: E402
 from hardware import resolve_dtype  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
-BENCH_FLAGS = {"prompt_len": 64, "new_tokens": 64, "rounds": 3}
+
+@dataclass
+class BenchFlags:
+    prompt_len: int = 64  # prompt tokens per sequence
+    new_tokens: int = 64  # tokens generated per sequence
+    rounds: int = 3  # alternating rounds of both routes; the median is reported
 
 
 def main(argv: list[str]) -> int:
-    bench = dict(BENCH_FLAGS)
-    rest = []
     smoke = "--smoke" in argv
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if key in bench:
-            try:
-                bench[key] = int(arg.split("=", 1)[1])
-            except (IndexError, ValueError):
-                print(f"error: --{key} needs an integer, e.g. --{key}=64", file=sys.stderr)
-                return 2
-        elif arg != "--smoke":
-            rest.append(arg)
+    rest = [a for a in argv if a != "--smoke"]
     if smoke:
         rest = ["config/tiny_llama3.py", "--batch_size=2"] + rest
+    (tc, mc, flags), _ = configurator.load(rest, [TrainConfig, ModelConfig, BenchFlags], __doc__)
+    bench = asdict(flags)
+    if smoke:
         bench.update(prompt_len=8, new_tokens=8, rounds=1)
-    try:
-        (tc, mc), _ = configurator.load(rest, [TrainConfig, ModelConfig])
-    except (ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
     mc.block_size = max(mc.block_size, bench["prompt_len"] + bench["new_tokens"])
     device = "cuda" if tc.device == "auto" and torch.cuda.is_available() else (
         "cpu" if tc.device == "auto" else tc.device)
@@ -94,4 +88,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(errors.run_command(lambda: main(sys.argv[1:])))

@@ -27,18 +27,17 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configurator  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
+import errors  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 
 @dataclass
 class MicroConfig:
-    iters: int = 20
-    warmup: int = 5
-    rounds: int = 3
-    smoke: bool = False
-
-
+    iters: int = 20  # timed calls per round
+    warmup: int = 5  # untimed calls first
+    rounds: int = 3  # rounds; the median is reported
+    smoke: bool = False  # everything tiny, on the CPU (the tests)
 def timed(fn: Callable[[], object], cfg: MicroConfig, device: torch.device) -> float:
     """Median ms per call of fn."""
     for _ in range(cfg.warmup):
@@ -64,7 +63,7 @@ def timed(fn: Callable[[], object], cfg: MicroConfig, device: torch.device) -> f
 def gemm_shapes(mc: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
     """name -> (M tokens, K in, N out) of each linear in a block, and the head."""
     q, kv = mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim
-    ff = mc.intermediate_size * (2 if mc.mlp == "swiglu" else 1)
+    ff = mc.intermediate_size * (2 if mc.gated_mlp else 1)
     return {"attn.c_attn": (tokens, mc.n_embd, q + 2 * kv), "attn.c_proj": (tokens, q, mc.n_embd),
             "mlp.c_fc": (tokens, mc.n_embd, ff), "mlp.c_proj": (tokens, mc.intermediate_size, mc.n_embd),
             "head": (tokens, mc.n_embd, mc.vocab_size)}
@@ -84,7 +83,7 @@ def fp8_gemm(a: torch.Tensor, b_t: torch.Tensor, rowwise: bool) -> Callable[[], 
 
 
 def run(argv: list[str]) -> list[dict]:
-    (tc, mc, cfg), _ = configurator.load(argv, [TrainConfig, ModelConfig, MicroConfig])
+    (tc, mc, cfg), _ = configurator.load(argv, [TrainConfig, ModelConfig, MicroConfig], __doc__)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     if cfg.smoke:
         cfg.iters, cfg.warmup, cfg.rounds = 1, 1, 1
@@ -149,7 +148,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(record), flush=True)
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Training-step speed and memory of one configuration, built from the pieces train.py uses (the model
+Training-step speed and memory of one configuration, built by train.py's own build (build.build: the model
 on the meta device, the FP8 transform and its hooks, parallel.wrap, the optimizer) and timed through
 loop.train_step, the step every run takes (GradScaler, clipping and skipping included), on synthetic tokens:
 no evaluation, no checkpoint, no data files. Prints one JSON line. Run one process per
@@ -37,15 +37,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+import build  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import fp8  # noqa: E402
 import hardware  # noqa: E402
 import loop  # noqa: E402
-import optim  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -53,13 +54,13 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 
 @dataclass
 class BenchConfig:
-    steps: int = 20
-    warmup: int = 5
-    data: str = "synthetic"
-    pool: int = 8
-    sdpa: str = "auto"
-    gc_freeze: bool = False
-    smoke: bool = False
+    steps: int = 20  # timed optimizer steps
+    warmup: int = 5  # untimed steps first, compilation included
+    data: str = "synthetic"  # 'synthetic' (a fixed pool of random batches) or a prepared dataset folder
+    pool: int = 8  # batches in the synthetic pool
+    sdpa: str = "auto"  # auto, flash, cudnn, efficient or math: restrict SDPA's kernels
+    gc_freeze: bool = False  # gc.freeze() after warm-up, as nanochat does
+    smoke: bool = False  # a tiny CPU run, for the tests
     profile: str = ""  # a file: after timing, profile one more step and write the top kernels by GPU time there
 
 
@@ -127,9 +128,9 @@ class Batches:
 
 
 def run(argv: list[str]) -> dict:
-    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig])
+    (tc, mc, bc), explicit = configurator.load(argv, [TrainConfig, ModelConfig, BenchConfig], __doc__)
     if bc.sdpa != "auto" and bc.sdpa not in SDPA_BACKENDS:
-        raise configurator.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
+        raise errors.ConfigError(f"sdpa={bc.sdpa!r} is not one of auto, {', '.join(SDPA_BACKENDS)}")
     if bc.smoke:  # a few eager steps of whatever (tiny) config on CPU: proves the script runs
         tc.device, bc.steps, bc.warmup = "cpu", min(bc.steps, 3), min(bc.warmup, 1)
         tc.compile = tc.compile and "compile" in explicit
@@ -138,26 +139,13 @@ def run(argv: list[str]) -> dict:
     if tc.fp8:
         fp8.check_supported(tc.fp8, d.device, tc.fp8_emulate)
     accum = tc.gradient_accumulation_steps // d.world_size
-    torch.manual_seed(tc.seed)
-    with torch.device("meta"):
-        model = GPT(mc)
-    model.to_empty(device=d.device)
-    model.init_weights()
-    est = hardware.estimate_memory(model, tc.batch_size, tc.block_size, str(dtype).removeprefix("torch."),
-                                   d.world_size, tc.use_zero1, tc.use_fsdp, tc.compile, accum, tc.use_cuda_graphs)
-    hooks, fp8_summary = [], None
-    if tc.fp8:
-        plan, hooks = fp8.convert(model, tc.fp8, tc.fp8_emulate, fsdp=tc.use_fsdp)
-        fp8_summary = fp8.summary(plan)
-    train_model = parallel.wrap(model, d, fsdp=tc.use_fsdp, compile=tc.compile, cuda_graphs=tc.use_cuda_graphs,
-                                dtype=dtype, compile_mode=tc.compile_mode)
-    optimizer = optim.build_optimizer(model, d, zero1=tc.use_zero1, lr=tc.learning_rate,
-                                      betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    model, train_model, optimizer, hooks, fp8_summary = build.build(tc, mc, d, dtype, ckpt_path=None)
+    est = build.memory_estimate(model, tc, d.world_size, str(dtype).removeprefix("torch."))
     autocast, scaler = loop.precision(dtype, d.device)
     steps = loop.Loop(
         d, model, train_model, optimizer, Batches(bc, tc, mc, d, accum), runlog.RunLog("", False, {}), accum,
         max_iters=bc.warmup + bc.steps,
-        lr_at=lambda it: loop.get_lr(it, tc.learning_rate, tc.warmup_iters, tc.lr_decay_iters, tc.min_lr, tc.decay_lr),
+        lr_at=build.lr_at(tc),
         evaluate_and_save=lambda run, done: None, save=lambda run: None, after_step=hooks, grad_clip=tc.grad_clip,
         scaler=scaler, autocast=Within(autocast, bc.sdpa), use_cuda_graphs=tc.use_cuda_graphs)
     cuda = d.device.type == "cuda"
@@ -209,7 +197,7 @@ def run(argv: list[str]) -> dict:
         "compile_mode": tc.compile_mode if tc.compile else None, "cuda_graphs": tc.use_cuda_graphs,
         "fp8": tc.fp8 or None, "fp8_linears": fp8_summary, "sdpa": bc.sdpa,
         "sdpa_choice": sdpa_choice(mc, tc.batch_size, tc.block_size, d.device, dtype, bc.sdpa),
-        "parallelism": parallel.mode(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp),
+        "parallelism": parallel.layout(d, zero1=tc.use_zero1, fsdp=tc.use_fsdp).name,
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "gc_freeze": bc.gc_freeze, "data": bc.data, "steps": bc.steps, "warmup": bc.warmup,
         "compile_s": round(max(0.0, warmup_s - bc.warmup * step_s), 2),
@@ -257,7 +245,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(run(argv)), flush=True)
         return 0
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """
 Peak GPU memory of a LoRA fine-tuning step against finetune/validate_config.py's estimate for the same YAML.
 
-The step is finetune/train.py's: the base in bf16 (fp32 on CPU) with fp32 adapters (lora.apply_lora with
-the YAML's lora section), parallel.wrap (activation checkpointing when training.gradient_checkpointing is
-set) and optim.build_optimizer as there, and loop.py's own forward_backward and optimizer_step. The base is
+The step is finetune/train.py's, built by the same calls (finetune/build_lora.py): the base in bf16 (fp32 on
+CPU) with fp32 adapters (the YAML's lora section), wrapped (activation checkpointing when
+training.gradient_checkpointing is set) with the adapters' AdamW (training.adam_epsilon included), and
+loop.py's own forward_backward and optimizer_step. The base is
 random (a hub model cannot be downloaded on the GPU box) and every row is max_length tokens long, the
 worst case the estimate describes. lora.init is set to gaussian: PiSSA gives the same shapes, and its
 SVDs would take minutes at 8B.
@@ -27,20 +28,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 import loop  # noqa: E402
-import optim  # noqa: E402
 import parallel  # noqa: E402
 import runlog  # noqa: E402
 from bench.lora_step import PRESETS  # noqa: E402
+from finetune import build_lora  # noqa: E402
 from finetune.config import ConfigError, load_config, lora_config  # noqa: E402
-from finetune.lora import apply_lora  # noqa: E402
 from finetune.memory import estimate_memory  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: run(argv))
+    return errors.run_command(lambda: run(argv))
 
 
 class FixedBatch:
@@ -54,12 +54,12 @@ class FixedBatch:
 
 
 def run(argv: list[str]) -> int:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--preset", default="8b", help=f"the base's shape: {', '.join(PRESETS)}")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: no GPU figures, the smoke test)")
+    p.add_argument("--steps", type=int, default=3, help="training steps before the peak memory is read")
     a = p.parse_intermixed_args(argv)
     if a.preset not in PRESETS:
         raise ConfigError(f"--preset={a.preset} is not one of {', '.join(PRESETS)}")
@@ -75,18 +75,17 @@ def run(argv: list[str]) -> int:
     B, T = t.per_device_train_batch_size, cfg.dataset.max_length
     mc = ModelConfig(block_size=T, **PRESETS[a.preset])
 
-    # finetune/train.py's model, from a random base instead of hf_checkpoint.from_hf
+    # finetune/train.py's build (build_lora), from a random base instead of hf_checkpoint.from_hf
     with torch.device("meta"):
-        model = GPT(mc)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()
+        base = GPT(mc)
+    base.to(dtype).to_empty(device=device)
+    base.init_weights()
     torch.manual_seed(t.seed)
-    apply_lora(model, lora_config(cfg), seed=t.seed)
+    model = build_lora.lora_model(base, lora_config(cfg), t.seed)
     d = parallel.Dist(rank=0, local_rank=0, world_size=1, device=device)
-    train_model = parallel.wrap(model, d, fsdp=False, compile=False, cuda_graphs=False, dtype=dtype,
-                                activation_checkpointing=t.gradient_checkpointing)
-    optimizer = optim.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
+    train_model, optimizer = build_lora.wrap_and_optimizer(
+        model, d, parallel.layout(d, zero1=False, fsdp=False), dtype, gradient_checkpointing=t.gradient_checkpointing,
+        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
     autocast, _ = loop.precision(dtype, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)

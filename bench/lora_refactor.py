@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 
 def text_batches(tokenizer: str, path: str, seq_len: int, n_seq: int, batch: int = 8) -> list:
@@ -34,14 +34,14 @@ def text_batches(tokenizer: str, path: str, seq_len: int, n_seq: int, batch: int
     from transformers import AutoTokenizer
 
     if not os.path.isfile(path):
-        raise configurator.UserError(f"--text {path} not found; give a plain-text file (e.g. data/shakespeare_char/"
+        raise errors.UserError(f"--text {path} not found; give a plain-text file (e.g. data/shakespeare_char/"
                                      f"input.txt after python data/shakespeare_char/prepare.py)")
     with open(path, encoding="utf-8") as f:
         text = f.read(seq_len * n_seq * 8)  # enough characters for n_seq windows at any tokenizer's rate
     ids = AutoTokenizer.from_pretrained(tokenizer)(text, add_special_tokens=False)["input_ids"]
     n = min(n_seq, (len(ids) - 1) // seq_len)
     if n == 0:
-        raise configurator.UserError(f"--text {path} holds fewer than {seq_len + 1} tokens")
+        raise errors.UserError(f"--text {path} holds fewer than {seq_len + 1} tokens")
     t = torch.tensor(ids[: n * seq_len + 1])
     x, y = t[:-1].view(n, seq_len), t[1:].view(n, seq_len)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
@@ -80,21 +80,21 @@ def adapted_weight_change(model, before: dict) -> float:
 
 
 def run(argv: list[str]) -> int:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--text", required=True, help="a plain-text file: the loss outside the task")
     p.add_argument("--bound", type=float, default=None, help="clamp's bound (default: half the largest value)")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR", help="fine-tuned adapters to compare")
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--n_seq", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per window of --text")
+    p.add_argument("--n_seq", type=int, default=32, help="windows of --text the loss is taken over")
     p.add_argument("--smoke", action="store_true", help="few windows (the tests)")
     a = p.parse_args(argv)
     adapters = []
     for item in a.adapters:
         name, sep, folder = item.partition("=")
         if not sep or not name or not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            raise configurator.UserError(f"--adapters {item}: give NAME=DIR with DIR an adapter folder "
+            raise errors.UserError(f"--adapters {item}: give NAME=DIR with DIR an adapter folder "
                                          f"(adapter_config.json + adapter_model.safetensors)")
         adapters.append((name, folder))
     if a.smoke:
@@ -141,7 +141,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return configurator.run_command(lambda: run(sys.argv[1:] if argv is None else argv))
+    return errors.run_command(lambda: run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the settings both sides share, on top of the user's: see the module docstring
@@ -144,11 +144,10 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
 
     import hf_checkpoint
     import loop
-    import optim
     import parallel
     import runlog
+    from finetune import build_lora
     from finetune.config import load_config, lora_config, resolve_model_path
-    from finetune.lora import apply_lora
     from finetune.sft_data import SFTLoader, load_examples, tokenize_examples
 
     cfg = load_config(config, [*overrides, *SHARED])
@@ -160,12 +159,14 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
                                                 template=ds.template), cfg.model.tokenizer or path, ds.max_length)
     torch.manual_seed(t.seed)
     t0 = time.perf_counter()
-    model = hf_checkpoint.from_hf(path, dtype=torch.float32)  # finetune.train.build_lora_model, timed in two
+    base = hf_checkpoint.from_hf(path, dtype=torch.float32)  # finetune/train.py's build_model, timed in two
     t1 = time.perf_counter()
-    apply_lora(model, lora_config(cfg), seed=t.seed)
+    model = build_lora.lora_model(base, lora_config(cfg), t.seed)
     start_up = {"load_base_s": round(t1 - t0, 3), "apply_lora_s": round(time.perf_counter() - t1, 3)}
-    optimizer = optim.build_optimizer(model, d, zero1=False, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
+    train_model, optimizer = build_lora.wrap_and_optimizer(
+        model, d, parallel.layout(d, zero1=False, fsdp=False), torch.float32,
+        gradient_checkpointing=t.gradient_checkpointing, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.weight_decay, eps=t.adam_epsilon)
     batches = SFTLoader(train, t.per_device_train_batch_size, 1, seed=t.seed)
     seen: list[torch.Tensor] = []
 
@@ -175,7 +176,7 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
             seen.append(y)
             return x, y
 
-    steps_loop = loop.Loop(d, model, model, optimizer, Recording(), runlog.RunLog("", False, {}), accum=1,
+    steps_loop = loop.Loop(d, model, train_model, optimizer, Recording(), runlog.RunLog("", False, {}), accum=1,
                            max_iters=warmup + steps, lr_at=lambda it: t.learning_rate,
                            evaluate_and_save=lambda run, done: None, save=lambda run: None, grad_clip=t.max_grad_norm)
     run = loop.RunState()
@@ -198,7 +199,7 @@ def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2)
 
 
 def run(argv: list[str]) -> int:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config", help="a fine-tuning YAML (finetune/configs/...)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as finetune/train.py takes them")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of both sides")
@@ -215,7 +216,7 @@ def run(argv: list[str]) -> int:
         print(json.dumps(profile_ours(a.config, a.overrides, a.profile)))
         return 0
     if a.rounds < 1:
-        raise configurator.ConfigError(f"--rounds={a.rounds} must be >= 1")
+        raise errors.ConfigError(f"--rounds={a.rounds} must be >= 1")
     cfg_training(a.config, a.overrides)  # a bad config is one error line here, before any run
     runs: dict[str, list[dict]] = {"ours": [], "hf": []}
     with tempfile.TemporaryDirectory(prefix="lora_sft_vs_hf_") as tmp:
@@ -241,7 +242,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return configurator.run_command(lambda: run(argv))
+    return errors.run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

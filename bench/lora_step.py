@@ -8,7 +8,9 @@ process, as a ratio. Then greedy generation tokens/s of our LoRA model with and 
     python bench/lora_step.py --smoke --json                    # seconds; what tests/test_bench.py runs
 
 A step is forward, loss, backward and AdamW on the adapters only (r, alpha, dropout and targets as the
-Llama-3.1 LoRA guide's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). bfloat16 means
+Llama-3.1 LoRA guide's configs: r=32, alpha=64, rsLoRA, dropout 0.05, every attention and MLP projection). Our
+adapters are added by finetune/train.py's build (build_lora.lora_model), and both sides step the optimizer
+finetune/train.py builds (build_lora.optimizer, at finetune/config.py's training defaults). bfloat16 means
 a bf16 base with fp32 adapters under bf16 autocast on both sides (peft keeps its adapters in fp32 too).
 The two models are timed alternately, ours then HF, for --rounds rounds of --steps steps after
 --warmup steps each; the median round is reported. Memory: bytes autograd saves for backward in one
@@ -29,9 +31,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
+import parallel  # noqa: E402
 from bench.model_step import hf_twin  # noqa: E402  (LlamaForCausalLM, sdpa, our weights)
-from finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters  # noqa: E402
+from finetune import build_lora  # noqa: E402
+from finetune.config import TrainingArgs  # noqa: E402
+from finetune.lora import LoRAConfig, lora_modules, lora_parameters  # noqa: E402
 from generation import generate  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
@@ -51,7 +56,7 @@ SHAPE_FLAGS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "interm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class BenchError(configurator.UserError):
+class BenchError(errors.UserError):
     """A bad flag: one `error:` line."""
 
 
@@ -64,7 +69,7 @@ def build_pair(mc: ModelConfig, cfg: LoRAConfig, dtype: torch.dtype, device: str
     theirs = get_peft_model(hf_twin(base).to(dtype), LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         use_rslora=cfg.use_rslora))
-    ours = apply_lora(base.to(dtype), cfg, seed=0)
+    ours = build_lora.lora_model(base.to(dtype), cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     named = dict(theirs.named_parameters())
     with torch.no_grad():
@@ -81,8 +86,9 @@ def build_pair(mc: ModelConfig, cfg: LoRAConfig, dtype: torch.dtype, device: str
 
 def make_step(model: torch.nn.Module, is_ours: bool, device: str, dtype: torch.dtype, compile: bool):
     """One training step on (x, y): forward, loss, backward, AdamW over the trainable (adapter) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    d, t = parallel.Dist(0, 0, 1, torch.device(device)), TrainingArgs()
+    opt = build_lora.optimizer(model, d, parallel.layout(d, zero1=False, fsdp=False), lr=t.learning_rate,
+                               betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
     fwd = torch.compile(model) if compile else model
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
@@ -154,21 +160,21 @@ def generation(model: GPT, prompt: torch.Tensor, n: int, device: str, dtype: tor
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = configurator.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
+    p = errors.ArgumentParser(prog="bench/lora_step.py", description="LoRA train step: ours vs HF + peft, same weights.")
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="a model shape (Llama architecture)")
     for name in SHAPE_FLAGS:
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per row")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the base weights' and the step's dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--r", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=64)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of both sides; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
+    p.add_argument("--r", type=int, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha (the scale is alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on the adapters' input")
     p.add_argument("--gen_tokens", type=int, default=64, help="new tokens in the generation comparison")
     p.add_argument("--smoke", action="store_true", help="the smoke shape, 1 round of 1 step: seconds")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
@@ -268,7 +274,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(r) if args.json else report(r))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

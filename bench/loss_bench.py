@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import errors  # noqa: E402
 from loss import _ADDMM_OUT_DTYPE, LOSS_VARIANTS, linear_cross_entropy, loss_chunk_tokens  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -79,17 +80,17 @@ def measure(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--N", type=int, default=16384, help="tokens")
     p.add_argument("--d", type=int, default=2048, help="model width")
     p.add_argument("--V", type=int, default=128256, help="vocabulary")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--variants", default=",".join(LOSS_VARIANTS), help="comma-separated LOSS_VARIANTS")
     p.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: loss_chunk_tokens(V))")
     p.add_argument("--compile", action="store_true", help="torch.compile each loss function")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10, help="timed calls of each variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, 1 iteration")
     return p.parse_args(argv)
 
@@ -173,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_command(main))

@@ -8,7 +8,9 @@ transformers model holding identical weights, in one process, as a ratio.
         --dtype=bfloat16 --compile=True        # on a GPU
 
 Bench-only flags: --steps (timed steps per round, default 5), --rounds (default 3), --warmup (2).
-The two models are timed one after the other (ours, then HF built from the same weights), with
+Ours is built by train.py's own build (build.build_model, from scratch), and both sides step the AdamW
+train.py builds (optim.build_optimizer with the config's lr, betas and weight decay). The two models are
+timed one after the other (ours, then HF built from the same weights), with
 only one of them on the device at a time so that a 1.5B comparison fits in 80 GB; the median round
 is reported. The HF model uses attn_implementation="sdpa"; --compile compiles both.
 """
@@ -19,17 +21,27 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import build  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from configurator import TrainConfig  # noqa: E402
+import optim  # noqa: E402
+import parallel  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
-BENCH_FLAGS = {"steps": 5, "rounds": 3, "warmup": 2}
+
+@dataclass
+class BenchFlags:
+    steps: int = 5  # timed steps per round
+    rounds: int = 3  # rounds per model; the median is reported
+    warmup: int = 2  # untimed steps before the rounds
 
 
 def hf_twin(model: GPT):
@@ -46,9 +58,11 @@ def hf_twin(model: GPT):
     return hf
 
 
-def make_step(model: torch.nn.Module, is_ours: bool, device: str, dtype: torch.dtype, compile: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
-    fwd = torch.compile(model) if compile else model
+def make_step(model: torch.nn.Module, is_ours: bool, device: str, dtype: torch.dtype, tc: TrainConfig):
+    d = parallel.Dist(0, 0, 1, torch.device(device))
+    opt = optim.build_optimizer(model, d, zero1=False, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
+                                weight_decay=tc.weight_decay)  # AdamW on both sides (Muon's groups are our names)
+    fwd = torch.compile(model) if tc.compile else model
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -85,15 +99,8 @@ def timed_rounds(step, x: torch.Tensor, y: torch.Tensor, device: str, bench: dic
 
 
 def main(argv: list[str]) -> None:
-    bench = dict(BENCH_FLAGS)
-    rest = []
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if key in bench:
-            bench[key] = int(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-    (tc, mc), _ = configurator.load(rest, [TrainConfig, ModelConfig])
+    (tc, mc, flags), _ = configurator.load(argv, [TrainConfig, ModelConfig, BenchFlags], __doc__)
+    bench = asdict(flags)
     device = (
         "cuda"
         if tc.device == "auto" and torch.cuda.is_available()
@@ -108,7 +115,7 @@ def main(argv: list[str]) -> None:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    ours = GPT(mc)
+    ours = build.build_model(tc, mc, torch.device("cpu"), ckpt_path=None)
     B, T = tc.batch_size, tc.block_size
     x = torch.randint(0, mc.vocab_size, (B, T), device=device)
     y = torch.randint(0, mc.vocab_size, (B, T), device=device)
@@ -123,7 +130,7 @@ def main(argv: list[str]) -> None:
         model = ours.to(device) if name == "ours" else hf_twin(ours.cpu()).to(device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        times[name] = timed_rounds(make_step(model, name == "ours", device, dtype, tc.compile), x, y, device, bench)
+        times[name] = timed_rounds(make_step(model, name == "ours", device, dtype, tc), x, y, device, bench)
         peak[name] = torch.cuda.max_memory_allocated() / 1024**3 if device.startswith("cuda") else None
         if name == "ours":
             ours.cpu()
@@ -146,4 +153,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(errors.run_command(lambda: main(sys.argv[1:]) or 0))

@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import errors  # noqa: E402
 from dataprep import local_source, prepare, shakespeare_plays  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -60,11 +61,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    p.add_argument("--tokenizer", default="gpt2")
-    p.add_argument("--tokenizer_path", default=None)
+    p = errors.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, llama2, llama3 or qwen3")
+    p.add_argument("--tokenizer_path", default=None, help="a tokenizer file in place of the named one's")
     p.add_argument("--mb", type=float, default=32.0, help="megabytes of text")
-    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="tokenizing processes (default: the usable cores)")
     p.add_argument("--repeat", type=int, default=5, help="best of this many runs of each measurement")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_command(lambda: main() or 0))

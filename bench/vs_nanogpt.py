@@ -39,16 +39,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 CONFIG = "config/train_shakespeare_char.py"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--dataset", default=os.path.join(ROOT, "data", "shakespeare_char"),
                    help="a prepared character-level dataset folder (train.bin, meta.json)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; the median is reported")
     p.add_argument("--iters", type=int, default=300, help="iterations per run")
     p.add_argument("--skip", type=int, default=50, help="iterations not timed at the start of each run")
     p.add_argument("--smoke", action="store_true", help="1 round of 20 iterations, 10 skipped")
@@ -227,7 +227,7 @@ def run_nanogpt(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return configurator.run_command(lambda: run(parse_args(argv)))
+    return errors.run_command(lambda: run(parse_args(argv)))
 
 
 def run(a: argparse.Namespace) -> int:

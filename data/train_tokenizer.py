@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 from dataprep import PrepareError, local_source  # noqa: E402
 
 
@@ -30,16 +30,16 @@ def sentences(docs: Iterator[str], max_bytes: int) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return configurator.run_command(lambda: train(argv))
+    return errors.run_command(lambda: train(argv))
 
 
 def train(argv: list[str] | None) -> int:
-    p = configurator.ArgumentParser(description="Train a LLaMA-2-style SentencePiece BPE tokenizer from local text.")
+    p = errors.ArgumentParser(description="Train a LLaMA-2-style SentencePiece BPE tokenizer from local text.")
     p.add_argument("--input", required=True, help=".txt/.jsonl/.parquet file or folder of them")
     p.add_argument("--out", default="tokenizer.model", help="where to write the SentencePiece model")
-    p.add_argument("--vocab_size", type=int, default=32000)
+    p.add_argument("--vocab_size", type=int, default=32000, help="pieces in the trained model")
     p.add_argument("--max_sentences", type=int, default=2_000_000, help="lines sampled for training")
-    p.add_argument("--num_threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--num_threads", type=int, default=len(os.sched_getaffinity(0)), help="training threads (default: the usable cores)")
     args = p.parse_args(argv)
     import sentencepiece as spm
 

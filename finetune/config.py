@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-from configurator import ConfigError, coerce, suggest
+from configurator import coerce, format_keys, keys_help, suggest
+from errors import ConfigError
+from families import LORA_TARGETS
 
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINERS = ("Trainer", "SpectralRefactorTrainer")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -63,7 +64,7 @@ UNSUPPORTED = {
 class ModelArgs:
     """The base model: a Hugging Face folder (or hub id) loaded through hf_checkpoint.from_hf."""
 
-    name_or_path: str = ""
+    name_or_path: str = ""  # the base: a Hugging Face folder or hub id
     tokenizer: str | None = None  # a tokenizer folder; None: the model's folder
 
 
@@ -71,11 +72,11 @@ class ModelArgs:
 class LoraArgs:
     """Adapters; see finetune/lora.py (HF target names, scaling alpha/r or alpha/sqrt(r))."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(HF_TARGETS))
-    use_rslora: bool = False
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scale numerator: alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on each adapter's input; 0: off
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the linears adapted, by their Hugging Face names
+    use_rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilized LoRA)
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N
 
 
@@ -84,13 +85,13 @@ class DatasetArgs:
     """SFT data (finetune/sft_data.py): where it comes from, its fields, template and length bound."""
 
     source: str = "gsm8k"  # gsm8k | metamathqa | a local .json/.jsonl/.parquet file
-    split: str = "train"
+    split: str = "train"  # the split of a hub dataset trained on
     fields: dict[str, str] | None = None  # {"prompt": ..., "response": ..., "answer": ...} for local files
     template: str | None = None  # a sft_data.TEMPLATES name; None: the dataset's own
     max_length: int = 1024  # tokens per example (prompt + response + EOS); longer ones are truncated
     max_train_samples: int | None = None  # the first N training examples only
     eval_source: str | None = None  # None: source (MetaMathQA has no test split: point this at gsm8k)
-    eval_split: str = "test"
+    eval_split: str = "test"  # the split evaluated on
     eval_fields: dict[str, str] | None = None  # None: fields
     max_eval_samples: int | None = None  # examples for eval/loss and eval/token_accuracy
     answer_eval_samples: int = 200  # examples greedily decoded for eval/answer_accuracy; 0: skip
@@ -106,51 +107,55 @@ class DatasetArgs:
 class TrainingArgs:
     """How the adapters are trained; names follow Hugging Face's TrainingArguments where one exists."""
 
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/run"  # the run's folder: checkpoint-N folders, the final adapter, the run log
     overwrite_output_dir: bool = False  # let a new run delete the checkpoints and adapter output_dir holds
-    num_train_epochs: int = 1
+    num_train_epochs: int = 1  # passes over the training data (unless max_steps > 0)
     max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_train_epochs)
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
+    per_device_train_batch_size: int = 4  # examples per micro-batch per process
+    per_device_eval_batch_size: int = 8  # examples per evaluation batch per process
     gradient_accumulation_steps: int | None = None  # None: derived from effective_batch_size
     effective_batch_size: int | None = None  # examples per optimizer step over all ranks
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # peak learning rate of the adapters
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after warmup)
     warmup_ratio: float = 0.0  # fraction of the optimizer steps spent warming up linearly
     min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of learning_rate
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the adapters
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # 0: no clipping
     bf16: bool = True  # bf16 base weights and activations on GPU (adapters stay fp32); CPU runs fp32
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per block
     parallel: str = "ddp"  # ddp | zero1 | fsdp, when launched on several processes
-    logging_steps: int = 10
+    logging_steps: int = 10  # optimizer steps between log records
     eval_steps: float | None = None  # < 1: a fraction of training; >= 1: a count; 0: no evaluation; None: save_steps
     save_steps: float = 0.1  # as eval_steps
     save_total_limit: int | None = None  # keep the newest N checkpoint-N folders (checkpoint-best kept apart)
-    seed: int = 42
+    seed: int = 42  # seed of the adapters' init, the data order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none | wandb | tensorboard
     run_name: str | None = None  # None: the output folder's name
-    wandb_project: str | None = None
-
-
+    wandb_project: str | None = None  # the wandb project; None: nanollm-finetune
 @dataclass
 class TrainerArgs:
     """The Llama-3.1 LoRA guide's SpectralRefactorTrainer: refactor the LoRA factors every refactor_every steps."""
 
     name: str = "Trainer"  # Trainer | SpectralRefactorTrainer
-    refactor_every: int = 200
+    refactor_every: int = 200  # optimizer steps between refactors
     refactor_start: int | None = None  # first step a refactor may run at; None: after the LR warmup
-    # delta | exact | clamp | balanced (finetune/spectral.py). delta by measurement (finetune/README.md): balanced,
-    # the guide's mode, rewrites a PiSSA adapter's base directions; it stays available to reproduce the guide
-    refactor_mode: str = "delta"
+    # delta by measurement (finetune/README.md): balanced, the guide's mode, rewrites a PiSSA adapter's base
+    # directions; it stays available to reproduce the guide
+    refactor_mode: str = "delta"  # delta | exact | clamp | balanced (finetune/spectral.py)
     refactor_lambda: float = 0.85  # balanced: S~ = (1 - lambda) S + lambda mean(S)
     refactor_bound: float | None = None  # clamp: bound on the spectral norm of scaling * B A
     refactor_opt_state: str = "reset"  # reset | map_first_moment | keep
     refactor_rewarm_steps: int = 10  # after a reset, the LR ramps up again over this many steps
+
+
+def keys_epilog() -> str:
+    """The --help table of every YAML key: section.key=default and its meaning (from the comments above)."""
+    return ("YAML keys (a config's sections; section.key=value after the flags overrides one; the default "
+            "after =):\n" + format_keys(keys_help([FinetuneConfig]), dashes=""))
 
 
 @dataclass
@@ -224,10 +229,10 @@ def _check(cfg: FinetuneConfig) -> None:
     m, lo, ds, t, tr = cfg.model, cfg.lora, cfg.dataset, cfg.training, cfg.trainer
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is missing; set it to a Hugging Face model folder or hub id")
-    unknown = [x for x in lo.target_modules if x not in HF_TARGETS]
+    unknown = [x for x in lo.target_modules if x not in LORA_TARGETS]
     if unknown:
-        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], HF_TARGETS)}; "
-                          f"choose among {', '.join(HF_TARGETS)}")
+        raise ConfigError(f"lora.target_modules has unknown name '{unknown[0]}'{suggest(unknown[0], LORA_TARGETS)}; "
+                          f"choose among {', '.join(LORA_TARGETS)}")
     positive = {"lora.r": lo.r, "dataset.max_length": ds.max_length, "dataset.max_new_tokens": ds.max_new_tokens,
                 "training.num_train_epochs": t.num_train_epochs, "training.logging_steps": t.logging_steps,
                 "training.per_device_train_batch_size": t.per_device_train_batch_size,
@@ -319,8 +324,10 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), not a {type(raw).__name__}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for arg in overrides:
-        section, name, value = parse_override(arg)
+    parsed = [parse_override(arg) for arg in overrides]
+    if path is not None:
+        _from_config_folder(raw, path, {(section, name) for section, name, _ in parsed})
+    for section, name, value in parsed:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"section '{section}' must be a mapping of keys to values")
         raw.setdefault(section, {})
@@ -332,6 +339,32 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = FinetuneConfig(**{s: _build(s, raw.get(s)) for s in SECTIONS})
     _check(cfg)
     return cfg
+
+
+# Paths a config file may name, and the local data files among them (sft_data.LOCAL_EXTENSIONS).
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("dataset", "source"), ("dataset", "eval_source"))
+DATA_FILES = (".json", ".jsonl", ".parquet")
+
+
+def _from_config_folder(raw: dict, path: str, overridden: set[tuple[str, str]]) -> None:
+    """Relative paths written in a config file are read from the config's own folder, wherever the command
+    runs (section.key=value overrides stay relative to the current folder, like any shell argument). A data
+    file must exist there; a relative model or tokenizer path is taken from there when it exists there (else it
+    stays as written: a hub id such as org/name). Keys an override sets are left alone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for section, key in (k for k in PATH_KEYS if k not in overridden):
+        value = raw.get(section).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith("~"):
+            continue
+        joined = os.path.normpath(os.path.join(folder, value))
+        if section == "dataset" and value.endswith(DATA_FILES):
+            if not os.path.isfile(joined):
+                raise ConfigError(f"{section}.{key}={value} in {path} is read from the config's folder, where "
+                                  f"{joined} does not exist; write it relative to the config's folder, or pass "
+                                  f"{section}.{key}=PATH (relative to the current folder)")
+            raw[section][key] = joined
+        elif section == "model" and os.path.exists(joined):
+            raw[section][key] = joined
 
 
 def lora_config(cfg: FinetuneConfig):  # -> lora.LoRAConfig (imported lazily: lora.py needs torch)

@@ -25,16 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import configurator  # noqa: E402
-from configurator import ConfigError  # noqa: E402
+import errors  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from finetune.answers import extract_answer  # noqa: E402
 from finetune.lora import load_adapted  # noqa: E402
-from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, generate_answers, render_prompt  # noqa: E402
+from finetune.sft_data import TEMPLATE_FILE, TEMPLATES, render_prompt  # noqa: E402
+from finetune.sft_eval import generate_answers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def render(prompts: list[str], template: str) -> list[dict]:
-    """Examples for sft_data.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
+    """Examples for sft_eval.generate_answers: each prompt through TEMPLATES[template] (or as is for none)."""
     return [{"prompt": p if template == "none" else render_prompt(p, template)} for p in prompts]
 
 
@@ -79,7 +81,7 @@ def complete(model_path: str, prompts: list[str], *, adapter_path: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
+    parser = errors.ArgumentParser(prog="inference.py", description="Greedy generation from a merged model or a base + adapter.")
     parser.add_argument("--model_path", required=True, help="a Hugging Face model folder (merged, or the base)")
     parser.add_argument("--adapter_path", default=None, help="a PEFT-format adapter folder to apply to the base")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the prompt template (default: the one the adapter was trained with, read from "
                              f"{TEMPLATE_FILE}); none: the prompt as is")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: --model_path)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="tokens generated per prompt at most")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (left padded)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the weights' dtype")
 
     def body() -> int:
         args = parser.parse_args(argv)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"prompt": p, "completion": t, "answer": extract_answer(t)}))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

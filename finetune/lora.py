@@ -3,13 +3,14 @@ LoRA as a transform of our GPT: per-projection adapters on the fused linears, me
 
 Each adapted linear computes, for each output slice i (q, k, v of c_attn; gate, up of c_fc):
     y_i = W_i x + b_i + scaling * B_i (A_i dropout_i(x))        A_i: (r, in), B_i: (out_i, r)
-exactly as peft does on the unfused HF modules (LlamaForCausalLM, Qwen3ForCausalLM), so adapters,
+exactly as peft does on the unfused HF modules (LlamaForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM), so adapters,
 PiSSA's per-slice SVD and the files on disk all match peft's. One matmul runs the frozen fused base;
 the adapters then add one (in -> n*r) matmul of the stacked A's and one (n*r -> out) matmul of a
 block-diagonal B, fused into the base output with addmm. Nothing (out, in)-sized is built per step.
 
-- Targets use HF names: q_proj, k_proj, v_proj (slices of attn.c_attn), o_proj (attn.c_proj),
-  gate_proj, up_proj (slices of mlp.c_fc; a GELU MLP's c_fc is up_proj), down_proj (mlp.c_proj).
+- Targets use HF names (families.LORA_TARGETS): q_proj, k_proj, v_proj (slices of attn.c_attn), o_proj
+  (attn.c_proj), gate_proj, up_proj (slices of mlp.c_fc; a GELU MLP's c_fc is up_proj), down_proj
+  (mlp.c_proj). The PEFT keys they are saved under come from the family's layout (families.py).
 - scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
 - init: "default" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), "pissa" (fp32 SVD
   of each slice, sqrt(S / scaling) into both factors, base slice replaced by the residual), and
@@ -36,8 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import atomic
+import families
 import hf_checkpoint
-from configurator import UserError
+from errors import UserError
+from families import LORA_TARGETS
 from model import GPT
 
 
@@ -45,7 +48,6 @@ class AdapterError(UserError):
     """A PEFT adapter folder that cannot be read or does not fit the base; one line naming the file."""
 
 
-HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -56,7 +58,7 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0  # on the adapter input, independently per projection (as peft)
-    target_modules: tuple[str, ...] = HF_TARGETS
+    target_modules: tuple[str, ...] = LORA_TARGETS
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     init: str = "default"  # default | gaussian | pissa | pissa_niter_N
 
@@ -71,14 +73,14 @@ class LoRAConfig:
             raise ValueError(f"lora dropout={p!r} must be in [0, 1)")
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, list | tuple):
             raise ValueError(
-                f"lora target_modules={self.target_modules!r} must be a list of {', '.join(HF_TARGETS)}"
+                f"lora target_modules={self.target_modules!r} must be a list of {', '.join(LORA_TARGETS)}"
             )
-        unknown = [t for t in self.target_modules if t not in HF_TARGETS]
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
         if unknown or not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(
-                f"lora target_modules={list(self.target_modules)!r} must be distinct names among {', '.join(HF_TARGETS)}"
+                f"lora target_modules={list(self.target_modules)!r} must be distinct names among {', '.join(LORA_TARGETS)}"
             )
-        self.target_modules = tuple(t for t in HF_TARGETS if t in self.target_modules)
+        self.target_modules = tuple(t for t in LORA_TARGETS if t in self.target_modules)
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"lora use_rslora={self.use_rslora!r} must be true or false")
         if not isinstance(self.init, str) or (
@@ -161,7 +163,7 @@ def _adapted_linears(model: GPT) -> list[tuple[str, nn.Module, str, list[tuple[s
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     mlp_in = (
         [("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)]
-        if c.mlp == "swiglu"
+        if c.gated_mlp
         else [("up_proj", c.intermediate_size)]
     )
     out = []
@@ -336,22 +338,21 @@ def merge_lora(model: GPT) -> GPT:
 
 # -- PEFT format ------------------------------------------------------------------------------
 
-_PEFT_PREFIX = "base_model.model.model.layers."
-
-
 def _peft_keys(model: GPT) -> dict[tuple[str, str], str]:
     """(our module name, hf name) -> peft key prefix, e.g. base_model.model.model.layers.0.self_attn.q_proj."""
-    if hf_checkpoint.hf_architecture(model.config) == "GPT2LMHeadModel":
-        raise ValueError(
-            "PEFT export/import needs separate q/k/v modules; GPT-2 checkpoints fuse them (Conv1D c_attn), "
-            "so merge_lora and hf_checkpoint.to_hf instead"
-        )
+    family = families.family_for(model.config)
+    layout = family.layout
     out = {}
     for mname, m in lora_modules(model):
-        i = int(mname.split(".")[1])
-        part = "self_attn" if ".attn." in mname else "mlp"
+        i = mname.split(".")[1]
         for n, _ in m.slices:
-            out[(mname, n)] = f"{_PEFT_PREFIX}{i}.{part}.{n}"
+            module = layout.peft_module(n)
+            if module is None:
+                raise ValueError(
+                    f"PEFT export/import needs a separate module for {n}; {family.title} checkpoints fuse them "
+                    f"({family.architecture}), so merge_lora and hf_checkpoint.to_hf instead"
+                )
+            out[(mname, n)] = f"base_model.model.{layout.block.format(i=i)}{module}"
     return out
 
 

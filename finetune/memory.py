@@ -26,7 +26,7 @@ def projections(mc: ModelConfig) -> dict[str, tuple[int, int]]:
     dim, q, kv, h = mc.n_embd, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim, mc.intermediate_size
     out = {"q_proj": (dim, q), "k_proj": (dim, kv), "v_proj": (dim, kv), "o_proj": (q, dim), "up_proj": (dim, h),
            "down_proj": (h, dim)}
-    if mc.mlp == "swiglu":
+    if mc.gated_mlp:
         out["gate_proj"] = (dim, h)
     return out
 
@@ -42,7 +42,7 @@ def activation_bytes_per_token(mc: ModelConfig, cfg: FinetuneConfig, act_bytes: 
 
     Frozen linears keep no input (their weight gets no gradient); the residual stream and the norms'
     inputs are fp32; SDPA keeps q and k after RoPE, v (a view that keeps the fused q/k/v output alive)
-    and its output; SwiGLU keeps the fused gate/up output and silu(gate). o_proj's and down_proj's inputs
+    and its output; SwiGLU (GeGLU) keeps the fused gate/up output and silu(gate) (gelu(gate)). o_proj's and down_proj's inputs
     are kept only for their adapters. Each adapter keeps its input: its own dropped-out copy plus a
     1-byte mask with dropout, else the shared normed input. Within 5% of the bytes counted by
     saved_tensors_hooks on CPU (tests/test_finetune_tools.py).
@@ -51,7 +51,7 @@ def activation_bytes_per_token(mc: ModelConfig, cfg: FinetuneConfig, act_bytes: 
     targets, p = cfg.lora.target_modules, projections(mc)
     norms = 2 * 4 * dim  # fp32 inputs of the two norms
     attention = act_bytes * (q + kv + (q + 2 * kv) + q)  # q, k after RoPE; the fused output; SDPA's output
-    mlp = act_bytes * (3 * h if mc.mlp == "swiglu" else h)  # the fused gate/up output, silu(gate); or up
+    mlp = act_bytes * (3 * h if mc.gated_mlp else h)  # the fused gate/up output, act(gate); or up
     kept = norms + attention + mlp
     if "o_proj" in targets:  # the inputs of o_proj and down_proj only serve their adapters' gradients
         kept += act_bytes * q

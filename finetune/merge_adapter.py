@@ -23,8 +23,9 @@ import torch  # noqa: E402
 
 import atomic  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from configurator import ConfigError  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from finetune.lora import load_adapted, merge_lora  # noqa: E402
 from finetune.sft_data import TEMPLATE_FILE  # noqa: E402
 
@@ -65,7 +66,7 @@ def merge(base_model: str, adapter_path: str, output_path: str, dtype: torch.dty
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(prog="merge_adapter.py",
+    parser = errors.ArgumentParser(prog="merge_adapter.py",
                                          description="Merge a PEFT-format LoRA adapter into its base model.")
     parser.add_argument("--base_model", required=True, help="the base model's Hugging Face folder")
     parser.add_argument("--adapter_path", required=True, help="an adapter folder (adapter_config.json + "
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(tokenizer files copied: {', '.join(copied) or 'none found'})")
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

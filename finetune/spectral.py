@@ -26,14 +26,21 @@ Optimizer state (torch.optim.Adam/AdamW moments of the LoRA parameters):
   map. This is the guide's trainer's behaviour.
 - keep: the state is left as is (moments in the old basis).
 
-refactor_factors() is the pure per-adapter math on full tensors; under DDP and ZeRO-1 every rank runs it
-on its full copy and rank 0's result is broadcast, under FSDP the caller gathers, refactors and
-redistributes (finetune/train.py's refactor).
+refactor_factors() is the pure per-adapter math on full tensors, spectral_refactor() applies it to every
+adapter of one model, and refactor() on every parallel layout: under DDP and ZeRO-1 every rank runs it on
+its full copy and rank 0's result is broadcast, under FSDP each factor is gathered, refactored and
+redistributed. refactor_hooks() returns the after-step hook that runs it at the scheduled steps, as
+fp8.convert returns its hooks, for loop.Loop.after_step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+import optim
+import parallel
 
 MODES = ("balanced", "exact", "clamp", "delta")
 OPT_STATES = ("reset", "map_first_moment", "keep")
@@ -173,3 +180,88 @@ def spectral_refactor(
             B.copy_(B_new)
             n += 1
     return {"adapters": n, "skipped": skipped, "sv_max_before": sv_before, "sv_max_after": sv_after}
+
+
+def refactor_steps(every: int, start: int | None, total: int, warmup: int) -> list[int]:
+    """Optimizer steps after which the factors are refactored: every `every` from start (default: the warmup)."""
+    start = warmup if start is None else start
+    return [s for s in range(every, total, every) if s >= max(1, start)]
+
+
+def rewarm_steps(opt_state: str, rewarm: int) -> int:
+    """Steps over which the LR ramps up again after a refactor: `rewarm` after a reset (Adam restarts without
+    moments, so its first updates are full-size), 0 when the moments are kept or mapped."""
+    return rewarm if opt_state == "reset" else 0
+
+
+@torch.no_grad()
+def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: parallel.Layout, d: parallel.Dist,
+             *, mode: str, lam: float, bound: float | None, opt_state: str) -> dict:
+    """spectral_refactor with identical factors on every rank.
+
+    Replicated adapters (single, DDP, ZeRO-1): every rank holds the full factors; each refactors them, then
+    rank 0's result is broadcast (bitwise identical ranks whatever the SVD kernel does). ZeRO-1 applies the
+    optimizer policy to the moments this rank owns. Sharded parameters (FSDP): each factor is gathered,
+    refactored in full on every rank and redistributed to the shards; the moments are reset (or kept) shard
+    by shard.
+    """
+    kw = dict(mode=mode, lam=lam, bound=bound)
+    if not layout.shard_params:
+        stats = spectral_refactor(model, optim.local_optimizer(optimizer), opt_state=opt_state, **kw)
+        if d.world_size > 1:
+            import torch.distributed as dist
+
+            for p in (p for p in model.parameters() if p.requires_grad):
+                dist.broadcast(p.data, src=0)
+        return stats | {"ranks_identical": ranks_identical(model, d)}
+    from torch.distributed.tensor import distribute_tensor
+
+    from finetune.lora import lora_modules
+
+    n = skipped = 0
+    for _, m in lora_modules(model):
+        for name in m.names:
+            A, B = m.lora_A[name], m.lora_B[name]
+            full_A, full_B = parallel.full_tensor(A.data), parallel.full_tensor(B.data)  # collective, same order everywhere
+            if not full_A.any() or not full_B.any():
+                skipped += 1
+                continue
+            new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, init=m.init_factors.get(name), **kw)
+            for p, new in ((A, new_A), (B, new_B)):
+                p.data.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
+                if opt_state == "reset":
+                    reset_moments(optimizer.state.get(p, {}))
+            n += 1
+    return {"adapters": n, "skipped": skipped, "ranks_identical": ranks_identical(model, d)}
+
+
+@torch.no_grad()
+def ranks_identical(model: torch.nn.Module, d: parallel.Dist) -> bool:
+    """Whether every rank holds bitwise the same full adapters (a collective; FSDP gathers them)."""
+    if d.world_size == 1:
+        return True
+    import torch.distributed as dist
+
+    from finetune.lora import lora_parameters
+
+    flat = torch.cat([parallel.full_tensor(p.data).flatten().double() for p in lora_parameters(model)])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def refactor_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: parallel.Layout,
+                   d: parallel.Dist, steps: list[int], record: Callable[[dict], None], *, mode: str, lam: float,
+                   bound: float | None, opt_state: str) -> list[Callable]:
+    """The after-step hooks (loop.Loop.after_step) of a spectral-refactor run: refactor() after each of steps,
+    each refactor's stats passed to record (the run log's event); none when steps is empty."""
+    if not steps:
+        return []
+
+    def after_step(run) -> None:
+        if run.iter_num in steps:
+            stats = refactor(model, optimizer, layout, d, mode=mode, lam=lam, bound=bound, opt_state=opt_state)
+            record({"iter": run.iter_num, "event": "spectral_refactor", "mode": mode, **stats})
+
+    return [after_step]

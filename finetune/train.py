@@ -5,17 +5,19 @@ LoRA fine-tuning of a released model on math SFT data, with the shared training 
     python train.py --config configs/Llama-3.1/llama3.1_8b_gsm8k.yaml [--resume_from_checkpoint DIR] [section.key=value ...]
     torchrun --nproc_per_node=8 train.py --config ...        (or: accelerate launch --multi_gpu ... train.py --config ...)
 
-The story of a run: read the YAML (config.py) -> join the process group -> load the base (a Hugging Face
-folder, hf_checkpoint.from_hf; bf16 on GPU) -> apply LoRA (lora.py; PiSSA's SVD, or the saved initial factors on a
-resume) -> optional activation checkpointing per block -> wrap (DDP / ZeRO-1 / FSDP2: only the adapters
-train, so only they are reduced) -> tokenize the SFT data (sft_data.py) -> run loop.run_loop
-with this backend's seams:
+The story of a run, one function per phase, as ../train.py's: read the YAML (config.py) -> launch (join the
+process group, the parallel layout, the dtype) -> what_to_train (the SFT data tokenized with the base's
+tokenizer, sft_data.py; the schedule) -> build_model (the base, hf_checkpoint.from_hf, bf16 on GPU; LoRA,
+PiSSA's SVD or a resume's saved initial factors; wrapped DDP / ZeRO-1 / FSDP2 with optional activation
+checkpointing: build_lora.py) -> a resume's state and the run log (../build.py, shared with pretraining) ->
+loop.run_loop with this backend's seams:
 - lr_at: warmup_ratio, then cosine (or linear/constant) to min_lr_ratio; after a refactor that reset
   Adam's moments, the LR ramps up again over refactor_rewarm_steps;
-- evaluate_and_save: eval (eval/loss, eval/token_accuracy, eval/answer_accuracy strict and flexible) every
-  eval_steps, a checkpoint-N/ folder every save_steps, checkpoint-best by answer accuracy (by eval/loss
-  when answer_eval_samples is 0), save_total_limit;
-- an after_step hook: the spectral refactor every refactor_every steps (trainer.name: SpectralRefactorTrainer);
+- evaluate_and_save: eval (eval/loss, eval/token_accuracy, eval/answer_accuracy strict and flexible:
+  sft_eval.py) every eval_steps, a checkpoint-N/ folder every save_steps, checkpoint-best by answer accuracy
+  (by eval/loss when answer_eval_samples is 0), save_total_limit;
+- after_step: spectral.refactor_hooks, the spectral refactor every refactor_every steps on any layout
+  (trainer.name: SpectralRefactorTrainer);
 - a checkpoint holds the adapters (model.pt), their optimizer state, the loader position, every rank's
   RNG, the initial factors (lora_init.pt: the PiSSA residual is rebuilt from the original base without
   an SVD) and the adapter in PEFT's format (a PiSSA adapter converted to apply to the original base);
@@ -24,54 +26,52 @@ with this backend's seams:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
 
 import atomic  # noqa: E402
+import build  # noqa: E402
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import errors  # noqa: E402
 import hf_checkpoint  # noqa: E402
 import loop  # noqa: E402
-import optim  # noqa: E402
 import parallel  # noqa: E402
+import runlog  # noqa: E402
+from finetune import build_lora, spectral  # noqa: E402
 from finetune.config import (  # noqa: E402
     ConfigError,
     FinetuneConfig,
+    TrainingArgs,
     grad_accum_steps,
     interval_steps,
+    keys_epilog,
     load_config,
     lora_config,
     resolve_model_path,
     total_steps,
     warmup_steps,
 )
-from finetune.lora import (  # noqa: E402
-    apply_lora,
-    load_lora_state_dict,
-    lora_init_state,
-    lora_modules,
-    lora_parameters,
-    lora_state_dict,
-    save_peft_adapter,
-)
+from finetune.lora import LoRAConfig, lora_init_state, lora_parameters, lora_state_dict, save_peft_adapter  # noqa: E402
 from finetune.sft_data import (  # noqa: E402
     DATASETS,
     TEMPLATE_FILE,
     SFTLoader,
     eval_batches,
-    evaluate,
     load_examples,
     template_of,
     tokenize_examples,
 )
-from finetune.spectral import refactor_factors, reset_moments, spectral_refactor  # noqa: E402
+from finetune.sft_eval import evaluate  # noqa: E402
 from loop import RunState, print0  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -86,95 +86,16 @@ SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "t
                                 "eval/answer_accuracy_flexible")}}
 
 
-# -- the model: base, adapters, activation checkpointing -------------------------------------------
-
-
-def build_lora_model(cfg: FinetuneConfig, path: str, device: torch.device, dtype: torch.dtype,
-                     init_state: dict[str, torch.Tensor] | None) -> GPT:
-    """The base in dtype with fp32 adapters; PiSSA's SVD runs unless init_state (a resume) gives the factors."""
-    # the base in its training dtype from the start (an 8B bf16 checkpoint is never widened to fp32 in host
-    # memory); the adapters are created in fp32 after this, and PiSSA's SVD runs in fp32 on each slice
-    model = hf_checkpoint.from_hf(path, dtype=dtype).to(device)
-    apply_lora(model, lora_config(cfg), seed=cfg.training.seed, init_state=init_state)
-    return model
-
-
-# -- the spectral refactor on every parallelism ---------------------------------------------------
-
-
-@torch.no_grad()
-def refactor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, mode: str,
-             d: parallel.Dist) -> dict:
-    """spectral_refactor with identical factors on every rank.
-
-    single/DDP/ZeRO-1: every rank holds the full factors; each refactors them, then rank 0's result is
-    broadcast (bitwise identical ranks whatever the SVD kernel does). ZeRO-1 applies the optimizer policy
-    to the moments this rank owns. FSDP: each factor is gathered, refactored in full on every rank and
-    redistributed to the shards; the moments are reset (or kept) shard by shard.
-    """
-    tr = cfg.trainer
-    kw = dict(mode=tr.refactor_mode, lam=tr.refactor_lambda, bound=tr.refactor_bound)
-    if mode != "fsdp":
-        stats = spectral_refactor(model, optim.local_optimizer(optimizer), opt_state=tr.refactor_opt_state, **kw)
-        if d.world_size > 1:
-            import torch.distributed as dist
-
-            for p in (p for p in model.parameters() if p.requires_grad):
-                dist.broadcast(p.data, src=0)
-        return stats | {"ranks_identical": ranks_identical(model, d)}
-    from torch.distributed.tensor import distribute_tensor
-
-    n = skipped = 0
-    for _, m in lora_modules(model):
-        for name in m.names:
-            A, B = m.lora_A[name], m.lora_B[name]
-            full_A, full_B = parallel.full_tensor(A.data), parallel.full_tensor(B.data)  # collective, same order everywhere
-            if not full_A.any() or not full_B.any():
-                skipped += 1
-                continue
-            new_A, new_B, _ = refactor_factors(full_A, full_B, scaling=m.scaling, init=m.init_factors.get(name), **kw)
-            for p, new in ((A, new_A), (B, new_B)):
-                p.data.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
-                if tr.refactor_opt_state == "reset":
-                    reset_moments(optimizer.state.get(p, {}))
-            n += 1
-    return {"adapters": n, "skipped": skipped, "ranks_identical": ranks_identical(model, d)}
-
-
-@torch.no_grad()
-def ranks_identical(model: torch.nn.Module, d: parallel.Dist) -> bool:
-    """Whether every rank holds bitwise the same full adapters (a collective; FSDP gathers them)."""
-    if d.world_size == 1:
-        return True
-    import torch.distributed as dist
-
-    flat = torch.cat([parallel.full_tensor(p.data).flatten().double() for p in lora_parameters(model)])
-    lo, hi = flat.clone(), flat.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(lo, hi))
-
-
-def refactor_steps(cfg: FinetuneConfig, total: int, warmup: int) -> list[int]:
-    """Optimizer steps after which the factors are refactored: every refactor_every from refactor_start."""
-    tr = cfg.trainer
-    if tr.name != "SpectralRefactorTrainer":
-        return []
-    start = warmup if tr.refactor_start is None else tr.refactor_start
-    return [s for s in range(tr.refactor_every, total, tr.refactor_every) if s >= max(1, start)]
-
-
-def make_lr(cfg: FinetuneConfig, total: int, warmup: int, refactors: list[int]):
-    """lr_at(it): the schedule of training.lr_scheduler_type, re-warmed after each resetting refactor."""
-    t, tr = cfg.training, cfg.trainer
-    peak, floor = t.learning_rate, t.learning_rate * t.min_lr_ratio
-    rewarm = tr.refactor_rewarm_steps if tr.refactor_opt_state == "reset" else 0
+def make_lr(scheduler: str, peak: float, floor: float, total: int, warmup: int, refactors: list[int],
+            rewarm: int) -> Callable[[int], float]:
+    """lr_at(it): the schedule of training.lr_scheduler_type (cosine, linear or constant) from peak to floor,
+    re-warmed linearly over `rewarm` steps after each refactor (0: a refactor that keeps the moments)."""
 
     def lr_at(it: int) -> float:
-        if t.lr_scheduler_type == "linear" and it >= warmup:
+        if scheduler == "linear" and it >= warmup:
             lr = floor + (peak - floor) * max(0.0, 1 - (it - warmup) / max(1, total - warmup))
         else:
-            lr = loop.get_lr(it, peak, warmup, total, floor, decay_lr=t.lr_scheduler_type == "cosine")
+            lr = loop.get_lr(it, peak, warmup, total, floor, decay_lr=scheduler == "cosine")
         since = [it - s for s in refactors if 0 <= it - s < rewarm]  # steps since a reset, within the ramp
         return lr * (since[0] + 1) / (rewarm + 1) if since else lr
 
@@ -214,32 +135,25 @@ def trained_outputs(out_dir: str) -> list[str]:
     return sorted(names) + [name for name in ADAPTER_FILES if os.path.isfile(os.path.join(out_dir, name))]
 
 
-def claim_output_dir(t, resume: str | None):
-    """Take output_dir for this run (on rank 0; train.py's claim_out_dir for LoRA): its lock (keep the returned
-    DirLock while the run lives), then its crash leftovers. A new run never replaces what a trained one left
-    unless training.overwrite_output_dir says so (as HF Trainer's overwrite_output_dir); then the old outputs
-    go only once every check has passed (overwrite())."""
-    held = checkpoint.lock(t.output_dir, "training.output_dir")
-    found = trained_outputs(t.output_dir)
-    if found and resume is None and not t.overwrite_output_dir:
-        raise ConfigError(f"training.output_dir={t.output_dir} holds a trained run ({', '.join(found[:3])}); "
-                          f"continue it with --resume_from_checkpoint latest, start over with "
-                          f"training.overwrite_output_dir=true (which deletes them), or choose another "
-                          f"training.output_dir")
-    checkpoint.remove_temps(t.output_dir)
-    return held
+def claim_output_dir(output_dir: str, overwrite_output_dir: bool, resume: str | None) -> checkpoint.DirLock:
+    """Take output_dir for this run (on rank 0; build.claim_out_dir). A new run never replaces what a trained
+    one left unless training.overwrite_output_dir says so (as HF Trainer's overwrite_output_dir); then the old
+    outputs go only once every check has passed (overwrite())."""
+    def refusal(found: list[str]) -> ConfigError:
+        return ConfigError(f"training.output_dir={output_dir} holds a trained run ({', '.join(found[:3])}); "
+                           f"continue it with --resume_from_checkpoint latest, start over with "
+                           f"training.overwrite_output_dir=true (which deletes them), or choose another "
+                           f"training.output_dir")
+
+    return build.claim_out_dir(output_dir, "training.output_dir", lambda: trained_outputs(output_dir),
+                               refusal if resume is None and not overwrite_output_dir else None)
 
 
-def overwrite(t, resume: str | None, d: parallel.Dist) -> None:
+def overwrite(output_dir: str, overwrite_output_dir: bool, resume: str | None, d: parallel.Dist) -> None:
     """training.overwrite_output_dir: delete the old run's checkpoints and adapter, now that this run has passed
     every check and is about to train (a mistake in its config must not cost the old adapters)."""
-    found = trained_outputs(t.output_dir) if resume is None and t.overwrite_output_dir else []
-    if d.is_master and found:
-        for name in found:
-            path = os.path.join(t.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        print(f"overwrite_output_dir: deleted {', '.join(found)} from {t.output_dir}", flush=True)
-    parallel.barrier(d)
+    found = trained_outputs(output_dir) if resume is None and overwrite_output_dir else []
+    build.overwrite_out_dir(output_dir, found, d, f"overwrite_output_dir: deleted {', '.join(found)} from {output_dir}")
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -281,38 +195,54 @@ def read_resume(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, tor
             checkpoint.load_tensor_file(os.path.join(path, "lora_init.pt")))
 
 
-def write_peft_adapter(model: GPT, cfg: FinetuneConfig, state: dict[str, torch.Tensor], folder: str,
+def write_peft_adapter(model: GPT, lora: LoRAConfig, base_model: str, state: dict[str, torch.Tensor], folder: str,
                        template: str) -> None:
     """adapter_model.safetensors + adapter_config.json (PEFT format, a PiSSA adapter converted to apply to the
-    original base) into an existing folder: written apart, then each renamed in, the config last; and the
-    prompt template of training (TEMPLATE_FILE), which inference.py and merge_adapter.py carry on."""
+    original base base_model) into an existing folder: written apart, then each renamed in, the config last;
+    and the prompt template of training (TEMPLATE_FILE), which inference.py and merge_adapter.py carry on."""
     tmp = os.path.join(folder, ".peft.tmp")
-    save_peft_adapter(model, lora_config(cfg), tmp, cfg.model.name_or_path, convert_pissa_to_original_base=True,
-                      state=state)
+    save_peft_adapter(model, lora, tmp, base_model, convert_pissa_to_original_base=True, state=state)
     atomic.write_json(os.path.join(folder, TEMPLATE_FILE), {"template": template})
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-# -- the run -------------------------------------------------------------------------------------------
+# -- the run: launch -> what to train -> build -> the loop ---------------------------------------------
 
 
-def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
-    """Train the adapters of cfg; resume: a checkpoint-N folder to continue exactly."""
-    t, ds, tr = cfg.training, cfg.dataset, cfg.trainer
+def launch(t: TrainingArgs, map_first_moment: bool) -> tuple[parallel.Dist, parallel.Layout, torch.dtype]:
+    """Join the process group and check the launch: (dist, parallel layout, compute dtype)."""
     d = loop.start(t.device)
-    mode = parallel.mode(d, zero1=t.parallel == "zero1", fsdp=t.parallel == "fsdp" and d.world_size > 1)
-    if mode in ("zero1", "fsdp") and tr.name == "SpectralRefactorTrainer" and tr.refactor_opt_state == "map_first_moment":
+    layout = parallel.layout(d, zero1=t.parallel == "zero1", fsdp=t.parallel == "fsdp" and d.world_size > 1)
+    if layout.per_rank_optimizer_state and map_first_moment:
         raise ConfigError(f"trainer.refactor_opt_state=map_first_moment needs each rank to hold both factors' "
                           f"moments; with training.parallel={t.parallel} use reset or keep")
-    dtype = torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
-    accum = grad_accum_steps(cfg, d.world_size)
-    configurator.check_output_dir(t.output_dir, "training.output_dir")
-    lock = parallel.on_master(lambda: claim_output_dir(t, resume), d)  # noqa: F841  (held until we return)
-    state, adapters, init_state = read_resume(resume) if resume else (None, None, None)
+    return d, layout, torch.bfloat16 if t.bf16 and d.device.type == "cuda" else torch.float32
 
-    # data: templated examples, tokenized with the base model's tokenizer
+
+@dataclass
+class Data:
+    """What a run trains and evaluates on, and its schedule in optimizer steps."""
+
+    model_path: str  # the base's Hugging Face folder
+    tokenizer: str
+    template: str  # the prompt template the examples were rendered with
+    train_tok: list[tuple[list[int], list[int]]]
+    loader: SFTLoader
+    batches: list  # the eval batches this rank runs; [] without evaluation
+    answer_examples: list[dict]  # eval examples scored by greedy decoding
+    total: int
+    warmup: int
+    save_every: int
+    eval_every: int | None  # None: no evaluation (training.eval_steps=0)
+    refactors: list[int]  # steps after which the spectral refactor runs
+
+
+def what_to_train(cfg: FinetuneConfig, d: parallel.Dist, layout: parallel.Layout, accum: int) -> Data:
+    """The templated examples tokenized with the base model's tokenizer, the loader, the eval set and the
+    schedule."""
+    t, ds, tr = cfg.training, cfg.dataset, cfg.trainer
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = cfg.model.tokenizer or model_path
     template = ds.template or (DATASETS[ds.source]["template"] if ds.source in DATASETS else None)
@@ -325,143 +255,204 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
         eval_ex = load_examples(source, split, fields=fields, limit=ds.max_eval_samples, template=template)
     train_tok = tokenize_examples(train_ex, tokenizer, ds.max_length, progress=d.is_master)
     loader = SFTLoader(train_tok, t.per_device_train_batch_size, accum, d.rank, d.world_size, t.seed, d.device)
-    eval_ranks = (0, 1) if mode == "fsdp" else (d.rank, d.world_size)  # FSDP: every rank runs every batch
+    eval_ranks = (0, 1) if layout.shard_params else (d.rank, d.world_size)  # FSDP: every rank runs every batch
     batches = eval_batches(tokenize_examples(eval_ex, tokenizer, ds.max_length, progress=d.is_master),
                            t.per_device_eval_batch_size, *eval_ranks, d.device) if evaluating else []
     answer_ex = [e for e in eval_ex if e["answer"] is not None][:ds.answer_eval_samples]
     total = total_steps(cfg, loader.steps_per_epoch)
     warmup = warmup_steps(cfg, total)
-    save_every = interval_steps(t.save_steps, total)
-    eval_every = interval_steps(t.eval_steps or t.save_steps, total) if evaluating else None
-    refactors = refactor_steps(cfg, total, warmup)
+    refactors = (spectral.refactor_steps(tr.refactor_every, tr.refactor_start, total, warmup)
+                 if tr.name == "SpectralRefactorTrainer" else [])
+    return Data(model_path, tokenizer, template, train_tok, loader, batches, answer_ex, total, warmup,
+                interval_steps(t.save_steps, total),
+                interval_steps(t.eval_steps or t.save_steps, total) if evaluating else None, refactors)
 
-    # the model: base, adapters (or the saved initial factors), wrapping, optimizer over the adapters
+
+def build_model(cfg: FinetuneConfig, model_path: str, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype,
+                resume: str | None, init_state: dict | None,
+                adapters: dict | None) -> tuple[GPT, torch.nn.Module, torch.optim.Optimizer]:
+    """(model, train_model, optimizer): the base in dtype with fp32 adapters (PiSSA's SVD, or a resume's saved
+    initial factors and trained adapters), wrapped for the layout; AdamW over the adapters (build_lora.py)."""
+    t = cfg.training
     torch.manual_seed(t.seed)
     try:
-        model = build_lora_model(cfg, model_path, d.device, dtype, init_state)
-        if adapters is not None:
-            load_lora_state_dict(model, {k: v.to(d.device) for k, v in adapters.items()})
+        # the base in its training dtype from the start: an 8B bf16 checkpoint is never widened to fp32 on the host
+        base = hf_checkpoint.from_hf(model_path, dtype=dtype).to(d.device)
+        model = build_lora.lora_model(base, lora_config(cfg), t.seed, init_state, adapters)
     except ValueError as e:
         if resume is None:
             raise
         raise checkpoint.CheckpointError(f"{resume} does not fit this config's model and lora sections "
                                          f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
-    train_model = parallel.wrap(model, d, fsdp=mode == "fsdp", compile=False, cuda_graphs=False, dtype=dtype,
-                                activation_checkpointing=t.gradient_checkpointing)
-    optimizer = optim.build_optimizer(model, d, zero1=mode == "zero1", lr=t.learning_rate,
-                                      betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                                      eps=t.adam_epsilon)
-    autocast, _ = loop.precision(dtype, d.device)
-    run, best = RunState(), {"step": None, "value": None}
-    if state is not None:
-        checkpoint.load_into(resume, d, model, optimizer, mode, state)
-        loader.load_state_dict(state["loader"])
-        run = RunState(state["iter_num"], state["tokens_seen"], state["best_val_loss"])
-        best = state["best"]
-    else:
-        torch.manual_seed(t.seed + d.rank)  # adapter dropout differs by rank; a resume restores the saved RNG
+    train_model, optimizer = build_lora.wrap_and_optimizer(
+        model, d, layout, dtype, gradient_checkpointing=t.gradient_checkpointing, lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
+    return model, train_model, optimizer
 
-    # the run log
-    seq = max(1, round(sum(len(ids) for ids, _ in train_tok) / len(train_tok)))
+
+def open_log(cfg: FinetuneConfig, d: parallel.Dist, layout: parallel.Layout, dtype: torch.dtype, model: GPT,
+             data: Data, accum: int) -> tuple[runlog.RunLog, float | None, int]:
+    """(run log, peak FLOP/s or None, FLOPs per token): the log's header written (build.model_summary, as
+    pretraining's) and the run's shape printed."""
+    t, tr = cfg.training, cfg.trainer
+    seq = max(1, round(sum(len(ids) for ids, _ in data.train_tok) / len(data.train_tok)))
     fpt = model.flops_per_token(seq)
     n_trainable = sum(p.numel() for p in lora_parameters(model))
     log, peak, _ = loop.open_run_log(
         t.output_dir, d, dtype,
         {"config": {"finetune": cfg.to_dict(), "model": asdict(model.config)},
-         "model": {"architecture": model.config.arch_string, "n_params": model.num_params(),
-                   "n_params_trainable": n_trainable, "flops_per_token": fpt, "mean_example_tokens": seq},
-         "schedule": {"total_steps": total, "warmup_steps": warmup, "save_every": save_every,
-                      "eval_every": eval_every, "refactor_steps": refactors, "grad_accum_per_rank": accum,
-                      "steps_per_epoch": loader.steps_per_epoch}},
+         "model": build.model_summary(model, fpt, n_params_trainable=n_trainable, mean_example_tokens=seq),
+         "schedule": {"total_steps": data.total, "warmup_steps": data.warmup, "save_every": data.save_every,
+                      "eval_every": data.eval_every, "refactor_steps": data.refactors, "grad_accum_per_rank": accum,
+                      "steps_per_epoch": data.loader.steps_per_epoch}},
         wandb={"project": t.wandb_project or "nanollm-finetune",
                "name": t.run_name or os.path.basename(os.path.normpath(t.output_dir))} if "wandb" in t.report_to else None,
         tensorboard="tensorboard" in t.report_to, names=SINK_NAMES, tensorboard_subdir="logs")
     print0(d, f"model {model.config.arch_string}: {model.num_params():,} parameters, {n_trainable:,} trainable "
-              f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {mode} on {d.world_size} x {d.device.type}, "
+              f"(LoRA r={cfg.lora.r}, init {cfg.lora.init}); {layout.name} on {d.world_size} x {d.device.type}, "
               f"{str(dtype).removeprefix('torch.')}")
-    print0(d, f"{len(train_tok):,} training examples, {loader.steps_per_epoch} steps/epoch of "
-              f"{loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
-              f"{d.world_size} processes); {total} steps, warmup {warmup}, "
-              + (f"eval every {eval_every}" if evaluating else "no evaluation (training.eval_steps=0)")
-              + f", save every {save_every}" + (f"; spectral refactor ({tr.refactor_mode}) after step"
-                                               f"{'s' if len(refactors) > 1 else ''} {_steps_text(refactors)}"
-                                               if refactors else ""))
-    if state is not None:
-        loop.announce_resume(d, log, resume, run.iter_num)
+    refactors = data.refactors
+    print0(d, f"{len(data.train_tok):,} training examples, {data.loader.steps_per_epoch} steps/epoch of "
+              f"{data.loader.global_batch_size} ({t.per_device_train_batch_size} x {accum} accumulation x "
+              f"{d.world_size} processes); {data.total} steps, warmup {data.warmup}, "
+              + (f"eval every {data.eval_every}" if data.eval_every else "no evaluation (training.eval_steps=0)")
+              + f", save every {data.save_every}" + (f"; spectral refactor ({tr.refactor_mode}) after step"
+                                                     f"{'s' if len(refactors) > 1 else ''} {_steps_text(refactors)}"
+                                                     if refactors else ""))
+    return log, peak, fpt
 
-    # the seams
-    def adapter_state() -> dict[str, torch.Tensor]:
-        if mode == "fsdp":  # collective: the full adapters on rank 0
-            sd = checkpoint.full_model_state_dict(model, mode)
+
+@dataclass
+class Outputs:
+    """What a run writes into output_dir: checkpoint-N folders (save_total_limit of them), checkpoint-best and,
+    at the end, the PEFT adapter itself."""
+
+    d: parallel.Dist
+    layout: parallel.Layout
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    loader: SFTLoader
+    log: runlog.RunLog
+    output_dir: str
+    save_total_limit: int | None
+    config: dict  # the run's config, recorded in every checkpoint
+    lora: LoRAConfig
+    base_model: str  # model.name_or_path, recorded for the PEFT adapter
+    template: str
+    best: dict  # step, value (higher is better) and metric of checkpoint-best
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The full adapters on CPU (a collective under FSDP: rank 0 gets them gathered)."""
+        if self.layout.shard_params:
+            sd = checkpoint.full_model_state_dict(self.model, self.layout)
             return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
-        return {k: v.cpu() for k, v in lora_state_dict(model).items()}
+        return {k: v.cpu() for k, v in lora_state_dict(self.model).items()}
 
-    def save(run: RunState, name: str | None = None) -> str:
-        sd = adapter_state()
+    def save(self, run: RunState, name: str | None = None) -> str:
+        sd = self.adapter_state()
 
         def write_extra(tmp: str) -> None:
-            checkpoint.save_tensor_file({k: v.cpu() for k, v in lora_init_state(model).items()},
+            checkpoint.save_tensor_file({k: v.cpu() for k, v in lora_init_state(self.model).items()},
                                         os.path.join(tmp, "lora_init.pt"))
-            write_peft_adapter(model, cfg, sd, tmp, template)
+            write_peft_adapter(self.model, self.lora, self.base_model, sd, tmp, self.template)
 
-        meta = {**asdict(run), "kind": "lora", "config": cfg.to_dict(), "loader": loader.state_dict(), "best": best,
-                "base_model": cfg.model.name_or_path}
-        path = checkpoint.save(t.output_dir, d, model, optimizer, mode, meta, name=name or f"checkpoint-{run.iter_num}",
-                               model_state=lambda: sd, write_extra=write_extra)
-        log.event({"iter": run.iter_num, "event": "checkpoint", "path": path})
-        print0(d, f"saved {path}")
+        meta = {**asdict(run), "kind": "lora", "config": self.config, "loader": self.loader.state_dict(),
+                "best": self.best, "base_model": self.base_model}
+        path = checkpoint.save(self.output_dir, self.d, self.model, self.optimizer, self.layout, meta,
+                               name=name or f"checkpoint-{run.iter_num}", model_state=lambda: sd,
+                               write_extra=write_extra)
+        self.log.event({"iter": run.iter_num, "event": "checkpoint", "path": path})
+        print0(self.d, f"saved {path}")
         return path
 
+    def prune(self, it: int) -> None:
+        if self.d.is_master:
+            for path in prune_checkpoints(self.output_dir, self.save_total_limit):
+                self.log.event({"iter": it, "event": "checkpoint_removed", "path": path})
+
+    def final_adapter(self, it: int) -> None:
+        """The final adapter in output_dir itself, as merge_adapter.py expects (a resume from the last checkpoint
+        writes it too: a run killed after that save never got to)."""
+        sd = self.adapter_state()
+        if self.d.is_master:
+            write_peft_adapter(self.model, self.lora, self.base_model, sd, self.output_dir, self.template)
+            self.log.event({"iter": it, "event": "final_adapter", "path": self.output_dir})
+
+
+def evaluate_and_save(out: Outputs, evaluate_now: Callable[[], dict[str, float]] | None, eval_every: int | None,
+                      save_every: int, start_iter: int, resumed: bool) -> Callable[[RunState, bool], None]:
+    """loop.Loop.evaluate_and_save: evaluate_now() every eval_every steps (checkpoint-best when it improves),
+    a checkpoint-N every save_every, and at the end the final adapter."""
+    def seam(run: RunState, done: bool) -> None:
+        it = run.iter_num
+        if evaluate_now is not None and (it % eval_every == 0 or done) and not (resumed and it == start_iter):
+            metrics = evaluate_now()
+            out.log.evaluation({"iter": it, **metrics, "tokens_seen": run.tokens_seen})
+            print0(out.d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            run.best_val_loss = min(run.best_val_loss, metrics["eval/loss"])
+            key = "eval/answer_accuracy" if "eval/answer_accuracy" in metrics else "eval/loss"
+            value = metrics[key] if key != "eval/loss" else -metrics[key]  # higher is better
+            if it > 0 and (out.best["value"] is None or value > out.best["value"]):
+                out.best.update(step=it, value=value, metric=key)
+                out.save(run, BEST)
+        if it > start_iter and (it % save_every == 0 or done):
+            out.save(run)
+            out.prune(it)
+        if done:
+            out.final_adapter(it)
+
+    return seam
+
+
+def finetune(cfg: FinetuneConfig, resume: str | None = None) -> int:
+    """Train the adapters of cfg; resume: a checkpoint-N folder to continue exactly."""
+    t, ds, tr = cfg.training, cfg.dataset, cfg.trainer
+    spectral_run = tr.name == "SpectralRefactorTrainer"
+    d, layout, dtype = launch(t, spectral_run and tr.refactor_opt_state == "map_first_moment")
+    accum = grad_accum_steps(cfg, d.world_size)
+    configurator.check_output_dir(t.output_dir, "training.output_dir")
+    lock = parallel.on_master(lambda: claim_output_dir(t.output_dir, t.overwrite_output_dir, resume), d)  # noqa: F841  (held until we return)
+    state, adapters, init_state = read_resume(resume) if resume else (None, None, None)
+    data = what_to_train(cfg, d, layout, accum)
+    model, train_model, optimizer = build_model(cfg, data.model_path, d, layout, dtype, resume, init_state, adapters)
+    autocast, _ = loop.precision(dtype, d.device)
+    run = build.resume(resume, state, d, layout, model, optimizer, data.loader, t.seed)
+    log, peak, fpt = open_log(cfg, d, layout, dtype, model, data, accum)
+    if state is not None:
+        loop.announce_resume(d, log, resume, run.iter_num)
+    out = Outputs(d, layout, model, optimizer, data.loader, log, t.output_dir, t.save_total_limit, cfg.to_dict(),
+                  lora_config(cfg), cfg.model.name_or_path, data.template,
+                  state["best"] if state is not None else {"step": None, "value": None})
     start_iter = run.iter_num
-    overwrite(t, resume, d)
-    if d.is_master and tr.name == "SpectralRefactorTrainer" and tr.refactor_mode == "balanced" and cfg.lora.init.startswith("pissa"):
+    overwrite(t.output_dir, t.overwrite_output_dir, resume, d)
+    if d.is_master and spectral_run and tr.refactor_mode == "balanced" and cfg.lora.init.startswith("pissa"):
         print("warning: trainer.refactor_mode=balanced flattens the whole adapter B A, which under lora.init=pissa "
               "holds the base weights' top singular directions, so every refactor rewrites the base model's "
               "principal components; refactor_mode=delta flattens only what training added (finetune/README.md "
               "has the measurements)", file=sys.stderr, flush=True)
-
-    def evaluate_and_save(run: RunState, done: bool) -> None:
-        it = run.iter_num
-        if evaluating and (it % eval_every == 0 or done) and not (state is not None and it == start_iter):
-            metrics = evaluate(model, batches, answer_ex, tokenizer, max_new_tokens=ds.max_new_tokens,
-                               batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, fsdp=mode == "fsdp",
-                               progress=d.is_master)
-            log.evaluation({"iter": it, **metrics, "tokens_seen": run.tokens_seen})
-            print0(d, f"eval step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            run.best_val_loss = min(run.best_val_loss, metrics["eval/loss"])
-            key = "eval/answer_accuracy" if "eval/answer_accuracy" in metrics else "eval/loss"
-            value = metrics[key] if key != "eval/loss" else -metrics[key]  # higher is better
-            if it > 0 and (best["value"] is None or value > best["value"]):
-                best.update(step=it, value=value, metric=key)
-                save(run, BEST)
-        if it > start_iter and (it % save_every == 0 or done):
-            save(run)
-            if d.is_master:
-                for path in prune_checkpoints(t.output_dir, t.save_total_limit):
-                    log.event({"iter": it, "event": "checkpoint_removed", "path": path})
-        if done:  # the final adapter in output_dir itself, as merge_adapter.py expects (a resume from the last
-            # checkpoint writes it too: a run killed after that save never got to)
-            sd = adapter_state()
-            if d.is_master:
-                write_peft_adapter(model, cfg, sd, t.output_dir, template)
-                log.event({"iter": it, "event": "final_adapter", "path": t.output_dir})
-
-    def spectral_refactor_hook(run: RunState) -> None:
-        if run.iter_num in refactors:
-            stats = refactor(model, optimizer, cfg, mode, d)
-            log.event({"iter": run.iter_num, "event": "spectral_refactor", "mode": tr.refactor_mode, **stats})
-
+    evaluate_now = functools.partial(
+        evaluate, model, data.batches, data.answer_examples, data.tokenizer, max_new_tokens=ds.max_new_tokens,
+        batch_size=t.per_device_eval_batch_size, autocast=autocast, d=d, fsdp=layout.shard_params,
+        progress=d.is_master) if data.eval_every else None
+    hooks = spectral.refactor_hooks(model, optimizer, layout, d, data.refactors, log.event, mode=tr.refactor_mode,
+                                    lam=tr.refactor_lambda, bound=tr.refactor_bound, opt_state=tr.refactor_opt_state)
+    lr_at = make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, data.total, data.warmup,
+                    data.refactors, spectral.rewarm_steps(tr.refactor_opt_state, tr.refactor_rewarm_steps))
     return loop.run_loop(loop.Loop(
-        d=d, model=model, train_model=train_model, optimizer=optimizer, loader=loader, log=log, accum=accum,
-        max_iters=total, lr_at=make_lr(cfg, total, warmup, refactors), evaluate_and_save=evaluate_and_save,
-        save=save, after_step=[spectral_refactor_hook] if refactors else [], grad_clip=t.max_grad_norm,
-        autocast=autocast, log_interval=t.logging_steps, flops_per_token=fpt, peak_flops=peak,
+        d=d, model=model, train_model=train_model, optimizer=optimizer, loader=data.loader, log=log, accum=accum,
+        max_iters=data.total, lr_at=lr_at,
+        evaluate_and_save=evaluate_and_save(out, evaluate_now, data.eval_every, data.save_every, start_iter,
+                                            state is not None),
+        save=out.save, after_step=hooks, grad_clip=t.max_grad_norm, autocast=autocast, log_interval=t.logging_steps,
+        flops_per_token=fpt, peak_flops=peak,
         resume_hint=f"saved {t.output_dir}/checkpoint-{{iter}}: resume with --resume_from_checkpoint latest"), run)
 
 
 def main(argv: list[str]) -> int:
     def body() -> int:
-        parser = configurator.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.")
+        parser = errors.ArgumentParser(prog="train.py", description="LoRA fine-tuning from a YAML config.",
+                                       usage="train.py [-h] --config CONFIG [--resume_from_checkpoint DIR] "
+                                             "[section.key=value ...]", epilog=keys_epilog())
         parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
         parser.add_argument("--resume_from_checkpoint", default=None,
                             help="a checkpoint-N folder; 'latest' or an output_dir: its newest complete checkpoint-N")
@@ -474,7 +465,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         return finetune(cfg, resolve_resume(args.resume_from_checkpoint, cfg.training.output_dir))
 
-    return configurator.run_command(body, cleanup=loop.finish)
+    return errors.run_command(body, cleanup=loop.finish)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import configurator  # noqa: E402
+import errors  # noqa: E402
+import families  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from finetune.config import ConfigError, FinetuneConfig, grad_accum_steps, load_config, resolve_model_path  # noqa: E402
+from finetune.config import (  # noqa: E402
+    ConfigError,
+    FinetuneConfig,
+    grad_accum_steps,
+    keys_epilog,
+    load_config,
+    resolve_model_path,
+)
 from finetune.memory import estimate_memory, memory_lines, projections  # noqa: E402
 
 
@@ -63,9 +72,11 @@ def check_shapes(cfg: FinetuneConfig, mc) -> list[str]:
     if cfg.dataset.max_length > mc.block_size:
         raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds the base's context of "
                           f"{mc.block_size} tokens; lower dataset.max_length")
-    if hf_checkpoint.hf_architecture(mc) == "GPT2LMHeadModel":
-        raise ConfigError("a GPT-2 base has fused q/k/v (Conv1D c_attn), so its adapters cannot be written in PEFT's "
-                          "format that every checkpoint holds; fine-tune a Llama/Qwen3-architecture base")
+    family = families.family_for(mc)
+    if any(family.layout.peft_module(t) is None for t in lo.target_modules):
+        separate = ", ".join(f.title for f in families.FAMILIES.values() if f.layout.peft_module("q_proj"))
+        raise ConfigError(f"a {family.title} base fuses its projections ({family.architecture}), so its adapters "
+                          f"cannot be written in PEFT's format that every checkpoint holds; fine-tune a {separate} base")
     return [f"shape: {mc.arch_string}, vocab {mc.vocab_size}, context {mc.block_size}; r={lo.r} fits "
             f"{len(lo.target_modules)} target projections"]
 
@@ -87,13 +98,14 @@ def check_dataset(cfg: FinetuneConfig) -> list[str]:
 
 def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str) -> dict[str, float]:
     """Test-split metrics of the base + checkpoint's adapter (the base alone when checkpoint is None),
-    through the evaluation fine-tuning runs (sft_data.evaluate)."""
+    through the evaluation fine-tuning runs (sft_eval.evaluate)."""
     import torch
 
     import loop
     import parallel
     from finetune.lora import load_adapted
-    from finetune.sft_data import DATASETS, eval_batches, evaluate, load_examples, tokenize_examples
+    from finetune.sft_data import DATASETS, eval_batches, load_examples, tokenize_examples
+    from finetune.sft_eval import evaluate
 
     ds, t = cfg.dataset, cfg.training
     path = resolve_model_path(cfg.model.name_or_path)
@@ -114,7 +126,8 @@ def evaluate_checkpoint(cfg: FinetuneConfig, checkpoint: str | None, device: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.")
+    parser = errors.ArgumentParser(prog="validate_config.py", description="Check a fine-tuning YAML; estimate memory; evaluate.",
+                                   epilog=keys_epilog())
     parser.add_argument("--config", required=True, help="a YAML config (configs/...)")
     parser.add_argument("--model_config", default=None,
                         help="the base's shape when model.name_or_path is a hub id not on disk: a config.json, "
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

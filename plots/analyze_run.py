@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import runlogs  # noqa: E402  (plots/runlogs.py: a script's own folder is on sys.path, whatever the cwd)
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 WARMUP_FRACTION = 0.1  # of the records
 WARMUP_ITERS = 50  # logged iterations, counted from the first record (a resumed run warms up again)
@@ -265,7 +265,7 @@ def _token_budget(text: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = configurator.ArgumentParser(prog="analyze_run.py", description=__doc__)
+    parser = errors.ArgumentParser(prog="analyze_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json",
                         help="run logs (out_dir/run_*.json); the logs of a resumed run are merged into one report")
     parser.add_argument(
@@ -285,7 +285,7 @@ def main(argv: list[str]) -> int:
         print("\n\n".join(reports))
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 
 def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: float) -> None:
@@ -91,7 +91,7 @@ def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs
 
 
 def main(argv: list[str]) -> int:
-    parser = configurator.ArgumentParser(prog="compare_runs.py", description=__doc__)
+    parser = errors.ArgumentParser(prog="compare_runs.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs to overlay")
     parser.add_argument(
         "--labels",
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {out}")
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

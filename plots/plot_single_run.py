@@ -1,6 +1,7 @@
 """
 Plot a training run from its JSON run log: loss (train and val), learning rate, tokens/s, MFU,
-memory and gradient norm against iteration, one PNG with a panel each.
+memory, gradient norm and, when the run scored eval_tasks, downstream task accuracy against
+iteration, one PNG with a panel each.
 
     python plots/plot_single_run.py out-shakespeare-char/run_20250101_120000.json
     cd plots && python plot_single_run.py ../saves/run_*.json --out runs.png
@@ -26,7 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 
 def draw_smoothed(
@@ -185,6 +186,32 @@ def panel_module_norms(ax: Axes, run: dict) -> None:
     ax.set_ylabel("L2 norm")
 
 
+def panel_tasks(ax: Axes, runs: list[dict], colors: list[str]) -> None:
+    """Downstream task accuracy at each evaluation (eval_tasks, evals.py): each task's core metric (acc or
+    acc_norm), one line style per task, and its chance level dotted."""
+    names = list(dict.fromkeys(n for run in runs for r in run["evaluations"] for n in r.get("tasks") or {}))
+    styles = ["-", "--", "-.", ":"]
+    chance = {}
+    for run, color in zip(runs, colors):
+        for i, name in enumerate(names):
+            points = [(r["iter"], r["tasks"][name]) for r in run["evaluations"] if name in (r.get("tasks") or {})]
+            if not points:
+                continue
+            metric = points[-1][1].get("core_metric", "acc")
+            xs = [x for x, t in points if runlogs.is_number(t.get(metric))]
+            ys = [100 * t[metric] for _, t in points if runlogs.is_number(t.get(metric))]
+            ax.plot(xs, ys, styles[i % len(styles)], color=color if len(runs) > 1 else f"C{i % 10}", marker="o",
+                    markersize=3, label=f"{name} ({metric})" if color == colors[0] else None)
+            if runlogs.is_number(points[-1][1].get("random_baseline")):
+                chance[name] = 100 * points[-1][1]["random_baseline"]
+    for i, (name, level) in enumerate(chance.items()):
+        ax.axhline(level, color="0.5" if len(runs) > 1 else f"C{names.index(name) % 10}", linestyle=":",
+                   linewidth=0.8, label=f"{name} chance ({level:.0f}%)" if i < 4 else None)
+    ax.legend(fontsize=8)
+    ax.set_title("Downstream tasks")
+    ax.set_ylabel("accuracy (%)")
+
+
 def title(run: dict, name: str | None = None) -> str:
     """What the run is (name: default its folder and file) and how far it got."""
     model, env = run["model"], run["environment"]
@@ -208,7 +235,8 @@ def plot_runs(runs: list[dict], smooth: float = runlogs.SMOOTHING) -> Figure:
     """One figure with a panel per quantity; several runs are overlaid, one colour each."""
     colors = [f"C{i % 10}" for i in range(len(runs))]
     with_modules = [run for run in runs if run["gradient_norms"]]
-    n_panels = 6 + (1 if with_modules else 0)
+    with_tasks = any(r.get("tasks") for run in runs for r in run["evaluations"])
+    n_panels = 6 + (1 if with_modules else 0) + (1 if with_tasks else 0)
     rows = (n_panels + 1) // 2
     fig = Figure(figsize=(12, 3.3 * rows + 0.6), dpi=100, layout="constrained")
     # shared x: a panel with no data still spans the iterations of the others
@@ -224,8 +252,10 @@ def plot_runs(runs: list[dict], smooth: float = runlogs.SMOOTHING) -> Figure:
     axes[3].set_ylabel("MFU (%)")
     panel_memory(axes[4], runs, colors)
     panel_grad_norm(axes[5], runs, colors, smooth)
+    if with_tasks:
+        panel_tasks(axes[6], runs, colors)
     if with_modules:
-        panel_module_norms(axes[6], with_modules[0])
+        panel_module_norms(axes[6 + with_tasks], with_modules[0])
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     iters = [r["iter"] for run in runs for key in ("training_iterations", "evaluations") for r in run[key]]
@@ -254,7 +284,7 @@ def default_out(paths: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = configurator.ArgumentParser(prog="plot_single_run.py", description=__doc__)
+    parser = errors.ArgumentParser(prog="plot_single_run.py", description=__doc__)
     parser.add_argument("logs", nargs="+", metavar="RUN.json", help="run logs (several: overlaid)")
     runlogs.add_image_args(parser, out_default="next to the first log, run_X.png")
 
@@ -266,7 +296,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {out}")
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from configurator import UserError
+from errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -24,10 +24,13 @@ import tomllib
 
 import atomic
 import configurator
-from configurator import TrainConfig, UserError
+import errors
+import families
+from errors import UserError
 from model import ModelConfig
 from recipes import megatron_data
 from token_loader import DataError, read_meta, resolve_data_dir, vocab_mismatch
+from train_config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,7 +51,7 @@ def load_preset(path: str) -> tuple[TrainConfig, ModelConfig]:
         raise RecipeError(f"unknown preset {path}: no such file; pass one of config/*.py")
     try:
         tc, mc, _ = configurator.load_train([path])
-    except configurator.ConfigError as e:
+    except errors.ConfigError as e:
         raise RecipeError(f"preset {path}: {e}") from None
     return tc, mc
 
@@ -125,12 +128,13 @@ def titan_ffn_width(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> in
 
 
 def titan_family(mc: ModelConfig) -> str:
-    """torchtitan model family from the preset's features (never its name)."""
-    if mc.norm != "rmsnorm" or mc.mlp != "swiglu" or mc.position_embedding != "rope" or mc.bias:
+    """torchtitan model family from the preset's features (never its name): its family's titan (families.py)."""
+    family = next((f for f in families.FAMILIES.values() if f.matches(mc)), None)
+    if family is None or family.titan is None or mc.bias:  # torchtitan's models have no biases
         raise RecipeError(f"torchtitan {TORCHTITAN_VERSION} has no model with norm={mc.norm}, mlp={mc.mlp}, "
                           f"position_embedding={mc.position_embedding}, bias={mc.bias}; use a RMSNorm/SwiGLU/RoPE "
                           "preset, or train it with train.py or Megatron")
-    return "qwen3" if mc.qk_norm else "llama3"
+    return family.titan
 
 
 def titan_flavor(mc: ModelConfig, tc: TrainConfig) -> dict:
@@ -375,6 +379,11 @@ def megatron(preset: str, ngpu: int, out: str, tp: int = 1, pp: int = 1, cp: int
         check_fp8(mc)
     if mc.n_layer % pp:
         raise RecipeError(f"n_layer={mc.n_layer} is not divisible by --pp={pp}; choose a pipeline degree that divides it")
+    unmapped = [name for name, on in (("norm=rmsnorm_1p", mc.norm == "rmsnorm_1p"), ("mlp=geglu", mc.mlp == "geglu"),
+                                      ("scale_embeddings", mc.scale_embeddings)) if on]
+    if unmapped:
+        raise RecipeError(f"this Megatron recipe maps no {', '.join(unmapped)} to Megatron-LM arguments; "
+                          "train this preset with train.py")
     if data is None and not mock:
         raise RecipeError("give --data data/<name> (a prepared dataset) or --mock")
     data_args = ""
@@ -613,37 +622,40 @@ def check_megatron_args(script: str) -> None:
         raise RecipeError(f"{script}: vocab {V} is not a multiple of divisor {divisor} x TP {tp}; Megatron would pad it")
 
 
+PARALLEL_NAMES = {"tp": "tensor-parallel", "pp": "pipeline-parallel", "cp": "context-parallel"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = configurator.ArgumentParser(prog="python -m recipes", description=__doc__.split("\n\n")[1])
+    p = errors.ArgumentParser(prog="python -m recipes", description=__doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("torchtitan", help="torchtitan TOML, flavor module, run_train.sh, README")
-    t.add_argument("config")
-    t.add_argument("--ngpu", type=int, required=True)
-    t.add_argument("--dp_shard", type=int, default=-1)
-    t.add_argument("--dp_replicate", type=int, default=1)
+    t.add_argument("config", help="a train.py config file (config/...)")
+    t.add_argument("--ngpu", type=int, required=True, help="GPUs of the run (the product of the parallel degrees)")
+    t.add_argument("--dp_shard", type=int, default=-1, help="FSDP degree; -1: what the other degrees leave")
+    t.add_argument("--dp_replicate", type=int, default=1, help="replicated (HSDP) degree")
     for k in ("tp", "pp", "cp"):
-        t.add_argument(f"--{k}", type=int, default=1)
-    t.add_argument("--float8", choices=["tensorwise", "rowwise"])
-    t.add_argument("--init_from_hf")
-    t.add_argument("--dataset")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--out", required=True)
+        t.add_argument(f"--{k}", type=int, default=1, help=f"{PARALLEL_NAMES[k]} degree")
+    t.add_argument("--float8", choices=["tensorwise", "rowwise"], help="float8 linears (off when unset)")
+    t.add_argument("--init_from_hf", help="a Hugging Face folder to start from (torchtitan's checkpoint.initial_load_path)")
+    t.add_argument("--dataset", help="a prepared data/<name> folder (our shards)")
+    t.add_argument("--steps", type=int, help="training steps (default: the config's max_iters)")
+    t.add_argument("--out", required=True, help="the recipe folder to write")
     m = sub.add_parser("megatron", help="Megatron-LM train script and README")
-    m.add_argument("config")
-    m.add_argument("--ngpu", type=int, required=True)
+    m.add_argument("config", help="a train.py config file (config/...)")
+    m.add_argument("--ngpu", type=int, required=True, help="GPUs of the run")
     for k in ("tp", "pp", "cp"):
-        m.add_argument(f"--{k}", type=int, default=1)
-    m.add_argument("--fp8", choices=["hybrid", "e4m3"])
+        m.add_argument(f"--{k}", type=int, default=1, help=f"{PARALLEL_NAMES[k]} degree")
+    m.add_argument("--fp8", choices=["hybrid", "e4m3"], help="Megatron's --fp8-format (off when unset)")
     g = m.add_mutually_exclusive_group()
-    g.add_argument("--data")
-    g.add_argument("--mock", action="store_true")
-    m.add_argument("--out", required=True)
+    g.add_argument("--data", help="a prepared data/<name> folder (megatron-data writes its .idx files)")
+    g.add_argument("--mock", action="store_true", help="Megatron's mock data (no folder)")
+    m.add_argument("--out", required=True, help="the recipe folder to write")
     md = sub.add_parser("megatron-data", help="write .idx files beside a prepared dataset's shards")
-    md.add_argument("data")
+    md.add_argument("data", help="a prepared data/<name> folder")
     v = sub.add_parser("validate", help="check a generated recipe folder")
-    v.add_argument("dir")
+    v.add_argument("dir", help="a folder written by torchtitan or megatron")
     v.add_argument("--require_data", action="store_true", help="the torchtitan recipe's dataset must be prepared")
-    return configurator.run_command(lambda: run(p.parse_args(argv)))
+    return errors.run_command(lambda: run(p.parse_args(argv)))
 
 
 def run(a: argparse.Namespace) -> int:

@@ -100,4 +100,9 @@ def main(work: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    import errors
+
+    parser = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("work", help="a scratch folder: the preset, both runs' outputs and their logs")
+    parser.add_argument("data", help="a prepared data/<name> folder with GPT-2-token shards")
+    sys.exit(errors.run_command(lambda: main(**vars(parser.parse_args())) or 0))

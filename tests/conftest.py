@@ -92,18 +92,34 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
-def tiny_hf_llama(path, *, seed: int = 0, std: float = 0.05, qwen3: bool = False, **overrides) -> str:
+def tiny_hf_llama(path, *, seed: int = 0, std: float = 0.05, qwen3: bool = False, gemma: bool = False,
+                  **overrides) -> str:
     """Save a transformers LlamaForCausalLM at TINY_LLAMA's shape (overrides replace LlamaConfig fields),
     every tensor randomised (randomize(seed, std)), to the folder path; return it.
 
-    qwen3=True saves a Qwen3ForCausalLM instead (the same blocks plus QK-norm) from the same fields.
+    qwen3=True saves a Qwen3ForCausalLM instead (the same blocks plus QK-norm) from the same fields;
+    gemma=True a GemmaForCausalLM ((1 + w) RMSNorm, GeGLU, scaled embeddings).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     config, cls = (Qwen3Config, Qwen3ForCausalLM) if qwen3 else (LlamaConfig, LlamaForCausalLM)
+    if gemma:
+        config, cls = GemmaConfig, GemmaForCausalLM
     torch.manual_seed(0)  # HF's own init draws from the global RNG: the test's later draws stay repeatable
     hf = cls(config(**{**TINY_LLAMA, **overrides}))
     randomize(hf, seed, std)
+    if gemma:  # Gemma scales by 1 + w: w = 0.2 N(0, 1) gives the other families' norm scales
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.sub_(1.0)
     hf.save_pretrained(path)
     return str(path)
 

@@ -39,7 +39,7 @@ def test_gpu_micro_smoke_measures_gemms_and_attention():
 
 def test_gpu_step_bad_flag_is_one_error_line():
     p = subprocess.run([sys.executable, "bench/gpu_step.py", "config/tiny_llama3.py", "--sdpa=fast"], cwd=ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: sdpa='fast' is not one of")
     assert "Traceback" not in p.stderr
 
@@ -62,7 +62,7 @@ def test_lora_step_smoke_matches_peft_and_reports_the_ratio():
     assert r["n_adapter_params"] == 2 * 32 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 160))  # 2 layers, r=32
     assert 0 < r["ours_saved_gib"] and 0 < r["hf_saved_gib"] and r["gen_tokens_equal"]
     p = subprocess.run([sys.executable, "bench/lora_step.py", "--dtype=bfloat16"], cwd=ROOT, capture_output=True,
-                       text=True)
+                       text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: --dtype=bfloat16 is for --device cuda")
 
 
@@ -77,6 +77,10 @@ def test_lora_memory_smoke_runs_the_finetune_step_and_reports_the_estimate():
     summed = ("base_weights", "adapters", "adapter_grads", "adam_state", "loss_buffers", "activations_checkpointed")
     assert r["estimate_gib"] > 0 and r["estimate_gib"] == pytest.approx(sum(parts[k] for k in summed), rel=1e-12)
     assert parts["base_weights"] + parts["adapters"] == pytest.approx(4 * r["n_params"] / 2**30, rel=1e-12)
+    # parts from what they hold, not from the sum: fp32 gradients the size of the adapters, AdamW's two moments
+    # (planted: one moment counted fails)
+    assert parts["adapter_grads"] == pytest.approx(parts["adapters"], rel=1e-12)
+    assert parts["adam_state"] == pytest.approx(2 * parts["adapters"], rel=1e-12)
     assert r["peak_allocated_gib"] is None  # CPU: no allocator peak to compare
 
 
@@ -97,6 +101,15 @@ def _ratio_matches(summary: dict) -> bool:
     """The printed ratio is the ratio of the printed medians, up to its own rounding to 4 decimals (the
     medians are printed to 6, so recomputing it from them is exact to ~1e-8)."""
     return abs(summary["ratio"] - summary["ours_ms_per_iter"] / summary["nanogpt_ms_per_iter"]) <= 5e-5 + 1e-7
+
+
+def test_vs_nanogpt_summarize_reports_medians_computed_by_hand():
+    """Figures worked out by hand, not by the function: a mean in place of a median (planted: 40.333/6.5 and
+    a ratio of 6.2051) or the sides swapped fails here."""
+    from bench import vs_nanogpt
+
+    r = vs_nanogpt.summarize([10.0, 100.0, 11.0], [8.0, 5.0, 7.0, 6.0])
+    assert r == {"windows_per_side": 3, "ours_ms_per_iter": 11.0, "nanogpt_ms_per_iter": 6.5, "ratio": 1.6923}
 
 
 def test_vs_nanogpt_ratio_check_holds_over_200_draws():

@@ -1,5 +1,6 @@
 """finetune/merge_adapter.py and finetune/inference.py against peft's merge_and_unload and HF generation."""
 
+import glob
 import json
 import os
 import subprocess
@@ -268,9 +269,9 @@ def test_validate_config_bad_input_is_one_error_line(tmp_path, capsys):
 
 
 def _run_demo(out_dir, max_new_tokens: int, timeout: int, **env) -> subprocess.CompletedProcess:
-    """examples/demo_smollm2_cpu.sh cut to 2 steps and a few eval examples, its output in out_dir; env adds
-    variables (MODEL_DIR: another base)."""
-    env = dict(os.environ, OUT_DIR=str(out_dir), PYTHON=sys.executable, **env)
+    """examples/demo_smollm2_cpu.sh cut to 2 steps and a few eval examples, its output and its generated data in
+    out_dir (nothing is written into the checkout); env adds variables (MODEL_DIR: another base)."""
+    env = dict(os.environ, OUT_DIR=str(out_dir), DATA_DIR=str(out_dir / "math_easy"), PYTHON=sys.executable, **env)
     tiny = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "trainer.refactor_every=1",
             "dataset.answer_eval_samples=2", "dataset.max_eval_samples=4", f"dataset.max_new_tokens={max_new_tokens}",
             "training.per_device_train_batch_size=2", "training.effective_batch_size=2"]
@@ -316,7 +317,16 @@ def test_the_demo_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     assets = _write_assets(str(tmp_path / "assets"))
     p = _run_demo(tmp_path / "demo", max_new_tokens=4, timeout=600, MODEL_DIR=assets["model"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "before (step   0): strict" in p.stdout and "after (step   2): strict" in p.stdout
+    # the before/after table is the run log's first and last evaluation (a table read from the wrong record fails)
+    [log_path] = glob.glob(str(tmp_path / "demo" / "run_*.json"))
+    evals = json.load(open(log_path))["evaluations"]
+    for label, e in (("before", evals[0]), ("after", evals[-1])):
+        assert (f"{label:>6} (step {e['iter']:>3}): strict {e['eval/answer_accuracy']:6.1%}, flexible "
+                f"{e['eval/answer_accuracy_flexible']:6.1%}; eval loss {e['eval/loss']:.4f}") in p.stdout
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 2
     answers = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"prompt"')]
-    assert len(answers) == 6 and answers[0]["prompt"] == answers[3]["prompt"]  # the same questions, base then tuned
+    questions = (tmp_path / "demo" / "questions.txt").read_text().splitlines()
+    assert [a["prompt"] for a in answers[:3]] == [a["prompt"] for a in answers[3:]]  # the same questions, base then tuned
+    assert all(q in a["prompt"] for q, a in zip(questions, answers[:3]))
     assert os.path.isfile(tmp_path / "demo" / "merged" / "prompt_template.json")
+    assert os.path.isfile(tmp_path / "demo" / "math_easy" / "gsm8k" / "train.jsonl")  # its data: not in the checkout

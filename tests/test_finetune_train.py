@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "finetune")
 
 import finetune.train as ft  # noqa: E402
+import hf_checkpoint  # noqa: E402
+from finetune import build_lora, spectral  # noqa: E402
 from finetune.config import ConfigError, grad_accum_steps, interval_steps, load_config  # noqa: E402
 from finetune.data import make_math  # noqa: E402
 
@@ -95,6 +97,37 @@ def _run(argv: list[str]) -> int:
 # -- config ---------------------------------------------------------------------------------------
 
 
+def test_relative_paths_in_a_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    """Planted: with the paths read from the current folder (the rule before), the first assert fails, since the
+    command runs from elsewhere; the error names the config, the path as written and where it was looked for."""
+    folder = tmp_path / "configs" / "run"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "t.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    (folder / "base").mkdir()
+    (folder / "c.yaml").write_text("model: {name_or_path: base}\ndataset: {source: data/t.jsonl, eval_source: "
+                                   "data/t.jsonl}\ntraining: {output_dir: out}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(folder / "c.yaml"))
+    assert cfg.dataset.source == cfg.dataset.eval_source == str(folder / "data" / "t.jsonl")
+    assert cfg.model.name_or_path == str(folder / "base")
+    assert cfg.training.output_dir == "out"  # an output, like HF Trainer's: relative to the current folder
+    # an override is a shell argument: relative to the current folder, as written
+    cfg = load_config(str(folder / "c.yaml"), ["dataset.source=mine.jsonl", "model.name_or_path=org/name"])
+    assert cfg.dataset.source == "mine.jsonl" and cfg.model.name_or_path == "org/name"
+    (folder / "c.yaml").write_text("model: {name_or_path: org/name}\ndataset: {source: data/t.jsonl, eval_source: gsm8k}\n")
+    assert load_config(str(folder / "c.yaml")).model.name_or_path == "org/name"  # a hub id stays as written
+    (folder / "c.yaml").write_text("dataset: {source: ../t.jsonl}\n")
+    assert load_config(str(folder / "c.yaml"), ["dataset.source=x.jsonl", "dataset.eval_source=gsm8k",
+                                                "model.name_or_path=m"]).dataset.source == "x.jsonl"  # overridden
+    with pytest.raises(ConfigError) as e:
+        load_config(str(folder / "c.yaml"))
+    message = str(e.value)
+    assert "dataset.source=../t.jsonl" in message and str(folder / "c.yaml") in message
+    assert str(tmp_path / "configs" / "t.jsonl") in message and "\n" not in message
+
+
 def test_config_types_overrides_and_derived_counts(assets, tmp_path):
     path = _config(assets, tmp_path / "c.yaml", tmp_path / "o")
     cfg = load_config(path, ["training.learning_rate=1e-4", "--lora.target_modules=[q_proj,v_proj]",
@@ -124,16 +157,19 @@ def test_schedule_refactor_steps_and_rewarm():
     cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                       ["trainer.refactor_opt_state=reset", "trainer.refactor_rewarm_steps=4"])
     total, warmup = 586, ft.warmup_steps(cfg, 586)
-    assert warmup == 59 and ft.refactor_steps(cfg, total, warmup) == [100, 200, 300, 400, 500]
-    lr = ft.make_lr(cfg, total, warmup, [100, 200])
+    tr, t = cfg.trainer, cfg.training
+    assert warmup == 59 and spectral.refactor_steps(tr.refactor_every, tr.refactor_start, total, warmup) == [
+        100, 200, 300, 400, 500]
+    lr = ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100, 200],
+                    spectral.rewarm_steps(tr.refactor_opt_state, tr.refactor_rewarm_steps))
     base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
     assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
     assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
     keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                        ["trainer.refactor_opt_state=keep"])
-    assert ft.make_lr(keep, total, warmup, [100])(100) == base[100]
-    assert ft.refactor_steps(load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
-                                         ["trainer.name=Trainer"]), total, warmup) == []
+    k = keep.trainer
+    assert ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100],
+                      spectral.rewarm_steps(k.refactor_opt_state, k.refactor_rewarm_steps))(100) == base[100]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -239,8 +275,8 @@ def test_checkpoint_adapter_loads_in_peft_on_the_original_base(straight, assets)
 
     ckpt = straight["out"] / "checkpoint-8"
     cfg = load_config(straight["config"])
-    ours = ft.build_lora_model(cfg, assets["model"], torch.device("cpu"), torch.float32,
-                               torch.load(ckpt / "lora_init.pt", weights_only=True))
+    ours = build_lora.lora_model(hf_checkpoint.from_hf(assets["model"], dtype=torch.float32), ft.lora_config(cfg),
+                                 cfg.training.seed, torch.load(ckpt / "lora_init.pt", weights_only=True))
     load_lora_state_dict(ours, _adapters(ckpt))
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(ckpt))
     x = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -274,20 +310,21 @@ sys.path.insert(0, {ROOT!r})
 import torch
 import finetune.train as ft
 import parallel
+from finetune import spectral
 from finetune.lora import lora_state_dict
 
-refactor, calls = ft.refactor, []
+refactor, calls = spectral.refactor, []
 
 
-def dumping(model, optimizer, cfg, mode, d):
-    stats = refactor(model, optimizer, cfg, mode, d)
+def dumping(model, optimizer, layout, d, **settings):
+    stats = refactor(model, optimizer, layout, d, **settings)
     calls.append(1)  # refactors run after steps 3 and 6 (refactor_every 3)
     full = {{k: parallel.full_tensor(v).detach().cpu() for k, v in lora_state_dict(model).items()}}
     torch.save(full, f"{dumps}/rank{{d.rank}}_step{{3 * len(calls)}}.pt")
     return stats
 
 
-ft.refactor = dumping
+spectral.refactor = dumping
 sys.exit(ft.main(sys.argv[1:]))
 """)
     return str(script)
@@ -448,19 +485,32 @@ def test_kill_9_inside_a_save_then_resume_latest_gives_the_same_adapters(straigh
 
 
 @pytest.mark.slow
-def test_an_interrupt_names_the_checkpoint_it_saved(assets, tmp_path):
+def test_sigterm_mid_run_saves_names_the_checkpoint_and_the_resume_finishes_the_run(assets, tmp_path):
+    """SIGTERM once the run prints its 3rd step: it saves checkpoint-N, names it, exits 130; resuming `latest`
+    goes on from N (no step repeated or skipped) to the end and writes the final adapter. Planted: a resume
+    that starts again from step 0, or stops at N, fails the step list below."""
     out = tmp_path / "out"
-    path = _config(assets, tmp_path / "c.yaml", out, training={"max_steps": 400, "eval_steps": 400,
-                                                                "save_steps": 400})
+    path = _config(assets, tmp_path / "c.yaml", out, training={"max_steps": 10, "eval_steps": 10, "save_steps": 10})
     p = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=FINETUNE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    read_until(p, "iter 2:")
-    p.send_signal(signal.SIGTERM)
-    rest, _ = p.communicate(timeout=120)
+    try:
+        read_until(p, "iter 2:")
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
     (line,) = [ln for ln in rest.splitlines() if ln.startswith("interrupted at iter")]
     it = int(line.split()[3].rstrip(";"))
     assert p.returncode == 130 and f"saved {out}/checkpoint-{it}: resume with --resume_from_checkpoint latest" in line
-    assert (out / f"checkpoint-{it}" / "state.json").is_file()
+    assert (out / f"checkpoint-{it}" / "state.json").is_file() and 3 <= it < 10
+    first = sorted(_losses(_log(out)))
+    assert first == list(range(it))
+    os.remove(glob.glob(str(out / "run_*.json"))[0])  # the resumed run's log alone below
+    r = subprocess.run([sys.executable, "train.py", "--config", path, "--resume_from_checkpoint", "latest"],
+                       cwd=FINETUNE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(_losses(_log(out))) == list(range(it, 10))
+    assert (out / "checkpoint-10" / "state.json").is_file() and all((out / f).is_file() for f in ft.ADAPTER_FILES)
 
 
 # -- a CLI that talks: progress, messages, templates, evaluation off -----------------------------------

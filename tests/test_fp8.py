@@ -10,10 +10,11 @@ import torchao  # noqa: E402, F401  (pinned in requirements.txt: a broken instal
 from test_train import ok, read_log, run_train, tiny_args
 
 import configurator
+import errors
 import fp8
 import hf_checkpoint
-from configurator import TrainConfig
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 
 def _model_config(path: str, *overrides: str) -> ModelConfig:
@@ -108,7 +109,7 @@ def test_fp8_run_trains_resumes_and_exports(char_dataset, tmp_path):
 
     hf = tmp_path / "hf"
     ok(subprocess.run([sys.executable, "export_hf.py", f"--out_dir={out}", f"--hf_dir={hf}"], capture_output=True,
-                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300))
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(hf)
@@ -132,7 +133,7 @@ def test_fp8_without_float8_tensor_cores_is_one_error_line(char_dataset, tmp_pat
     (["--compile_mode=layers"], "compile_mode='layers' is not one of model, blocks"),
 ])
 def test_fp8_and_compile_settings_that_cannot_run(extra, message):
-    with pytest.raises(configurator.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         configurator.load(["config/tiny_llama3.py", *extra], [TrainConfig, ModelConfig])
 
 

@@ -1,4 +1,4 @@
-"""finetune/lora.py against peft on tiny random HF Llama/Qwen3 models: init, forward, gradients,
+"""finetune/lora.py against peft on tiny random HF Llama/Qwen3/Gemma models: init, forward, gradients,
 AdamW steps, PEFT export/import, merge, resume of the PiSSA base, config errors."""
 
 import json
@@ -40,12 +40,14 @@ LLAMA31_ROPE = {
 }
 
 
-# case -> tiny_hf_llama overrides: Llama at GQA ratios 1, 2 and 4, and a tied Qwen3 with head_dim 12
+# case -> tiny_hf_llama overrides: Llama at GQA ratios 1, 2 and 4, a tied Qwen3 with head_dim 12, and a
+# tied Gemma (GeGLU: gate_proj and up_proj are slices of c_fc as in SwiGLU) with head_dim 12
 CASES = {
     "llama_gqa1": dict(num_key_value_heads=4, rope_parameters=LLAMA31_ROPE),
     "llama_gqa2": dict(num_key_value_heads=2, rope_parameters=LLAMA31_ROPE),
     "llama_gqa4": dict(num_key_value_heads=1, rope_parameters=LLAMA31_ROPE),
     "qwen3": dict(qwen3=True, intermediate_size=40, head_dim=12, tie_word_embeddings=True),
+    "gemma": dict(gemma=True, intermediate_size=40, head_dim=12, tie_word_embeddings=True),
 }
 
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from conftest import randomize
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -19,11 +21,12 @@ from transformers import (
 )
 
 import configurator
+import errors
 import hf_checkpoint
 import model as model_module
-from configurator import TrainConfig
 from generation import generate
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 LLAMA31_ROPE = {
     "rope_type": "llama3",
@@ -112,6 +115,34 @@ HF_CASES = {
             vocab_size=70000,
             tie_word_embeddings=False,
             max_position_embeddings=128,
+        )
+    ),
+    # Gemma: (1 + w) RMSNorm, GeGLU, sqrt(d)-scaled embeddings; head_dim 24 != 64/4, GQA ratio 2, tied
+    "gemma_headdim_tied": lambda: GemmaForCausalLM(
+        GemmaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            vocab_size=300,
+            max_position_embeddings=128,
+        )
+    ),
+    # Gemma: multi-head attention, untied, theta 1e4 written as rope_parameters
+    "gemma_mha_untied": lambda: GemmaForCausalLM(
+        GemmaConfig(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=16,
+            vocab_size=200,
+            tie_word_embeddings=False,
+            max_position_embeddings=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
         )
     ),
 }
@@ -300,7 +331,7 @@ def _tiny(name: str, **overrides) -> ModelConfig:
     return model_cfg
 
 
-FAMILIES = ["tiny_gpt2", "tiny_llama2", "tiny_llama3", "tiny_qwen3"]
+FAMILIES = ["tiny_gpt2", "tiny_llama2", "tiny_llama3", "tiny_qwen3", "tiny_gemma"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -543,12 +574,12 @@ def test_model_config_rejects_bad_values(kwargs, field):
 
 def test_config_errors_name_the_key():
     with pytest.raises(
-        configurator.ConfigError, match="unknown config key 'n_layers' .*did you mean 'n_layer'"
+        errors.ConfigError, match="unknown config key 'n_layers' .*did you mean 'n_layer'"
     ):
         configurator.load(["--n_layers=4"], [TrainConfig, ModelConfig])
-    with pytest.raises(configurator.ConfigError, match="n_layer='four' is not an integer"):
+    with pytest.raises(errors.ConfigError, match="n_layer='four' is not an integer"):
         configurator.load(["--n_layer=four"], [TrainConfig, ModelConfig])
-    with pytest.raises(configurator.ConfigError, match="config file not found"):
+    with pytest.raises(errors.ConfigError, match="config file not found"):
         configurator.load(["config/nope.py"], [TrainConfig, ModelConfig])
 
 

@@ -20,13 +20,13 @@ from model import GPT
 from recipes import generate, megatron_data
 from token_loader import TokenLoader
 
-pytestmark = pytest.mark.engines
+pytestmark = [pytest.mark.engines, pytest.mark.timeout(3600)]  # the first run builds two venvs
 CHECKS = os.path.join(ROOT, "tests", "engine_checks")
 
 
 def venv_python(engine: str) -> str:
     r = subprocess.run(["bash", os.path.join(ROOT, "recipes", "engine_venvs.sh"), engine], capture_output=True,
-                       text=True)
+                       text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     return os.path.join(r.stdout.strip().splitlines()[-1], "bin", "python")
 
@@ -45,7 +45,7 @@ def run_check(python: str, script: str, case: dict, tmp_path) -> dict:
     path = tmp_path / f"case_{case['check']}.json"
     path.write_text(json.dumps(case))
     r = subprocess.run([python, os.path.join(CHECKS, script), str(path)], capture_output=True, text=True,
-                       cwd=str(tmp_path))
+                       cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

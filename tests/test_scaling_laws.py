@@ -13,8 +13,8 @@ import torch
 import configurator
 import scaling_laws as sl
 import train
-from configurator import TrainConfig
 from model import GPT, ModelConfig
+from train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

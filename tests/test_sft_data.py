@@ -15,12 +15,10 @@ from finetune.sft_data import (  # noqa: E402
     DataError,
     SFTLoader,
     eval_batches,
-    generate_answers,
     load_examples,
-    token_accuracy,
-    token_accuracy_counts,
     tokenize_examples,
 )
+from finetune.sft_eval import generate_answers, token_accuracy, token_accuracy_counts  # noqa: E402
 
 
 @pytest.fixture(scope="module")

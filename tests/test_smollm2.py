@@ -34,3 +34,22 @@ def test_smollm2_folder_matches_hf_logits_and_generation():
     prompt, response = tok(ex[0]["prompt"])["input_ids"], tok(ex[0]["response"])["input_ids"]
     assert input_ids == prompt + response + [tok.eos_token_id] and tok.eos_token == "<|im_end|>"
     assert labels == [-1] * len(prompt) + response + [tok.eos_token_id]
+
+
+def test_a_cached_conversion_is_reused_only_if_made_by_the_same_converter_gguf_and_libraries(tmp_path):
+    """The folder check of hf_folder: with the check planted back to "the DONE files exist" (the old rule), the
+    stale and unstamped folders below count as current and this test fails."""
+    import json
+
+    key = smollm2.made_by()
+    for f in smollm2.DONE:
+        (tmp_path / f).write_text("x")
+    assert not smollm2._is_current(str(tmp_path), key)  # no made_by.json: made by an older converter
+    (tmp_path / smollm2.MADE_BY).write_text(json.dumps({**key, "converter_sha256": "0" * 64}))
+    assert not smollm2._is_current(str(tmp_path), key)  # the converter changed since
+    (tmp_path / smollm2.MADE_BY).write_text(json.dumps({**key, "transformers": "0.0.1"}))
+    assert not smollm2._is_current(str(tmp_path), key)
+    (tmp_path / smollm2.MADE_BY).write_text(json.dumps(key))
+    assert smollm2._is_current(str(tmp_path), key)
+    (tmp_path / smollm2.DONE[1]).unlink()
+    assert not smollm2._is_current(str(tmp_path), key)  # an unfinished folder

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
 import atomic  # noqa: E402
-import configurator  # noqa: E402
+import errors  # noqa: E402
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kira", "Liam"]
 ITEMS = ["apple", "marble", "book", "pencil", "sticker", "cookie", "stamp", "shell", "card", "coin"]
@@ -170,24 +170,25 @@ def write_dataset(out_dir: str, n_train: int, n_test: int, seed: int, level: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"))
-    parser.add_argument("--n_train", type=int, default=2000)
-    parser.add_argument("--n_test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"),
+                        help="the folder to write (gsm8k/train.jsonl and gsm8k/test.jsonl inside)")
+    parser.add_argument("--n_train", type=int, default=2000, help="training problems")
+    parser.add_argument("--n_test", type=int, default=200, help="held-out problems (no question repeats a training one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generator")
     parser.add_argument("--level", default="mixed", choices=list(LEVELS),
                         help="easy: one addition or subtraction below 50; mixed: two-step problems of six kinds")
 
     def body() -> int:
         args = parser.parse_args(argv)
         if args.n_train < 1 or args.n_test < 1 or args.n_train + args.n_test > 200_000:
-            raise configurator.ConfigError("--n_train and --n_test must be >= 1 and together at most 200000 (the "
+            raise errors.ConfigError("--n_train and --n_test must be >= 1 and together at most 200000 (the "
                                            "templates' distinct problems run out beyond that)")
         for name, path in write_dataset(args.out_dir, args.n_train, args.n_test, args.seed, args.level).items():
             print(f"{name}: {path}")
         return 0
 
-    return configurator.run_command(body)
+    return errors.run_command(body)
 
 
 if __name__ == "__main__":

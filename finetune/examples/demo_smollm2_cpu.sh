@@ -6,6 +6,7 @@
 #   bash examples/demo_smollm2_cpu.sh                          # from finetune/ (or from anywhere)
 #   bash examples/demo_smollm2_cpu.sh training.max_steps=400    # any config override goes last and wins
 #   MODEL_DIR=/path/to/hf_folder bash examples/demo_smollm2_cpu.sh   # another base (the tests use a tiny one)
+#   DATA_DIR=/tmp/math bash examples/demo_smollm2_cpu.sh     # the generated problems elsewhere (default data/math_easy)
 #
 # Steps: the model folder (smollm2.py, built once) -> data/math_easy (make_math.py --level easy) ->
 # validate_config.py (checks, memory estimate) -> train.py on configs/smollm2/smollm2_math_cpu.yaml (its
@@ -17,10 +18,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 CONFIG=configs/smollm2/smollm2_math_cpu.yaml
 OUT=${OUT_DIR:-outputs/smollm2_math_cpu_demo}
+DATA=${DATA_DIR:-data/math_easy}
 
 MODEL=${MODEL_DIR:-$($PY smollm2.py)}
-$PY data/make_math.py --level easy --out_dir data/math_easy > /dev/null
-ARGS=(model.name_or_path="$MODEL" training.output_dir="$OUT" training.overwrite_output_dir=true "$@")
+$PY data/make_math.py --level easy --out_dir "$DATA" > /dev/null
+ARGS=(model.name_or_path="$MODEL" dataset.source="$DATA/gsm8k/train.jsonl" dataset.eval_source="$DATA/gsm8k/test.jsonl"
+      training.output_dir="$OUT" training.overwrite_output_dir=true "$@")
 $PY validate_config.py --config "$CONFIG" "${ARGS[@]}"
 $PY train.py --config "$CONFIG" "${ARGS[@]}"
 

@@ -1,0 +1,21 @@
+# Tiny Gemma-style model for CPU tests and smoke runs: 4L-4H-128D-384ff, GQA 2 KV heads, head_dim 48
+# (not 128/4 = 32), (1 + w) RMSNorm, GeGLU (tanh GELU), embeddings x sqrt(128), RoPE 10k, tied.
+out_dir = "out-tiny-gemma"
+dataset = "shakespeare_char"
+vocab_size = 128
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 128
+head_dim = 48
+intermediate_size = 384
+norm = "rmsnorm_1p"
+norm_eps = 1e-6
+mlp = "geglu"
+position_embedding = "rope"
+rope_theta = 10000.0
+bias = False
+tie_embeddings = True
+scale_embeddings = True
+block_size = 128
+batch_size = 8
