@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configurator  # noqa: E402
+import errors  # noqa: E402
 
 CONFIG = "config/train_shakespeare_char.py"
 REFERENCE = "adamw_cosine"
@@ -52,11 +53,11 @@ SWEEP = {**{f"muon_cosine_x{s}": [*MUON, f"--muon_lr_scale={s}", *SHORT] for s i
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = configurator.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--dataset", default=os.path.join(ROOT, "data", "shakespeare_char"),
                    help="a prepared character-level dataset folder (train.bin, val.bin, meta.json)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--eval_interval", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per recipe, run one after another")
+    p.add_argument("--eval_interval", type=int, default=50, help="iterations between evaluations, every recipe")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: the machine's default)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names of RECIPES")
     p.add_argument("--sweep", action="store_true", help="the lr sweep (SWEEP, 800 iterations, 1 seed) instead")
@@ -79,7 +80,7 @@ def start(name: str, overrides: list[str], seed: int, a: argparse.Namespace, out
     extra = ["--max_iters=20", "--lr_decay_iters=20", "--warmup_iters=5", "--eval_iters=2"] if a.smoke else []
     cmd = [sys.executable, "-u", "train.py", CONFIG, *overrides, *extra, f"--dataset={a.dataset}",
            f"--out_dir={out_dir}", f"--seed={seed}", f"--eval_interval={a.eval_interval}", "--save_checkpoint=False",
-           "--device=cpu", "--log_interval=50"]
+           "--device=cpu", "--log_interval=50", "--eval_tasks="]  # val loss only: no task scoring
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -107,7 +108,9 @@ def finish(runs: list[dict]) -> list[dict]:
     records = []
     for r in runs:
         if r["proc"].returncode != 0:
-            raise SystemExit(f"error: {r['name']} seed {r['seed']} failed:\n{r['proc'].stderr.read()[-2000:]}")
+            last = (r["proc"].stderr.read().strip().splitlines() or ["no output"])[-1]
+            raise errors.UserError(f"{r['name']} seed {r['seed']} failed ({last}); run its command to see why: "
+                                   f"{' '.join(r['cmd'])}")
         records.append({"recipe": r["name"], "seed": r["seed"], "wall_s": round(r["wall_s"], 2),
                         "evals": [[it, loss, round(t, 2)] for it, loss, t in r["evals"]]})
     return records
@@ -147,10 +150,10 @@ def summarize(records: list[dict]) -> tuple[float, list[dict]]:
 
 
 def table(target: float, rows: list[dict]) -> str:
-    head = (f"target val loss {target:.4f} (mean final of {REFERENCE})\n"
-            "| recipe | iters | final val loss (median) | iters to target | s to target | x reference's s to target | "
-            "whole process s | x reference's whole process |\n|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    """The summary as bench/RESULTS.md prints it (its ratio columns: this row's figure over the reference's)."""
+    lines = [f"target val loss {target:.4f} (mean final of {REFERENCE})",
+             f"| recipe | iterations | final val loss | iters to target | s to target | ratio vs {REFERENCE} | "
+             f"whole process s | ratio vs {REFERENCE} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['final_iter']} | {r['final_val_loss']:.4f} | "
                      f"{r.get('iters_to_target', 'not reached')} | {r.get('s_to_target', '-')} | "
@@ -207,7 +210,10 @@ def step_share(threads: int, steps: int = 30) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    return errors.run_command(lambda: run(parse_args(argv)))
+
+
+def run(a: argparse.Namespace) -> int:
     if a.step_share:
         for r in step_share(a.threads, steps=10 if a.smoke else 30):
             print(json.dumps(r), flush=True)

@@ -308,3 +308,19 @@ def test_dry_run_counts_muon_s_one_buffer(capsys):
     assert adamw["est_memory_breakdown_gb"]["optimizer_gb"] == pytest.approx(8 * n / gib, abs=1e-3)
     assert muon["est_memory_breakdown_gb"]["optimizer_gb"] == pytest.approx((8 * n - 4 * n_muon) / gib, abs=1e-3)
     assert "optimizer (muon)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_wsd_checkpoint_before_the_decay_continues_longer_exactly(char_dataset, tmp_path):
+    """The README's recipe: a run planned for 8 iterations (decay over the last half) stopped at 4, before its
+    decay, then resumed with --max_iters=12 --lr_decay_iters=12, is the run planned for 12 from the start."""
+    common = ["--lr_schedule=wsd", "--lr_decay_fraction=0.5", "--eval_interval=4", *MUON]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(run_train(tiny_args(char_dataset, straight, "--max_iters=12", "--lr_decay_iters=12", *common)))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=4", "--lr_decay_iters=8", *common)))
+    first = read_log(split)["training_iterations"]
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=12", "--lr_decay_iters=12", "--init_from=resume", *common)))
+    ref = read_log(straight)["training_iterations"]
+    resumed = first + read_log(split)["training_iterations"]
+    assert [(r["iter"], r["lr"], r["loss"]) for r in resumed] == [(r["iter"], r["lr"], r["loss"]) for r in ref]
+    assert ref[5]["lr"] == 3e-3 and ref[11]["lr"] < ref[6]["lr"] < 3e-3  # stable to 6, then the decay
