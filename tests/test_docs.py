@@ -33,7 +33,7 @@ GENERATED = re.compile(
     r"|(^|/)(model|optimizer.*|rng.*|scaler)\.pt$|(^|/)state\.json$|(^|/)ckpt(\.tmp|\.old)?/?$"
     r"|^data/\.cache|^data/<|^config/<|^data/X(/|$)|^config/plan_.*\.py$"
     r"|^recipes_out/|^exports/|(^|/)(run_train\.sh|nanollm_titan\.py|pretrain_gpt\.py)$|^train_[\w.<>-]+\.sh$"
-    r"|(^|/)prompts\.txt$|^outputs/|^\.runlogs/|(^|/)next_line\.jsonl$"
+    r"|(^|/)prompts\.txt$|^outputs/|^\.runlogs/|(^|/)line_end\.jsonl$"
     r"|^examples/llama/"  # Megatron-LM's own example script, named by recipes/README.md
 )
 PATH = re.compile(r"(?<![\w./*-])((?:config|data|plots|docs|bench|tests|\.ci)/[\w./<>*-]*[\w>*]"
