@@ -323,4 +323,4 @@ def test_a_wsd_checkpoint_before_the_decay_continues_longer_exactly(char_dataset
     ref = read_log(straight)["training_iterations"]
     resumed = first + read_log(split)["training_iterations"]
     assert [(r["iter"], r["lr"], r["loss"]) for r in resumed] == [(r["iter"], r["lr"], r["loss"]) for r in ref]
-    assert ref[5]["lr"] == 3e-3 and ref[11]["lr"] < ref[6]["lr"] < 3e-3  # stable to 6, then the decay
+    assert ref[6]["lr"] == 3e-3 and ref[11]["lr"] < ref[7]["lr"] < 3e-3  # the peak to 6, then the decay
