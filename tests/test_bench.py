@@ -124,3 +124,27 @@ def test_vs_nanogpt_ratio_check_holds_over_200_draws():
         ours = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
         ref = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
         assert _ratio_matches(vs_nanogpt.summarize(ours, ref))
+
+
+@pytest.mark.slow  # ~30 s: two short train.py runs and the in-process step timing
+def test_time_to_quality_smoke_runs_recipes_side_by_side(char_dataset):
+    """Two recipes, one seed, 20 iterations each: every run's evaluations are stamped, and the summary's target
+    is the reference's final val loss, which the reference itself reaches at its last evaluation."""
+    out = _bench_lines("bench/time_to_quality.py", "--smoke", f"--dataset={char_dataset}")
+    runs = [r for r in out if "evals" in r]
+    rows = {r["recipe"]: r for r in out if "final_val_loss" in r}
+    assert {r["recipe"] for r in runs} == set(rows) == {"adamw_cosine", "muon_wsd"}
+    for r in runs:
+        assert [e[0] for e in r["evals"]] == [0, 10, 20]
+        assert all(0 < a[2] < b[2] <= r["wall_s"] for a, b in zip(r["evals"], r["evals"][1:]))  # stamped in order
+    ref = rows["adamw_cosine"]
+    assert ref["iters_to_target"] == 20 and ref["final_val_loss"] < runs[0]["evals"][0][1]
+    assert rows["muon_wsd"]["final_val_loss"] < runs[1]["evals"][0][1]  # Muon trains
+    share = _bench_lines("bench/time_to_quality.py", "--smoke", "--step_share", f"--dataset={char_dataset}")
+    assert [r["optimizer"] for r in share] == ["adamw", "muon"] and all(0 < r["optimizer_share"] < 1 for r in share)
+
+
+def _bench_lines(*args: str) -> list[dict]:
+    """The JSON lines a bench prints, its table's lines left out."""
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]

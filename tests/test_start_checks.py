@@ -16,7 +16,7 @@ import token_loader
 from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------
-# Settings that used to hang: one error line before any work
+# Settings that would hang without a start check: one error line before any work
 
 
 @pytest.mark.parametrize(
