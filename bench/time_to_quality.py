@@ -14,8 +14,9 @@ data, model build included) to the line that prints the evaluation, read from it
 The target is the mean over seeds of the reference recipe's final val loss; a recipe reaches it at its
 first evaluation at or below it.
 
-Load: the machine is shared, so the recipes of one seed run at the same time, one process each with one
-thread (--threads), and the seeds follow each other: every recipe meets the same load at the same moment.
+Load: on a shared machine the recipes of one seed run at the same time, one process each with one thread
+(--threads), and the seeds follow each other: every recipe meets the same load at the same moment. On a
+quiet machine, --serial --threads 0 runs one process at a time with every core, as a user would.
 Prints one JSON line per run, then one summary line per recipe (medians over seeds) and the table.
 """
 
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval_interval", type=int, default=50, help="iterations between evaluations, every recipe")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: the machine's default)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names of RECIPES")
+    p.add_argument("--serial", action="store_true",
+                   help="one run at a time, each with the whole machine (a quiet machine's figure; use --threads 0)")
     p.add_argument("--sweep", action="store_true", help="the lr sweep (SWEEP, 800 iterations, 1 seed) instead")
     p.add_argument("--step_share", action="store_true", help="time the step's phases in this process instead")
     p.add_argument("--smoke", action="store_true", help="2 recipes x 1 seed of 20 iterations, evaluating every 10")
@@ -228,10 +231,12 @@ def run(a: argparse.Namespace) -> int:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(a.seeds):  # seed-major: the recipes of a seed run side by side
-            runs = [start(name, over, 1337 + seed, a, os.path.join(tmp, f"{name}_{seed}")) for name, over in recipes.items()]
-            for record in finish(runs):
-                print(json.dumps(record), flush=True)
-                records.append(record)
+            runs = [(name, over, 1337 + seed, a, os.path.join(tmp, f"{name}_{seed}")) for name, over in recipes.items()]
+            batches = [[r] for r in runs] if a.serial else [runs]  # --serial: each run alone on the machine
+            for batch in batches:
+                for record in finish([start(*r) for r in batch]):
+                    print(json.dumps(record), flush=True)
+                    records.append(record)
     if a.sweep:
         print("| run | iters | final val loss |\n|---|---|---|")
         for r in records:

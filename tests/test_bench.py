@@ -10,7 +10,7 @@ from test_train import ROOT, ok
 
 
 def _bench(*args: str) -> list[dict]:
-    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600))
     return [json.loads(line) for line in p.stdout.strip().splitlines()]
 
 
@@ -39,7 +39,7 @@ def test_gpu_micro_smoke_measures_gemms_and_attention():
 
 def test_gpu_step_bad_flag_is_one_error_line():
     p = subprocess.run([sys.executable, "bench/gpu_step.py", "config/tiny_llama3.py", "--sdpa=fast"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: sdpa='fast' is not one of")
     assert "Traceback" not in p.stderr
 
@@ -62,7 +62,7 @@ def test_lora_step_smoke_matches_peft_and_reports_the_ratio():
     assert r["n_adapter_params"] == 2 * 32 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 160))  # 2 layers, r=32
     assert 0 < r["ours_saved_gib"] and 0 < r["hf_saved_gib"] and r["gen_tokens_equal"]
     p = subprocess.run([sys.executable, "bench/lora_step.py", "--dtype=bfloat16"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: --dtype=bfloat16 is for --device cuda")
 
 
@@ -146,5 +146,5 @@ def test_time_to_quality_smoke_runs_recipes_side_by_side(char_dataset):
 
 def _bench_lines(*args: str) -> list[dict]:
     """The JSON lines a bench prints, its table's lines left out."""
-    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600))
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
