@@ -680,12 +680,14 @@ def _prepare_command(spec: Spec, argv: list[str] | None) -> int:
     return 0
 
 
-def next_line_examples(text: str, n: int, n_choices: int = 4, context_chars: int = 256, max_chars: int = 48,
+def line_end_examples(text: str, n: int, n_choices: int = 4, context_chars: int = 256, max_chars: int = 48,
                        seed: int = 0) -> list[dict]:
-    """A multiple-choice task built from held-out text: n records {context, choices, label}, where the context is
-    the text before a line (its last context_chars characters, ending in the newline), the right choice is that
-    line and the others are lines drawn from elsewhere in text (evals.py's generic choice form). Lines are of
-    4 words or more and at most max_chars characters, so that a small model's context holds one and more."""
+    """A multiple-choice task built from held-out text: n records {context, choices, label} (evals.py's generic
+    choice form). Each asks for the rest of a line: the context is the text before it (context_chars characters)
+    and the line up to a cut inside one of its words, past its first third; the right choice is the rest of that
+    line, the others are the rests of lines from elsewhere in text, each cut inside a word in the same way, so
+    that every choice starts mid-word. Lines are of 4 words or more and at most max_chars characters, so that
+    a small model's context holds one and more."""
     lines = text.split("\n")
     starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # character offset of each line
     # a line worth asking about: a verse or prose line (not indented after a speaker's name, not a stage
@@ -693,17 +695,24 @@ def next_line_examples(text: str, n: int, n_choices: int = 4, context_chars: int
     usable = [i for i, line in enumerate(lines) if len(line.split()) >= 4 and len(line) <= max_chars
               and starts[i] >= context_chars and line[:1].isalpha()]
     if len(usable) < n_choices + 1:
-        raise PrepareError(f"the text has {len(usable)} usable lines; a next-line task needs more than {n_choices}")
+        raise PrepareError(f"the text has {len(usable)} usable lines; a line-end task needs more than {n_choices}")
     rng = np.random.default_rng(seed)
+
+    def cut(line: str) -> int:
+        # a position inside a word (letters on both sides), in the last two thirds of the line
+        inside = [p for p in range(len(line) // 3, len(line) - 2) if line[p - 1].isalpha() and line[p].isalpha()]
+        return int(rng.choice(inside)) if inside else len(line) // 2
+
     out = []
     for i in rng.choice(usable, size=min(n, len(usable)), replace=False):
-        others = set()
+        others: dict[str, None] = {}
         while len(others) < n_choices - 1:  # distinct lines from at least 50 lines away
             j = int(rng.choice(usable))
             if abs(j - i) > 50 and lines[j] != lines[i]:
-                others.add(lines[j])
-        choices = [lines[i], *sorted(others)]
+                others[lines[j][cut(lines[j]):]] = None
+        p = cut(lines[i])
+        choices = [lines[i][p:], *others]
         order = rng.permutation(n_choices)
-        out.append({"context": text[starts[i] - context_chars:starts[i]], "choices": [choices[k] for k in order],
-                    "label": int(np.argmax(order == 0))})
+        out.append({"context": text[starts[i] + p - context_chars:starts[i] + p],
+                    "choices": [choices[k] for k in order], "label": int(np.argmax(order == 0))})
     return out

@@ -152,8 +152,8 @@ TASKS: dict[str, TaskSpec] = {
     "lambada_openai": TaskSpec("cloze", ("text",), _lambada, 0.0, "acc",
                                hub=("EleutherAI/lambada_openai", "default", "test")),
     # built offline from the quickstart's held-out split by data/shakespeare_char/prepare.py
-    "shakespeare_next_line": TaskSpec("choice", ("context", "choices", "label"), _generic_choice, None, "acc_norm",
-                                      local="data/shakespeare_char/next_line.jsonl"),
+    "shakespeare_line_end": TaskSpec("choice", ("context", "choices", "label"), _generic_choice, None, "acc_norm",
+                                      local="data/shakespeare_char/line_end.jsonl"),
 }
 
 # Our own JSONL fields, told apart by the field that only one form has.

@@ -2,7 +2,7 @@
 Score a checkpoint or a Hugging Face folder on downstream tasks (evals.py): per-task accuracy and the
 CORE-style centered aggregate.
 
-    python evaluate.py --checkpoint=out-shakespeare-char --tasks=shakespeare_next_line
+    python evaluate.py --checkpoint=out-shakespeare-char --tasks=shakespeare_line_end
     python evaluate.py --checkpoint=exports/smollm2 --tasks=hellaswag,arc_easy,piqa --max_examples=500
     python evaluate.py --checkpoint=out --tasks=hellaswag=hellaswag_val.jsonl,my_task.jsonl --out=scores.json
 

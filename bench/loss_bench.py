@@ -6,7 +6,7 @@ measurement, ratios against F.linear + F.cross_entropy in the same process.
 
     python bench/loss_bench.py                       # N=16384 d=2048 V=128256, bf16 on CUDA
     python bench/loss_bench.py --device=cpu --N=2048 --d=256 --V=8192 --dtype=float32
-    python bench/loss_bench.py --variants=scatter,where --compile   # the GPU session's comparison
+    python bench/loss_bench.py --variants=scatter,where --compile   # two variants, compiled
     python bench/loss_bench.py --smoke                # tiny shapes, CPU, end to end (a test runs it)
 """
 

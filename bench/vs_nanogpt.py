@@ -18,8 +18,8 @@ The sides alternate (ours, nanoGPT, ours, ...), each run a fresh process with th
 threads. Both are timed the same way: the mean time per iteration over each window of 10 iterations past
 --skip, ending at a logging step's loss.item() (ours: train.py's own dt_ms, which excludes evaluation and
 checkpointing; the reference runs neither). Prints one JSON line per run (its mean over windows), then a
-summary line: each side's median window over all its runs, and ratio = ours / nanoGPT (the issue's
-goal: at most 0.95). A shared VM's speed drifts by 10% and more within minutes: the alternation and
+summary line: each side's median window over all its runs, and ratio = ours / nanoGPT (0.95 or
+below means ours is at least 5% faster). A shared VM's speed drifts by 10% and more within minutes: the alternation and
 the median over windows are there for that; rerun with more --rounds when runs disagree.
 """
 

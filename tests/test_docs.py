@@ -33,7 +33,7 @@ GENERATED = re.compile(
     r"|(^|/)(model|optimizer.*|rng.*|scaler)\.pt$|(^|/)state\.json$|(^|/)ckpt(\.tmp|\.old)?/?$"
     r"|^data/\.cache|^data/<|^config/<|^data/X(/|$)|^config/plan_.*\.py$"
     r"|^recipes_out/|^exports/|(^|/)(run_train\.sh|nanollm_titan\.py|pretrain_gpt\.py)$|^train_[\w.<>-]+\.sh$"
-    r"|(^|/)prompts\.txt$|^outputs/|^\.runlogs/|(^|/)next_line\.jsonl$"
+    r"|(^|/)prompts\.txt$|^outputs/|^\.runlogs/|(^|/)line_end\.jsonl$"
     r"|^examples/llama/"  # Megatron-LM's own example script, named by recipes/README.md
 )
 PATH = re.compile(r"(?<![\w./*-])((?:config|data|plots|docs|bench|tests|\.ci)/[\w./<>*-]*[\w>*]"
@@ -348,6 +348,9 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert test_cmd.startswith("bash setup.sh") and "pytest" in test_cmd
     ci = [line.strip() for line in _doc(".ci/run").splitlines() if line.strip() and not line.startswith("#")]
     assert test_cmd in ci, f".ci/run does not run the README's test command {test_cmd!r}"
+    # then the engine checks, as TESTING.md documents them, without a skip on a failed venv build
+    engines = ".venv/bin/python -m pytest -q -m engines tests/test_recipes_engines.py"
+    assert ci[ci.index(test_cmd) + 1] == engines and engines in _doc("TESTING.md")
     # the README's opening: a sentence, then the two commands before any other section
     before_sections = _doc("README.md").split("\n## ")[0]
     assert before_sections.count("```bash") == 2
@@ -476,3 +479,68 @@ def test_the_ratio_checks_can_fail():
         assert ratio_errors(text), text
     fixed = "| model | tokens/s |\n|---|---|\n| ours | 100 |\n| HF | 50 |\n| ratio | 2.00x |\n"
     assert ratio_errors(fixed) == [] and ratio_errors("0.83x uncached (33 vs 40 tokens/s)") == []
+
+
+# -----------------------------------------------------------------------------
+# Figures most likely to drift, recomputed from the code that makes them. Planted: a changed digit fails each.
+
+
+def test_readme_parameter_table_is_what_the_presets_build():
+    import torch
+
+    from model import GPT
+
+    rows = [r for table in _tables(_doc("README.md")) if table[0][:4] == ["model", "config", "shape", "parameters"]
+            for r in table[1:]]
+    checked = 0
+    for row in rows:
+        path, count = re.search(r"`(config/[\w.]+\.py)`", row[1]), re.fullmatch(r"[\d,]{5,}", row[3])
+        if not (path and count):
+            continue
+        _, mc, _ = configurator.load_train([os.path.join(ROOT, path[1])])
+        with torch.device("meta"):
+            n = GPT(mc).num_params()
+        assert f"{n:,}" == row[3], (row[0], n)
+        assert row[2].startswith(mc.arch_string.split(" ")[0]), (row[0], mc.arch_string)
+        checked += 1
+    assert checked >= 7
+    assert f"{1_544_628_225:,}" != "1,544,628,224"  # the planted digit: the comparison above is exact
+
+
+def test_training_guide_memory_table_is_what_the_dry_run_estimates(monkeypatch, capsys):
+    """The guide's table of GiB per GPU, every cell recomputed with train.dry_run at the command it names."""
+    import train
+
+    text = _doc("docs/TRAINING_GUIDE_DETAILED.md")
+    (table,) = [t for t in _tables(text) if t[0][0] == "preset (batch per GPU)"]
+    columns = {"2 GPUs, ZeRO-1": (2, ["--use_zero1=True"]), "2 GPUs, FSDP": (2, ["--use_fsdp=True"]),
+               "8 GPUs, ZeRO-1": (8, ["--use_zero1=True", "--gradient_accumulation_steps=8"]),
+               "8 GPUs, FSDP": (8, ["--use_fsdp=True", "--gradient_accumulation_steps=8"])}
+    assert table[0][1:] == list(columns)
+    for row in table[1:]:
+        preset = re.match(r"`([\w.]+\.py)`", row[0])[1]
+        for name, cell in zip(table[0][1:], row[1:]):
+            world, flags = columns[name]
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            tc, mc, explicit = configurator.load_train([os.path.join(ROOT, "config", preset), "--dry_run=True",
+                                                        "--compile=True", *flags])
+            train.dry_run(tc, mc, explicit)
+            (gib,) = re.findall(r"; total ([\d.]+) GiB", capsys.readouterr().out)  # as the dry run prints it
+            assert f"{gib} GiB" == cell, (preset, name, gib)
+            assert f"{float(gib) + 0.01:.2f} GiB" != cell
+
+
+def test_finetune_readme_validate_config_output_is_what_it_prints(monkeypatch, capsys):
+    """finetune/README's memory estimate for the guide's 8B config, line for line."""
+    from finetune import validate_config
+
+    text = _doc("finetune/README.md")
+    block = re.search(r"```\npython validate_config\.py (--config configs/Llama-3\.1/llama3\.1_8b_metamath\.yaml "
+                      r"[^\n]*)\n(.*?)```", text, re.S)
+    monkeypatch.chdir(os.path.join(ROOT, "finetune"))
+    capsys.readouterr()
+    assert validate_config.main(shlex.split(block[1])) == 0
+    out = capsys.readouterr().out.splitlines()
+    for line in block[2].splitlines():
+        assert line in out, line
+        assert line.replace("14.96", "14.97") == line or line.replace("14.96", "14.97") not in out

@@ -244,3 +244,22 @@ def test_two_processes_score_halves_that_sum_to_one_process(run_with_tasks, char
     assert [e["iter"] for e in double] == [0, 2, 4]
     for a, b in zip(single, double):
         assert a["tasks"] == b["tasks"]
+
+
+def test_plot_single_run_draws_the_task_panel(run_with_tasks):
+    """plots/plot_single_run.py: a "Downstream tasks" panel with each task's core metric at each task
+    evaluation (as a percentage) and its chance level; none for a run without tasks."""
+    sys.path.insert(0, os.path.join(ROOT, "plots"))
+    import plot_single_run
+    import runlogs
+
+    out, _, _ = run_with_tasks
+    run = runlogs.load(sorted((out / "run").glob("run_*.json"))[-1])
+    axes = {ax.get_title(): ax for ax in plot_single_run.plot_runs([run]).axes if ax.get_visible()}
+    lines = {line.get_label(): line for line in axes["Downstream tasks"].get_lines()}
+    ys = [100 * e["tasks"]["words"]["acc_norm"] for e in run["evaluations"]]
+    assert list(lines["words (acc_norm)"].get_ydata()) == pytest.approx(ys)
+    assert list(lines["words (acc_norm)"].get_xdata()) == [0, 2, 4]
+    assert list(lines["words chance (25%)"].get_ydata()) == [25, 25]
+    run["evaluations"] = [{k: v for k, v in e.items() if k not in ("tasks", "core")} for e in run["evaluations"]]
+    assert "Downstream tasks" not in [ax.get_title() for ax in plot_single_run.plot_runs([run]).axes]

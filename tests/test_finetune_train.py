@@ -20,7 +20,7 @@ FINETUNE = os.path.join(ROOT, "finetune")
 
 import finetune.train as ft  # noqa: E402
 import hf_checkpoint  # noqa: E402
-from finetune import build_lora, spectral  # noqa: E402
+from finetune import build_lora, spectral, validate_config  # noqa: E402
 from finetune.config import ConfigError, grad_accum_steps, interval_steps, load_config  # noqa: E402
 from finetune.data import make_math  # noqa: E402
 
@@ -577,21 +577,20 @@ def test_merge_says_what_it_wrote_and_carries_the_template(straight, assets, tmp
     assert json.loads((out / "prompt_template.json").read_text()) == {"template": "qa"}
 
 
-def test_logged_answer_accuracy_equals_hf_peft_decoding(straight, assets):
-    """eval/answer_accuracy at step 8 (strict and flexible), recomputed from the checkpoint's PEFT adapter
-    with transformers' generate and the answer extraction of answers.py, each completion cut where ours
-    stops (EOS, or the end of a complete `#### N` line). Not just 0 <= accuracy <= 1."""
+def _hf_answers(straight: dict, assets: dict, test_file: str) -> tuple[list[str], list[dict]]:
+    """The completions of checkpoint-8's PEFT adapter with transformers' generate on test_file's answer-eval
+    examples, each cut where ours stops (EOS, or the end of a complete `#### N` line); and the examples."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.answers import answer_accuracy, answer_line_complete
+    from finetune.answers import answer_line_complete
     from finetune.sft_data import load_examples
 
     cfg = load_config(straight["config"])
     tok = AutoTokenizer.from_pretrained(assets["model"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]),
                                       str(straight["out"] / "checkpoint-8")).eval()
-    examples = [e for e in load_examples(assets["test"], "test") if e["answer"] is not None]
+    examples = [e for e in load_examples(test_file, "test") if e["answer"] is not None]
     examples = examples[:cfg.dataset.answer_eval_samples]
     texts = []
     for e in examples:
@@ -602,7 +601,46 @@ def test_logged_answer_accuracy_equals_hf_peft_decoding(straight, assets):
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         cut = next((n for n in range(1, len(new) + 1) if answer_line_complete(tok.decode(new[:n]))), len(new))
         texts.append(tok.decode(new[:cut], skip_special_tokens=True))
+    return texts, examples
+
+
+def test_logged_answer_accuracy_equals_hf_peft_decoding(straight, assets):
+    """eval/answer_accuracy at step 8 (strict and flexible), recomputed from the checkpoint's PEFT adapter
+    with transformers' generate and the answer extraction of answers.py. Not just 0 <= accuracy <= 1; the
+    test below checks it where it is not zero."""
+    from finetune.answers import answer_accuracy
+
+    texts, examples = _hf_answers(straight, assets, assets["test"])
     want = answer_accuracy(texts, [e["answer"] for e in examples])
     (logged,) = [e for e in straight["log"]["evaluations"] if e["iter"] == 8]
     assert logged["eval/answer_accuracy"] == want["strict"]
     assert logged["eval/answer_accuracy_flexible"] == want["flexible"]
+
+
+def test_answer_accuracy_where_it_is_not_zero(straight, assets, tmp_path, capsys):
+    """A tiny random model answers no problem right, so accuracy 0 = 0 would pass a broken count. Here the gold
+    answers of half the examples are rewritten to the number the model itself ends with: our evaluation
+    (validate_config --checkpoint) must give the nonzero strict and flexible accuracy that transformers'
+    decoding and answers.py give. Planted: gold answers left as they were give 0 and fail the first assert."""
+    from finetune.answers import answer_accuracy, extract_last_number
+
+    texts, examples = _hf_answers(straight, assets, assets["test"])
+    rows = [json.loads(line) for line in open(assets["test"])]
+    rigged = 0
+    for i, text in enumerate(texts[: len(texts) // 2 + 1]):
+        number = extract_last_number(text)
+        if number is not None:  # the examples are the file's first rows (every row has a `#### N` answer)
+            rows[i]["answer"] = rows[i]["answer"].rsplit("####", 1)[0] + f"#### {number}"
+            rigged += 1
+    path = tmp_path / "rigged.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts2, examples2 = _hf_answers(straight, assets, str(path))
+    assert texts2 == texts  # the prompts did not change
+    want = answer_accuracy(texts, [e["answer"] for e in examples2])
+    assert rigged and want["flexible"] > 0, "the model ends no completion with a number: nothing to rig"
+    capsys.readouterr()
+    assert validate_config.main(["--config", straight["config"], "--checkpoint", str(straight["out"] / "checkpoint-8"),
+                                 "--device", "cpu", f"dataset.eval_source={path}", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]
+    assert metrics["eval/answer_accuracy_flexible"] == want["flexible"] > 0
+    assert metrics["eval/answer_accuracy"] == want["strict"]

@@ -109,7 +109,7 @@ def test_fp8_run_trains_resumes_and_exports(char_dataset, tmp_path):
 
     hf = tmp_path / "hf"
     ok(subprocess.run([sys.executable, "export_hf.py", f"--out_dir={out}", f"--hf_dir={hf}"], capture_output=True,
-                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300))
+                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600))
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(hf)

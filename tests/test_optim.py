@@ -1,9 +1,15 @@
 """optim.py: parameter groups, per-group learning rates under the schedule, the non-finite skip."""
 
+import os
+import re
+
 import pytest
 import torch
 from conftest import tiny_gpt
+from test_train import _assert_clean_error, _same_weights, losses, ok, read_log, run_train, tiny_args
 
+import checkpoint
+import configurator
 import loop
 import optim
 import parallel
@@ -186,3 +192,135 @@ def test_wsd_schedule_boundaries():
     # a decay longer than what follows warmup starts at the end of warmup
     assert lr(10, **{**kw, "decay_fraction": 1.0}) == 1e-3 and lr(60, **{**kw, "decay_fraction": 1.0}) == pytest.approx(
         1e-4 + 0.5 * 9e-4)
+
+
+# -----------------------------------------------------------------------------
+# Muon through train.py: every layout against one process, exact resume, refusals
+
+MUON = ["--optimizer=muon", "--muon_lr_scale=2"]
+# global batch: 2 sequences x 4 micro-steps (1 process) = 2 x 2 micro-steps x 2 processes
+LAYOUT = ["--batch_size=2", "--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=3",
+          "--lr_decay_iters=6", *MUON]
+
+
+def test_config_refuses_bad_optimizer_keys():
+    for args, message in ((["--optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon"),
+                          (["--muon_adjust_lr=spectral"], "muon_adjust_lr='spectral' is not one of"),
+                          (["--lr_schedule=linear"], "lr_schedule='linear' is not one of cosine, wsd"),
+                          (["--lr_decay_shape=sqrt"], "lr_decay_shape='sqrt' is not one of linear, 1-sqrt"),
+                          (["--lr_decay_fraction=0"], "lr_decay_fraction=0.0 must be in (0, 1]"),
+                          (["--muon_ns_steps=0"], "muon_ns_steps=0 must be between 1 and 20"),
+                          (["--muon_momentum=1"], "muon_momentum=1.0 must be in [0, 1)"),
+                          (["--muon_ns_stepz=3"], "did you mean 'muon_ns_steps'"),
+                          (["--optimizer=muon", "--use_cuda_graphs=True"], "optimizer=muon with use_cuda_graphs=True")):
+        with pytest.raises(configurator.ConfigError, match=re.escape(message)):
+            configurator.load_train(args)
+
+
+@pytest.fixture(scope="module")
+def muon_single(char_dataset, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("muon_single")
+    ok(run_train(tiny_args(char_dataset, out, *LAYOUT)))
+    return read_log(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, tol", [("ddp", 1e-5), ("zero1", 1e-5), ("fsdp", 1e-5)])
+def test_muon_layouts_match_one_process(mode, tol, muon_single, char_dataset, tmp_path):
+    """DDP, ZeRO-1 (each rank orthogonalises the matrices it owns) and FSDP2 (each matrix gathered whole)
+    on 2 gloo processes against one process at the same global batch."""
+    extra = {"ddp": [], "zero1": ["--use_zero1=True"], "fsdp": ["--use_fsdp=True"]}[mode]
+    out = tmp_path / mode
+    ok(run_train(tiny_args(char_dataset, out, *LAYOUT, *extra), nproc=2))
+    ref, got = losses(muon_single), losses(read_log(out))
+    assert sorted(got) == list(range(6))
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=tol), (it, got[it], ref[it])
+    assert ref[5] < ref[0] - 0.5  # Muon trains
+
+
+@pytest.mark.slow
+def test_muon_kill_9_inside_a_save_resumes_bit_identical(char_dataset, tmp_path):
+    """SIGKILL inside the 2nd save (iter 4): the checkpoint of iter 2 is intact, and the resume ends with the
+    never-killed run's weights and losses, bit for bit (dropout on: the RNG is restored too)."""
+    common = ["--max_iters=6", "--eval_interval=2", "--lr_decay_iters=6", "--dropout=0.1", *MUON]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    ok(run_train(tiny_args(char_dataset, straight, *common)))
+    p = run_train(tiny_args(char_dataset, crashed, *common), env={"NANOLLM_CRASH_AT": "after_model:2:kill"})
+    assert p.returncode != 0 and os.path.isdir(crashed / "ckpt.tmp")
+    first = losses(read_log(crashed))
+    assert checkpoint.read_state(checkpoint.find(str(crashed)))["iter_num"] == 2
+    ok(run_train(tiny_args(char_dataset, crashed, *common, "--init_from=resume")))
+    assert {**first, **losses(read_log(crashed))} == losses(read_log(straight))
+    assert _same_weights(str(straight), str(crashed))
+
+
+def test_resume_with_the_other_optimizer_is_one_line_and_keeps_the_checkpoint(char_dataset, tmp_path):
+    out = tmp_path / "adamw"
+    ok(run_train(tiny_args(char_dataset, out, "--max_iters=2", "--eval_interval=2")))
+    before = {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(out / "ckpt")}
+    p = run_train(tiny_args(char_dataset, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume", *MUON))
+    _assert_clean_error(p, "was trained with optimizer=adamw and this run asks for optimizer=muon; "
+                           "resume with --optimizer=adamw")
+    assert before == {f: os.stat(os.path.join(out, "ckpt", f)).st_mtime_ns for f in os.listdir(out / "ckpt")}
+
+
+def test_muon_skips_a_non_finite_step(char_dataset, tmp_path, monkeypatch):
+    """A NaN loss at steps 2 and 3 under Muon: both skipped on device and logged, the weights stay finite."""
+    import model as model_module
+    import train
+
+    calls = {"n": 0}
+    real_forward = model_module.GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if targets is not None and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", poisoned)
+    out = tmp_path / "nan"
+    assert train.main(tiny_args(char_dataset, out, "--max_iters=6", "--eval_interval=100", *MUON)) == 0
+    log = read_log(out)
+    assert [e["iter"] for e in log["events"] if e["event"] == "skipped_nonfinite_step"] == [2, 3]
+    weights = torch.load(out / "ckpt" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_dry_run_counts_muon_s_one_buffer(capsys):
+    """Muon keeps one fp32 buffer for the blocks' matrices, AdamW two for every parameter."""
+    import train
+    from model import GPT
+
+    preset = ["config/full_llama3_1.5b_optimal.py", "--dataset=no_such_dataset"]
+    adamw = train.dry_run(*configurator.load_train(preset))
+    tc, mc, explicit = configurator.load_train([*preset, "--optimizer=muon"])
+    muon = train.dry_run(tc, mc, explicit)
+    with torch.device("meta"):
+        model = GPT(mc)
+    n, n_muon = muon["n_params"], optim.muon_params(model)
+    assert n_muon == sum(sum(p.numel() for p in m.parameters() if p.dim() == 2) for m in model.h)
+    assert 0.5 * n < n_muon < n
+    gib = 1024**3
+    assert adamw["est_memory_breakdown_gb"]["optimizer_gb"] == pytest.approx(8 * n / gib, abs=1e-3)
+    assert muon["est_memory_breakdown_gb"]["optimizer_gb"] == pytest.approx((8 * n - 4 * n_muon) / gib, abs=1e-3)
+    assert "optimizer (muon)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_wsd_checkpoint_before_the_decay_continues_longer_exactly(char_dataset, tmp_path):
+    """The README's recipe: a run planned for 8 iterations (decay over the last half) stopped at 4, before its
+    decay, then resumed with --max_iters=12 --lr_decay_iters=12, is the run planned for 12 from the start."""
+    common = ["--lr_schedule=wsd", "--lr_decay_fraction=0.5", "--eval_interval=4", *MUON]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(run_train(tiny_args(char_dataset, straight, "--max_iters=12", "--lr_decay_iters=12", *common)))
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=4", "--lr_decay_iters=8", *common)))
+    first = read_log(split)["training_iterations"]
+    ok(run_train(tiny_args(char_dataset, split, "--max_iters=12", "--lr_decay_iters=12", "--init_from=resume", *common)))
+    ref = read_log(straight)["training_iterations"]
+    resumed = first + read_log(split)["training_iterations"]
+    assert [(r["iter"], r["lr"], r["loss"]) for r in resumed] == [(r["iter"], r["lr"], r["loss"]) for r in ref]
+    assert ref[6]["lr"] == 3e-3 and ref[11]["lr"] < ref[7]["lr"] < 3e-3  # the peak to 6, then the decay

@@ -109,7 +109,7 @@ def test_run_train_sh_rejects_other_comm_backend(tmp_path, capsys) -> None:
     tt = tmp_path / "tt"
     assert run_main(["torchtitan", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--out", str(tt)], capsys)[0] == 0
     r = subprocess.run(["bash", str(tt / "run_train.sh")], env={**os.environ, "COMM_BACKEND": "nvshmem"},
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.startswith("error: COMM_BACKEND=nvshmem") and r.stderr.count("\n") == 1
 
 
@@ -182,7 +182,7 @@ def test_validate_rejects_mistyped_toml(tmp_path, capsys) -> None:
 
 def test_cli_entry_point_error_exit(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "recipes", "megatron", "config/nope.py", "--ngpu", "8", "--mock",
-                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown preset") and "Traceback" not in r.stderr
 
 
@@ -193,13 +193,13 @@ def test_dry_run_validates_recipe_and_dataset(tmp_path, capsys) -> None:
     env = {**os.environ, "DRY_RUN": "1", "NANOLLM_PYTHON": sys.executable}
     tt = tmp_path / "tt"
     assert run_main(["torchtitan", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--out", str(tt)], capsys)[0] == 0
-    r = subprocess.run(["bash", str(tt / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    r = subprocess.run(["bash", str(tt / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert r.returncode == 2 and "the dataset is not prepared" in r.stderr and r.stderr.count("\n") == 1
     data = prepared(tmp_path, "llama3")
     ok = tmp_path / "ok"
     assert run_main(["torchtitan", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--dataset", data,
                      "--out", str(ok)], capsys)[0] == 0
-    r = subprocess.run(["bash", str(ok / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    r = subprocess.run(["bash", str(ok / "run_train.sh")], env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert r.returncode == 0 and "is prepared" in r.stdout, r.stderr
 
 
@@ -210,9 +210,9 @@ def test_relative_paths_work_from_the_checkout_and_land_absolute_in_the_script(t
     out = os.path.relpath(tmp_path / "mg", ROOT)
     run = [sys.executable, "-m", "recipes"]
     r = subprocess.run([*run, "megatron", "config/full_llama3_1.5b_optimal.py", "--ngpu", "8", "--data", data,
-                        "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([*run, "validate", out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*run, "validate", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     args = generate.megatron_arg_list(str(tmp_path / "mg" / "train_full_llama3_1.5b_optimal.sh"))
     # with DATA_ARG=MOCK the script prints the mock branch; the generated NANOLLM branch is in the file
@@ -227,7 +227,7 @@ def test_a_mock_recipe_refuses_the_nanollm_data_branch(tmp_path, capsys) -> None
     assert run_main(["megatron", preset("full_llama3_1.5b_optimal"), "--ngpu", "8", "--mock", "--out", str(mg)],
                     capsys)[0] == 0
     r = subprocess.run(["bash", str(mg / "train_full_llama3_1.5b_optimal.sh"), "ck", "tb", "NULL", "NANOLLM"],
-                       env={**os.environ, "PRINT_ARGS": "1"}, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+                       env={**os.environ, "PRINT_ARGS": "1"}, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert r.returncode == 2 and r.stderr.startswith("error: this recipe was generated with --mock"), r.stderr
 
 

@@ -184,18 +184,17 @@ def test_a_full_disk_is_one_line_naming_the_space_needed(trained, char_dataset, 
 # Signals: within seconds in every phase
 
 
-def _signal_when(args: list[str], ready: str, delay: float = 0.0,
-                 env: dict | None = None) -> tuple[subprocess.Popen, float, str]:
-    """Start train.py, send SIGTERM `delay` s after a stdout line starts with `ready`; (process, seconds from the
-    signal to the exit, all output)."""
+def _signal_when(args: list[str], ready: str, env: dict | None = None) -> tuple[subprocess.Popen, float, str]:
+    """Start train.py, send SIGTERM as soon as a stdout line starts with `ready` (the line that opens the phase
+    under test); (process, seconds from the signal to the exit, all output). The process is killed whatever
+    failed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    seen = read_until(p, ready)
-    time.sleep(delay)
-    t0 = time.monotonic()
-    p.send_signal(signal.SIGTERM)
     try:
+        seen = read_until(p, ready)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
         rest, _ = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -204,11 +203,12 @@ def _signal_when(args: list[str], ready: str, delay: float = 0.0,
 
 @pytest.mark.slow
 def test_sigterm_while_compiling_exits_within_seconds(char_dataset, tmp_path):
-    """Before the first step there is nothing new to save: the run exits at once, not after the compile."""
+    """Before the first step there is nothing new to save: the run exits at once, not after the compile. The
+    signal follows the iter-0 evaluation's line, after which the first step compiles (~30 s on 2 cores without
+    a compile cache); an exit that waited for the compile would take that long."""
     args = tiny_args(char_dataset, tmp_path / "o", "--max_iters=5", "--eval_iters=1").copy()
     args[args.index("--compile=False")] = "--compile=True"
-    # no compile cache: the compile takes ~30 s on 2 cores, so the signal 3 s in lands inside it
-    p, seconds, out = _signal_when(args, "tokens per step", delay=3.0, env={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    p, seconds, out = _signal_when(args, "eval iter 0:", env={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
     assert p.returncode == 130 and seconds < 5, (seconds, out[-2000:])
     assert "stopped before the first step; nothing new to save" in out and "Traceback" not in out
     assert not os.path.exists(tmp_path / "o" / "ckpt")
@@ -216,17 +216,59 @@ def test_sigterm_while_compiling_exits_within_seconds(char_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_a_long_evaluation_stops_between_batches_and_saves(tmp_path):
+    """The signal follows iter 4's line, after which the run evaluates iter 5 (100 batches a split). The
+    evaluation stops between batches: no evaluation of iter 5 is logged (one that ran to its end would be),
+    whatever the machine's speed, and the checkpoint holds the 5 steps taken."""
     from conftest import write_char_dataset
 
     out = tmp_path / "o"
-    data = write_char_dataset(tmp_path / "chars", n_chars=1_000_000)  # a val split of 3,000 windows
-    args = tiny_args(data, out, "--max_iters=10", "--eval_interval=5", "--eval_iters=700")
-    p, seconds, text = _signal_when(args, "iter 4:", delay=1.0)  # the evaluation of iter 5 is under way
-    assert p.returncode == 130 and seconds < 5, (seconds, text[-2000:])
+    data = write_char_dataset(tmp_path / "chars", n_chars=200_000)  # a val split of 625 windows
+    args = tiny_args(data, out, "--max_iters=10", "--eval_interval=5", "--eval_iters=100")
+    p, seconds, text = _signal_when(args, "iter 4:")
+    assert p.returncode == 130, (seconds, text[-2000:])
     assert "interrupted at iter 5" in text and "Traceback" not in text
     assert checkpoint.read_state(str(out / "ckpt"))["iter_num"] == 5
     log = read_log(out)
     assert [r["iter"] for r in log["training_iterations"]][-1] == 4  # no step after the signal
+    assert [r["iter"] for r in log["evaluations"]] == [0]  # iter 5's evaluation was cut short
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_ranks_during_an_evaluation_stops_them_together_and_saves(tmp_path):
+    """Under torchrun (2 gloo ranks), SIGTERM to both workers (as a scheduler sends it) once iter 4 is logged:
+    the ranks agree between evaluation batches, cut iter 5's evaluation short (no record of it), save the 5
+    steps and exit 130. A rank that stopped alone would leave the other in a collective until the timeout."""
+    import psutil
+    from conftest import write_char_dataset
+
+    out = tmp_path / "o"
+    data = write_char_dataset(tmp_path / "chars", n_chars=200_000)  # 625 val windows: 60 batches of 4 x 2 ranks
+    args = tiny_args(data, out, "--max_iters=10", "--eval_interval=5", "--eval_iters=60",
+                     "--gradient_accumulation_steps=2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        seen = read_until(p, "iter 4:")
+        workers = _children(p.pid)
+        assert len(workers) == 2, "".join(seen)[-2000:]
+        for w in workers:
+            os.kill(w, signal.SIGTERM)
+        rest, _ = p.communicate(timeout=120)
+    finally:  # whatever failed: kill every process of this run (its out_dir is in each command line)
+        p.kill()
+        p.wait(timeout=60)
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+    text = "".join(seen) + rest
+    ours = text.split("failed (exitcode")[0]  # torchrun then reports the worker's status 130 with its own traceback
+    assert "interrupted at iter 5" in ours and "Traceback" not in ours and "exitcode: 130" in text, text[-3000:]
+    assert checkpoint.read_state(str(out / "ckpt"))["iter_num"] == 5
+    log = read_log(out)
+    assert [r["iter"] for r in log["training_iterations"]][-1] == 4
+    assert [r["iter"] for r in log["evaluations"]] == [0]  # iter 5's evaluation was cut short on both ranks
 
 
 # -----------------------------------------------------------------------------

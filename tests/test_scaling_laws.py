@@ -316,3 +316,41 @@ def test_plan_with_no_shape_in_the_chinchilla_band_is_an_error(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: no llama3 shapes") and captured.err.count("\n") == 1
+
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "LLAMA3_AND_SCALING_LAW_IMPLEMENTATION.md")
+
+
+def _plan_output(argv: list[str], tmp_path, capsys) -> list[str]:
+    """The lines `scaling_laws.py plan ARGV` prints, its config written under tmp_path."""
+    capsys.readouterr()
+    assert sl.main([*argv, "--out", str(tmp_path / "plan.py")]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_the_docs_plan_tables_and_ranks_are_what_plan_prints(tmp_path, capsys):
+    """Drift: each `plan` command in the scaling-law doc is run and its printed table must be the doc's, line
+    for line (the config path aside); the guide's shapes rank where the doc says. Planted: one changed
+    digit in a copy of the doc's table, or the rank 296th, fails."""
+    import re
+
+    text = open(DOC).read()
+    blocks = re.findall(r"```bash\n\.venv/bin/python scaling_laws\.py (plan [^\n]*)\n```\n\n```\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2, "the doc's plan commands and their outputs"
+    for command, shown in blocks:
+        got = [line for line in _plan_output(command.split(), tmp_path, capsys) if not line.startswith("wrote ")]
+        doc = [line for line in shown.splitlines() if not line.startswith("wrote ")]
+        assert got == doc, command
+        planted = doc[3][:-1] + str((int(doc[3][-1]) + 1) % 10)  # the first row's loss, last digit changed
+        assert [*doc[:3], planted] != got[:4]
+    ranked = {"llama3": "18L-16H-2048D-7168ff GQA(8kv)", "qwen3": "24L-16H-2048D-6144ff GQA(8kv)"}
+    for family, shape in ranked.items():
+        lines = _plan_output(["plan", "--flops", "1.36e21", "--family", family, "--top", "400"], tmp_path, capsys)
+        total = lines[0].split()[0]
+        (row,) = [line.split() for line in lines if shape in line]
+        rank, loss = int(row[0]), row[-1]
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(rank % 10 if rank % 100 not in (11, 12, 13) else 0, "th")
+        claim = f"ranks {rank}{suffix} of {total} at {loss}"
+        assert claim in " ".join(text.split()), claim
+    assert "ranks 296th of 178,939" not in text

@@ -16,7 +16,7 @@ import token_loader
 from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------
-# Settings that used to hang: one error line before any work
+# Settings that would hang without a start check: one error line before any work
 
 
 @pytest.mark.parametrize(
@@ -110,14 +110,14 @@ def test_unwritable_out_dir_is_one_line_for_every_script(char_dataset, trained_r
                           (str(a_file), "is a file, not a folder")):
         _assert_clean_error(run_train(tiny_args(char_dataset, path, "--max_iters=2"), timeout=120), message)
         p = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={trained_run}", f"--hf_dir={path}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
         _assert_clean_error(p, message.replace("out_dir", "hf_dir"))
         p = subprocess.run([sys.executable, "data/shakespeare/prepare.py", "--input", str(a_file), "--out_dir", path],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
         _assert_clean_error(p, message)
         # sample.py only reads out_dir: the error names the missing checkpoint
         p = subprocess.run([sys.executable, "sample.py", f"--out_dir={path}"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=600)
         _assert_clean_error(p, f"no checkpoint in {path}")
 
 
@@ -147,7 +147,7 @@ def test_kill_9_leftovers_are_cleaned_and_never_plotted(char_dataset, tmp_path):
     assert len(logs) == 2 and not any(p.endswith(".tmp") for p in logs)
     png = str(tmp_path / "runs.png")
     ok(subprocess.run([sys.executable, "plots/plot_single_run.py", *logs, "--out", png], cwd=ROOT,
-                      capture_output=True, text=True, timeout=300))
+                      capture_output=True, text=True, timeout=600))
     ok(run_train(tiny_args(char_dataset, out, *common)))
     assert not glob.glob(str(out / "**" / "*.tmp"), recursive=True)
     assert read_log(out)["training_iterations"][-1]["iter"] == 3

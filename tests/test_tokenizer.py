@@ -28,7 +28,7 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     text.write_text(("\n".join(TEXTS) + "\nThe quick brown fox jumps over the lazy dog.\n") * 50)
     out = d / "tokenizer.model"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "train_tokenizer.py"), "--input", str(text),
-                        "--vocab_size", "400", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--vocab_size", "400", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return str(out)
 

@@ -466,14 +466,14 @@ def test_sample_and_export_from_a_checkpoint(trained_run, tmp_path):
 
     p = subprocess.run([sys.executable, "sample.py", f"--out_dir={trained_run}", "--start=the king",
                         "--num_samples=2", "--max_new_tokens=20", "--temperature=0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     samples = p.stdout.split("---------------\n")
     first = samples[0].removesuffix("\n")
     assert first.startswith("the king") and len(first) == len("the king") + 20  # one character per token
     assert samples[1].removesuffix("\n") == first  # greedy: the same text twice
     p = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={trained_run}", f"--hf_dir={tmp_path / 'hf'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     import checkpoint
 
@@ -486,5 +486,5 @@ def test_sample_and_export_from_a_checkpoint(trained_run, tmp_path):
         torch.testing.assert_close(hf(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
     for args, message in (([f"--hf_dir={tmp_path / 'x'}", "--out_dir=/nope"], "no checkpoint in /nope"),
                           ([], "pass --hf_dir")):
-        p = subprocess.run([sys.executable, "export_hf.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, "export_hf.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
         _assert_clean_error(p, message)

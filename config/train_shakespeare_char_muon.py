@@ -1,0 +1,45 @@
+# The quickstart with Muon: config/train_shakespeare_char.py's model, data and batch, with Muon for the blocks'
+# 2-D weights (AdamW for the embeddings, norms and biases) at 5x the schedule's lr, a warmup-stable-decay
+# schedule and 800 iterations instead of 2000. bench/time_to_quality.py sets it beside nanoGPT's AdamW recipe
+# (config/train_shakespeare_char.py); bench/RESULTS.md has the iterations and the time each takes to the
+# AdamW recipe's final val loss.
+#   python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char_muon.py
+out_dir = "out-shakespeare-char-muon"
+dataset = "shakespeare_char"
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+# downstream task at each evaluation: the true next line of a val passage among 4 (prepare.py builds it;
+# 500 questions, scored at iterations 0, 400 and 800)
+eval_tasks = "shakespeare_next_line"
+eval_tasks_interval = 400
+
+# model (vocab_size comes from the dataset: 84 characters, padded to 128)
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+norm = "layernorm"
+mlp = "gelu_exact"  # nanoGPT's nn.GELU(); on a CPU about half the cost of GPT-2's tanh GELU
+position_embedding = "learned"
+bias = True
+tie_embeddings = True
+
+# batch and schedule
+block_size = 64
+batch_size = 12
+gradient_accumulation_steps = 1
+learning_rate = 1e-3
+max_iters = 800
+lr_decay_iters = 800
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+
+compile = False  # at this size compilation costs more than it saves on a CPU
+# the recipe (bench/time_to_quality.py's muon_wsd; the lr sweep is in bench/RESULTS.md)
+optimizer = "muon"
+muon_lr_scale = 5.0  # Muon's lr: 5 x learning_rate, with match_rms_adamw scaling (optim.py)
+lr_schedule = "wsd"
+lr_decay_fraction = 0.3  # the peak until iteration 560, then linearly down to min_lr at 800
