@@ -204,7 +204,8 @@ def nanogpt_run(dataset: str, iters: int, skip: int) -> dict:
 def run_ours(a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_nanogpt_") as out_dir:
         cmd = [sys.executable, "train.py", CONFIG, f"--dataset={a.dataset}", f"--out_dir={out_dir}",
-               f"--max_iters={a.iters}", f"--eval_interval={a.iters}", "--eval_iters=1", "--save_checkpoint=False"]
+               f"--max_iters={a.iters}", f"--eval_interval={a.iters}", "--eval_iters=1", "--save_checkpoint=False",
+               "--eval_tasks="]  # nanoGPT scores no tasks: time the same work (and a dataset without task files)
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"train.py failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
