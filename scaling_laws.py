@@ -228,7 +228,7 @@ def _matmul_weights(c: ModelConfig) -> int:
     """Weights of every nn.Linear, plus the tied output head: what flops_per_token multiplies by 6."""
     d, hd = c.n_embd, c.head_dim
     attn = d * (c.n_head + 2 * c.n_kv_head) * hd + c.n_head * hd * d  # c_attn (fused q, k, v), c_proj
-    mlp = d * c.intermediate_size * (3 if c.mlp == "swiglu" else 2)  # SwiGLU: gate, up, down
+    mlp = d * c.intermediate_size * (3 if c.gated_mlp else 2)  # gated (SwiGLU, GeGLU): gate, up, down
     return c.n_layer * (attn + mlp) + c.vocab_size * d  # + output head (tied or not)
 
 
@@ -239,7 +239,7 @@ def count_params(c: ModelConfig) -> int:
     per_layer = 2 * norm + (2 * hd if c.qk_norm else 0)
     if c.bias:
         per_layer += (c.n_head + 2 * c.n_kv_head) * hd + d  # c_attn, attn.c_proj
-        per_layer += c.intermediate_size * (2 if c.mlp == "swiglu" else 1) + d  # c_fc, mlp.c_proj
+        per_layer += c.intermediate_size * (2 if c.gated_mlp else 1) + d  # c_fc, mlp.c_proj
     n = _matmul_weights(c) + c.n_layer * per_layer + norm  # + ln_f
     if not c.tie_embeddings:
         n += c.vocab_size * d  # wte; a tied head is wte itself, already in _matmul_weights
