@@ -10,9 +10,9 @@ eval_interval = 250
 eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False
-# downstream task at each evaluation: the true next line of a val passage among 4 (prepare.py builds it;
-# 500 questions, scored at iterations 0, 400 and 800)
-eval_tasks = "shakespeare_next_line"
+# a downstream task every 400 iterations (0, 400, 800): the true rest of a val line, cut mid-word, among 4
+# (prepare.py builds its 500 questions), as in the quickstart
+eval_tasks = "shakespeare_line_end"
 eval_tasks_interval = 400
 
 # model (vocab_size comes from the dataset: 84 characters, padded to 128)

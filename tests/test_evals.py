@@ -263,3 +263,21 @@ def test_plot_single_run_draws_the_task_panel(run_with_tasks):
     assert list(lines["words chance (25%)"].get_ydata()) == [25, 25]
     run["evaluations"] = [{k: v for k, v in e.items() if k not in ("tasks", "core")} for e in run["evaluations"]]
     assert "Downstream tasks" not in [ax.get_title() for ax in plot_single_run.plot_runs([run]).axes]
+
+
+def test_every_config_names_tasks_that_exist():
+    """A shipped config's eval_tasks resolves: a task in evals.TASKS whose prepared file a prepare.py in the
+    repository writes (train.py refuses an unknown task at start, so a typo here breaks the command)."""
+    import glob
+
+    import configurator
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
+        for name in evals.parse_task_list(configurator.read_config_file(path).get("eval_tasks", "")):
+            assert name in evals.TASKS, f"{os.path.basename(path)}: eval_tasks names {name!r}, not in evals.TASKS"
+            local = evals.TASKS[name].local
+            if local is not None:
+                prepare = os.path.join(ROOT, os.path.dirname(local), "prepare.py")
+                assert os.path.isfile(prepare), f"{name}: nothing writes {local} ({prepare} is missing)"
+                with open(prepare) as f:
+                    assert os.path.basename(local) in f.read(), f"{name}: {prepare} does not write {local}"
