@@ -6,15 +6,19 @@ that it is always valid JSON (tail it, plot it, or json.load it mid-run):
     environment          git SHA and dirty flag, torch/CUDA versions, GPU name and count, world size
     model                architecture, parameters, FLOPs per token
     training_iterations  [{iter, loss, lr, grad_norm, dt_ms, tokens_per_sec, mfu,
-                           memory_allocated_gb, memory_peak_gb, memory_host_peak_gb, tokens_seen}]
+                           memory_allocated_gb, memory_peak_gb, memory_host_peak_gb, tokens_seen, elapsed_s}]
                          memory_allocated_gb / memory_peak_gb: GPU memory (null on CPU);
                          memory_host_peak_gb: the process's peak resident set size (host RAM,
                          every device), so CPU runs have a memory figure too
-    evaluations          [{iter, train_loss, val_loss, tokens_seen}], with eval_tasks also
+    evaluations          [{iter, train_loss, val_loss, tokens_seen, elapsed_s}], with eval_tasks also
                          tasks: {name: {acc, acc_norm, centered, random_baseline, core_metric}},
                          core, tasks_seconds (evals.py)
     gradient_norms       [{iter, norms: {module: norm}}] every gradient_log_interval
     events               [{iter, event, ...}]: skipped non-finite steps, checkpoints, resume
+
+elapsed_s, stamped on each training and evaluation record as it is logged: wall seconds since this log
+opened (after the model was built), evaluations and checkpoints included, unlike dt_ms, so plots can
+set runs against time (plots/compare_runs.py --time). A resumed run's new log counts from its own start.
 
 Each rewrite goes through run_*.json.tmp; a run killed mid-write can leave one, and the next
 RunLog in that out_dir deletes them (nothing reads them, and plots glob run_*.json only).
@@ -90,6 +94,7 @@ class RunLog:
         """
         self.enabled = enabled
         self.path = None
+        self.t0 = time.perf_counter()  # elapsed_s counts from here
         self.data = {**header, "training_iterations": [], "evaluations": [], "gradient_norms": [], "events": []}
         self.sinks: list = []
         if not enabled:
@@ -125,6 +130,8 @@ class RunLog:
     def _append(self, key: str, record: dict) -> None:
         if not self.enabled:
             return
+        if key in ("training_iterations", "evaluations"):
+            record["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
         self.data[key].append(record)
         for sink in self.sinks:
             sink.log(key, record)

@@ -1,11 +1,14 @@
 """
 Compare training runs: their JSON run logs overlaid, one colour per run, in one PNG with the loss
-against iterations and against tokens seen, tokens/s and MFU.
+against iterations and against tokens seen (or wall time, --time), tokens/s and MFU.
 
     python plots/compare_runs.py out-a/run_1.json out-b/run_2.json --labels llama3,qwen3 --out cmp.png
+    python plots/compare_runs.py out-a/run_1.json out-b/run_2.json --time    # loss against seconds
 
 Loss panels draw each run's training loss raw (faint) with its EMA (--smooth, per logged record;
-default 0.9) and its val loss at evaluations (dashed, markers). The default output is
+default 0.9) and its val loss at evaluations (dashed, markers). --time puts the records' elapsed_s
+(wall seconds since each run's log opened, evaluations included; runlog.py) on the second panel's x axis
+instead of tokens, so a recipe with dearer steps is set against time. The default output is
 compare_runs.png next to the first log.
 """
 
@@ -25,9 +28,13 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 import errors  # noqa: E402
 
+TIME_MISSING = "no elapsed_s in these logs (written before run logs recorded wall time)"
 
-def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: float) -> None:
-    """Training loss (raw and EMA) and val loss of each run against x: 'iter' or 'tokens_seen'."""
+
+def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: float,
+               missing: str = "no training record or evaluation logged yet") -> None:
+    """Training loss (raw and EMA) and val loss of each run against x: 'iter', 'tokens_seen' or 'elapsed_s';
+    missing: the note of a panel with nothing to draw."""
     drawn = False
     for run, color in zip(runs, colors):
         xs, ys = runlogs.series(run["training_iterations"], "loss", x=x)
@@ -47,12 +54,13 @@ def panel_loss(ax: Axes, runs: list[dict], colors: list[str], x: str, smooth: fl
             fontsize=8,
         )
     else:
-        single.no_data(ax, "no training record or evaluation logged yet")
+        single.no_data(ax, missing)
     ax.set_ylabel("cross-entropy (nats/token)")
 
 
-def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs.SMOOTHING) -> Figure:
-    """Four panels: loss against iterations and tokens, tokens/s and MFU against iterations."""
+def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs.SMOOTHING,
+                    time: bool = False) -> Figure:
+    """Four panels: loss against iterations and tokens (time: wall seconds), tokens/s and MFU against iterations."""
     colors = [f"C{i % 10}" for i in range(len(runs))]
     fig = Figure(figsize=(12, 8.5), dpi=100, layout="constrained")
     (loss_it, loss_tok), (speed, mfu) = fig.subplots(2, 2)
@@ -61,10 +69,17 @@ def plot_comparison(runs: list[dict], labels: list[str], smooth: float = runlogs
     panel_loss(loss_it, runs, colors, "iter", smooth)
     loss_it.set_title("Loss against iterations")
     loss_it.set_xlabel("iteration")
-    panel_loss(loss_tok, runs, colors, "tokens_seen", smooth)
-    loss_tok.set_title("Loss against tokens")
-    loss_tok.set_xlabel("tokens seen")
-    loss_tok.xaxis.set_major_formatter(EngFormatter())  # 500 k, 1.5 M, 2 G
+    if time:
+        records = any(r["training_iterations"] or r["evaluations"] for r in runs)
+        panel_loss(loss_tok, runs, colors, "elapsed_s", smooth,
+                   TIME_MISSING if records else "no training record or evaluation logged yet")
+        loss_tok.set_title("Loss against wall time")
+        loss_tok.set_xlabel("seconds since the run log opened")
+    else:
+        panel_loss(loss_tok, runs, colors, "tokens_seen", smooth)
+        loss_tok.set_title("Loss against tokens")
+        loss_tok.set_xlabel("tokens seen")
+        loss_tok.xaxis.set_major_formatter(EngFormatter())  # 500 k, 1.5 M, 2 G
     if single.panel_series(speed, runs, colors, "tokens_per_sec", 1.0, smooth, runlogs.speed_missing):
         speed.yaxis.set_major_formatter(EngFormatter())
     speed.set_title("Throughput")
@@ -98,6 +113,8 @@ def main(argv: list[str]) -> int:
         metavar="A,B,...",
         help="comma-separated names, one per log (default: folder/file of each)",
     )
+    parser.add_argument("--time", action="store_true",
+                        help="loss against wall time (the records' elapsed_s) instead of against tokens")
     runlogs.add_image_args(parser, out_default="compare_runs.png next to the first log")
 
     def body() -> int:
@@ -111,7 +128,7 @@ def main(argv: list[str]) -> int:
                 )
         out = args.out or os.path.join(os.path.dirname(args.logs[0]), "compare_runs.png")
         runs = [runlogs.load(path) for path in args.logs]
-        runlogs.save_figure(plot_comparison(runs, labels, args.smooth), out)
+        runlogs.save_figure(plot_comparison(runs, labels, args.smooth, args.time), out)
         print(f"wrote {out}")
         return 0
 

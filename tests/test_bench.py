@@ -142,6 +142,22 @@ def test_time_to_quality_smoke_runs_recipes_side_by_side(char_dataset):
     assert rows["muon_wsd"]["final_val_loss"] < runs[1]["evals"][0][1]  # Muon trains
     share = _bench_lines("bench/time_to_quality.py", "--smoke", "--step_share", f"--dataset={char_dataset}")
     assert [r["optimizer"] for r in share] == ["adamw", "muon"] and all(0 < r["optimizer_share"] < 1 for r in share)
+    assert [r["recipe"] for r in share] == ["adamw_cosine", "muon_wsd"] and share[0]["step_ratio"] == 1.0
+    assert share[1]["step_ratio"] == pytest.approx(
+        (share[1]["fwd_bwd_ms"] + share[1]["optimizer_ms"]) / (share[0]["fwd_bwd_ms"] + share[0]["optimizer_ms"]),
+        abs=0.002)  # from the unrounded milliseconds
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--case", "tiny_llama3", "--recipes", "muon_wsd"], "--recipes must include adamw_cosine"),
+    (["--case", "tiny_llama3", "--recipes", "adamw_cosine,muon_wsd_ns3"],
+     "unknown recipe 'muon_wsd_ns3' in case tiny_llama3; choose from adamw_cosine, muon_wsd"),
+    (["--case", "gpt9"], "argument --case: invalid choice: 'gpt9'"),
+])
+def test_time_to_quality_bad_input_is_one_line(args, message, char_dataset):
+    p = subprocess.run([sys.executable, "bench/time_to_quality.py", *args, f"--dataset={char_dataset}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
 
 
 def _bench_lines(*args: str) -> list[dict]:

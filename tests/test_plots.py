@@ -18,6 +18,7 @@ PLOTS = os.path.join(ROOT, "plots")
 sys.path.insert(0, PLOTS)  # the scripts import their sibling runlogs.py as a top-level module
 
 import analyze_run  # noqa: E402
+import compare_runs  # noqa: E402
 import plot_single_run  # noqa: E402
 import runlogs  # noqa: E402
 
@@ -110,6 +111,38 @@ def test_compare_runs(train_log: str, tmp_path: pathlib.Path) -> None:
     assert_png(out)
     p = ok(run_script("compare_runs.py", train_log, other))  # default: next to the first log
     assert_png(os.path.join(os.path.dirname(train_log), "compare_runs.png"))
+
+
+def test_compare_runs_against_wall_time(train_log: str, tmp_path: pathlib.Path) -> None:
+    """--time: each record's elapsed_s (train.py stamps it as the record is logged) on the second loss panel's x
+    axis. The stamps follow the run's order (an evaluation at iteration k between the steps k-1 and k) and
+    cover the timed steps between them (dt_ms excludes evaluations, elapsed_s does not)."""
+    run = runlogs.load(train_log)
+    steps = {r["iter"]: r for r in run["training_iterations"]}
+    assert all(r["elapsed_s"] > 0 for r in steps.values())
+    for it, r in steps.items():
+        if it - 1 in steps and it - 2 in steps and r["dt_ms"] is not None:  # a window of one step, after the first
+            assert r["elapsed_s"] - steps[it - 1]["elapsed_s"] >= r["dt_ms"] / 1000 - 0.005, it
+    for e in run["evaluations"]:
+        before, after = steps.get(e["iter"] - 1), steps.get(e["iter"])
+        assert (before is None or before["elapsed_s"] <= e["elapsed_s"]) and (
+            after is None or e["elapsed_s"] <= after["elapsed_s"]), e["iter"]
+
+    fig = compare_runs.plot_comparison([run], ["run"], time=True)
+    ax = next(a for a in fig.axes if a.get_title() == "Loss against wall time")
+    (val,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert list(val.get_xdata()) == [e["elapsed_s"] for e in run["evaluations"]]
+    assert list(val.get_ydata()) == [e["val_loss"] for e in run["evaluations"]]
+    old = runlogs.load(train_log)  # a log written before elapsed_s existed: the panel says so
+    for r in old["training_iterations"] + old["evaluations"]:
+        del r["elapsed_s"]
+    notes = panel_notes(compare_runs.plot_comparison([old], ["old"], time=True))
+    assert compare_runs.TIME_MISSING in notes["Loss against wall time"]
+
+    out = str(tmp_path / "time.png")
+    p = ok(run_script("compare_runs.py", train_log, variant(train_log, tmp_path, "gpu fields"), "--time", "--out", out))
+    assert p.stdout.strip() == f"wrote {out}"
+    assert_png(out)
 
 
 @pytest.mark.parametrize("name", ["one record", "no records", "eval_only", "gpu fields"])
