@@ -17,8 +17,9 @@ AdamW + cosine schedule of 1200 iterations as its reference). Each case has the 
 that --recipes can add (fewer Newton-Schulz steps, shorter schedules, more tokens per step) and an lr sweep.
 
 Each run is `python train.py <the case's config> <the recipe's overrides> --seed=S` in a process
-of its own, without checkpoints, evaluating every --eval_interval iterations (the same for every recipe, so
-evaluation costs each the same per iteration). Its wall time is counted from the process's start (imports,
+of its own, without checkpoints, evaluating every --eval_interval iterations (the same for every recipe of
+one batch size, so evaluation costs each the same per iteration; a recipe with k times the tokens per step
+evaluates every --eval_interval/k, at the same tokens seen, on the same val windows). Its wall time is counted from the process's start (imports,
 data, model build included) to the line that prints the evaluation, read from its stdout as it comes.
 The target is the mean over seeds of the reference recipe's final val loss; a recipe reaches it at its
 first evaluation at or below it.
@@ -72,16 +73,17 @@ class Case:
 
 SHORT = schedule(800)
 # Levers on the quickstart's Muon + WSD toward fewer seconds to the target: fewer Newton-Schulz steps, a
-# shorter schedule, more tokens per step (eval_iters scaled so every evaluation reads the same 240 windows)
+# shorter schedule, more tokens per step (eval_iters scaled so that every evaluation reads the same 240
+# windows, eval_interval so that evaluations fall at the same tokens seen; lr up by about sqrt(batch))
 QUICKSTART_LEVERS = {
     "muon_wsd_ns3": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT, "--muon_ns_steps=3"],
     "muon_wsd_ns4": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT, "--muon_ns_steps=4"],
     "muon_wsd_600": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(600)],
     "muon_wsd_ns3_600": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(600), "--muon_ns_steps=3"],
     "muon_wsd_b24": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(450, 50), "--batch_size=24", "--eval_iters=10",
-                     "--learning_rate=1.4e-3", "--min_lr=1.4e-4"],
-    "muon_wsd_b48": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(300, 30), "--batch_size=48", "--eval_iters=5",
-                     "--learning_rate=2e-3", "--min_lr=2e-4"],
+                     "--eval_interval=25", "--learning_rate=1.4e-3", "--min_lr=1.4e-4"],
+    "muon_wsd_b48": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(300, 25), "--batch_size=48", "--eval_iters=5",
+                     "--eval_interval=12", "--learning_rate=2e-3", "--min_lr=2e-4"],
 }
 CASES = {
     # nanoGPT's CPU recipe as config/train_shakespeare_char.py has it; the lr scales come from the sweep
@@ -101,7 +103,9 @@ CASES = {
          *schedule(1200), "--eval_iters=10", "--compile=False"],
         {REFERENCE: [],
          "muon_wsd": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(600)]},
-        {},
+        {"muon_wsd_x3": [*MUON, "--muon_lr_scale=3", *WSD, *schedule(600)],
+         "muon_wsd_x8": [*MUON, "--muon_lr_scale=8", *WSD, *schedule(600)],
+         "muon_wsd_900": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(900)]},
         {f"muon_wsd_x{s}": [*MUON, f"--muon_lr_scale={s}", *WSD, *schedule(600)] for s in (3, 5, 8)}),
 }
 
@@ -150,9 +154,10 @@ def start(name: str, overrides: list[str], seed: int, a: argparse.Namespace, out
     """One run as a process of its own; returns its handle (read by finish())."""
     case = CASES[a.case]
     extra = ["--max_iters=20", "--lr_decay_iters=20", "--warmup_iters=5", "--eval_iters=2"] if a.smoke else []
-    cmd = [sys.executable, "-u", "train.py", case.config, *case.base, *overrides, *extra, f"--dataset={a.dataset}",
-           f"--out_dir={out_dir}", f"--seed={seed}", f"--eval_interval={a.eval_interval}", "--save_checkpoint=False",
-           "--device=cpu", "--log_interval=50", "--eval_tasks="]  # val loss only: no task scoring
+    # a recipe's own --eval_interval (more tokens per step: more often, at the same tokens seen) comes after ours
+    cmd = [sys.executable, "-u", "train.py", case.config, *case.base, f"--eval_interval={a.eval_interval}",
+           *overrides, *extra, f"--dataset={a.dataset}", f"--out_dir={out_dir}", f"--seed={seed}",
+           "--save_checkpoint=False", "--device=cpu", "--log_interval=50", "--eval_tasks="]  # val loss only
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
