@@ -7,6 +7,7 @@ recipe (AdamW + cosine, config/train_shakespeare_char.py as it is) ends at, in i
     python bench/time_to_quality.py --step_share         # the optimizer's share of a step, AdamW and Muon
     python bench/time_to_quality.py --step_share --recipes adamw_cosine,muon_wsd,muon_wsd_ns3,muon_wsd_b24
     python bench/time_to_quality.py --recipes adamw_cosine,muon_wsd,muon_wsd_ns3 --seeds 1   # a lever beside
+    python bench/time_to_quality.py --recipes muon_wsd_ns4_b24_350 --seeds 1 --target 1.8689   # iterations only
     python bench/time_to_quality.py --case tiny_llama3 --seeds 1   # the larger case: config/tiny_llama3.py
     python bench/time_to_quality.py --keep_logs runs/ttq # keep each run's log for plots/compare_runs.py --time
     python bench/time_to_quality.py --smoke --dataset PATH   # seconds; what tests/test_bench.py runs
@@ -75,13 +76,17 @@ SHORT = schedule(800)
 # Levers on the quickstart's Muon + WSD toward fewer seconds to the target: fewer Newton-Schulz steps, a
 # shorter schedule, more tokens per step (eval_iters scaled so that every evaluation reads the same 240
 # windows, eval_interval so that evaluations fall at the same tokens seen; lr up by about sqrt(batch))
+B24 = ["--batch_size=24", "--eval_iters=10", "--eval_interval=25", "--learning_rate=1.4e-3", "--min_lr=1.4e-4"]
 QUICKSTART_LEVERS = {
     "muon_wsd_ns3": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT, "--muon_ns_steps=3"],
     "muon_wsd_ns4": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT, "--muon_ns_steps=4"],
     "muon_wsd_600": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(600)],
     "muon_wsd_ns3_600": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(600), "--muon_ns_steps=3"],
-    "muon_wsd_b24": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(450, 50), "--batch_size=24", "--eval_iters=10",
-                     "--eval_interval=25", "--learning_rate=1.4e-3", "--min_lr=1.4e-4"],
+    "muon_wsd_ns3_500": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(500), "--muon_ns_steps=3"],
+    "muon_wsd_b24": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(450, 50), *B24],
+    # b24 with a schedule that ends near the tokens muon_wsd needs, and 4 Newton-Schulz steps
+    **{f"muon_wsd_ns4_b24_{n}": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(n, 50), *B24, "--muon_ns_steps=4"]
+       for n in (350, 375)},
     "muon_wsd_b48": [*MUON, "--muon_lr_scale=5", *WSD, *schedule(300, 25), "--batch_size=48", "--eval_iters=5",
                      "--eval_interval=12", "--learning_rate=2e-3", "--min_lr=2e-4"],
 }
@@ -127,6 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--time overlays them); default: a temporary folder, deleted")
     p.add_argument("--serial", action="store_true",
                    help="one run at a time, each with the whole machine (a quiet machine's figure; use --threads 0)")
+    p.add_argument("--target", type=float, metavar="LOSS",
+                   help=f"the val loss to reach, instead of running {REFERENCE} for it (iterations to it only: "
+                        "the time ratios need the reference beside)")
     p.add_argument("--sweep", action="store_true", help="the case's lr sweep (1 seed) instead")
     p.add_argument("--step_share", action="store_true", help="time the step's phases in this process instead")
     p.add_argument("--smoke", action="store_true", help="2 recipes x 1 seed of 20 iterations, evaluating every 10")
@@ -139,8 +147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [r for r in names if r not in known]
     if unknown:
         p.error(f"unknown recipe {unknown[0]!r} in case {a.case}; choose from {', '.join(known)}")
-    if REFERENCE not in names and not a.step_share:
-        p.error(f"--recipes must include {REFERENCE}: its final val loss is the target")
+    if REFERENCE not in names and not a.step_share and a.target is None:
+        p.error(f"--recipes must include {REFERENCE} (its final val loss is the target), or give --target")
     a.chosen = {n: known[n] for n in names}
     for name in ("train.bin", "val.bin", "meta.json"):
         if not os.path.isfile(os.path.join(a.dataset, name)):
@@ -201,12 +209,13 @@ def reach(record: dict, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def summarize(records: list[dict]) -> tuple[float, list[dict]]:
-    """The target (mean final val loss of REFERENCE) and one row per recipe, medians over seeds."""
-    ref = [r["evals"][-1][1] for r in records if r["recipe"] == REFERENCE]
-    target = statistics.mean(ref)
-    ref_wall = statistics.median(r["wall_s"] for r in records if r["recipe"] == REFERENCE)
-    ref_reach = statistics.median(reach(r, target)[1] or r["wall_s"] for r in records if r["recipe"] == REFERENCE)
+def summarize(records: list[dict], target: float | None = None) -> tuple[float, list[dict]]:
+    """The target (given, or the mean final val loss of REFERENCE) and one row per recipe, medians over seeds;
+    the ratio columns only when REFERENCE ran."""
+    ref = [r for r in records if r["recipe"] == REFERENCE]
+    target = statistics.mean(r["evals"][-1][1] for r in ref) if target is None else target
+    ref_wall = statistics.median(r["wall_s"] for r in ref) if ref else None
+    ref_reach = statistics.median(reach(r, target)[1] or r["wall_s"] for r in ref) if ref else None
     rows = []
     for name in dict.fromkeys(r["recipe"] for r in records):
         mine = [r for r in records if r["recipe"] == name]
@@ -220,21 +229,24 @@ def summarize(records: list[dict]) -> tuple[float, list[dict]]:
         if len(reached) == len(mine):  # a median only when every seed reached the target
             row["iters_to_target"] = statistics.median(h[0] for h in reached)
             row["s_to_target"] = round(statistics.median(h[1] for h in reached), 1)
-            row["time_ratio_vs_reference"] = round(row["s_to_target"] / ref_reach, 3)
-        row["wall_ratio_vs_reference"] = round(row["wall_s"] / ref_wall, 3)
+            if ref:
+                row["time_ratio_vs_reference"] = round(row["s_to_target"] / ref_reach, 3)
+        if ref:
+            row["wall_ratio_vs_reference"] = round(row["wall_s"] / ref_wall, 3)
         rows.append(row)
     return target, rows
 
 
-def table(target: float, rows: list[dict]) -> str:
+def table(target: float, rows: list[dict], given: bool = False) -> str:
     """The summary as bench/RESULTS.md prints it (its ratio columns: this row's figure over the reference's)."""
-    lines = [f"target val loss {target:.4f} (mean final of {REFERENCE})",
+    lines = [f"target val loss {target:.4f} ({'given' if given else f'mean final of {REFERENCE}'})",
              f"| recipe | iterations | final val loss | iters to target | s to target | ratio vs {REFERENCE} | "
              f"whole process s | ratio vs {REFERENCE} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['final_iter']} | {r['final_val_loss']:.4f} | "
                      f"{r.get('iters_to_target', 'not reached')} | {r.get('s_to_target', '-')} | "
-                     f"{r.get('time_ratio_vs_reference', '-')} | {r['wall_s']} | {r['wall_ratio_vs_reference']} |")
+                     f"{r.get('time_ratio_vs_reference', '-')} | {r['wall_s']} | "
+                     f"{r.get('wall_ratio_vs_reference', '-')} |")
     return "\n".join(lines)
 
 
@@ -325,10 +337,10 @@ def run(a: argparse.Namespace) -> int:
         for r in records:
             print(f"| {r['recipe']} | {r['evals'][-1][0]} | {r['evals'][-1][1]:.4f} |")
         return 0
-    target, rows = summarize(records)
+    target, rows = summarize(records, a.target)
     for row in rows:
         print(json.dumps(row), flush=True)
-    print(table(target, rows))
+    print(table(target, rows, a.target is not None))
     return 0
 
 

@@ -149,7 +149,8 @@ def test_time_to_quality_smoke_runs_recipes_side_by_side(char_dataset):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--case", "tiny_llama3", "--recipes", "muon_wsd"], "--recipes must include adamw_cosine"),
+    (["--case", "tiny_llama3", "--recipes", "muon_wsd"], "--recipes must include adamw_cosine (its final val loss is "
+                                                          "the target), or give --target"),
     (["--case", "tiny_llama3", "--recipes", "adamw_cosine,muon_wsd_ns3"],
      "unknown recipe 'muon_wsd_ns3' in case tiny_llama3; choose from adamw_cosine, muon_wsd"),
     (["--case", "gpt9"], "argument --case: invalid choice: 'gpt9'"),
@@ -158,6 +159,23 @@ def test_time_to_quality_bad_input_is_one_line(args, message, char_dataset):
     p = subprocess.run([sys.executable, "bench/time_to_quality.py", *args, f"--dataset={char_dataset}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == "" and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
+
+
+def test_time_to_quality_summary_against_a_given_target():
+    """--target: rows of levers run without the reference reach the given loss at their first evaluation at or
+    below it (medians over seeds), and carry no ratio, which needs the reference's time beside them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_to_quality", f"{ROOT}/bench/time_to_quality.py")
+    ttq = sys.modules["time_to_quality"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(ttq)
+    records = [{"recipe": "lever", "seed": s, "wall_s": w, "evals": [[0, 4.8, 1.0], [50, 2.1, t], [100, 1.9, 2 * t]]}
+               for s, w, t in ((1337, 30.0, 10.0), (1338, 40.0, 14.0), (1339, 50.0, 20.0))]
+    target, (row,) = ttq.summarize(records, 2.0)
+    assert target == 2.0 and row["iters_to_target"] == 100 and row["s_to_target"] == 28.0 and row["wall_s"] == 40.0
+    assert "time_ratio_vs_reference" not in row and "wall_ratio_vs_reference" not in row
+    assert ttq.table(target, [row], given=True).splitlines()[-1] == "| lever | 100 | 1.9000 | 100 | 28.0 | - | 40.0 | - |"
+    assert "iters_to_target" not in ttq.summarize(records, 1.5)[1][0]  # never reached
 
 
 def _bench_lines(*args: str) -> list[dict]:
