@@ -96,7 +96,9 @@ CASES = {
         "config/train_shakespeare_char.py", [],
         {REFERENCE: [],
          "muon_cosine": [*MUON, "--muon_lr_scale=3"],  # 2000 iterations: equal iterations with the reference
-         "muon_wsd": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT]},
+         "muon_wsd": [*MUON, "--muon_lr_scale=5", *WSD, *SHORT],
+         # config/train_shakespeare_char_muon.py's recipe: the best lever (bench/RESULTS.md)
+         "muon_wsd_ns4_b24_375": QUICKSTART_LEVERS["muon_wsd_ns4_b24_375"]},
         QUICKSTART_LEVERS,
         {**{f"muon_cosine_x{s}": [*MUON, f"--muon_lr_scale={s}", *SHORT] for s in (1, 3)},
          **{f"muon_wsd_x{s}": [*MUON, f"--muon_lr_scale={s}", *WSD, *SHORT] for s in (1, 2, 3, 5)}}),
