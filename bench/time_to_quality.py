@@ -2,7 +2,7 @@
 Time to quality on the quickstart (and a larger case): how soon each recipe reaches the val loss that nanoGPT's
 recipe (AdamW + cosine, config/train_shakespeare_char.py as it is) ends at, in iterations and whole-process time.
 
-    python bench/time_to_quality.py                      # 3 seeds x every recipe (~30 min on a shared 2-core VM)
+    python bench/time_to_quality.py                      # 3 seeds x the quickstart's 4 recipes, side by side
     python bench/time_to_quality.py --sweep              # the learning-rate sweep behind the recipes' lr scales
     python bench/time_to_quality.py --step_share         # the optimizer's share of a step, AdamW and Muon
     python bench/time_to_quality.py --step_share --recipes adamw_cosine,muon_wsd,muon_wsd_ns3,muon_wsd_b24
@@ -20,13 +20,15 @@ that --recipes can add (fewer Newton-Schulz steps, shorter schedules, more token
 Each run is `python train.py <the case's config> <the recipe's overrides> --seed=S` in a process
 of its own, without checkpoints, evaluating every --eval_interval iterations (the same for every recipe of
 one batch size, so evaluation costs each the same per iteration; a recipe with k times the tokens per step
-evaluates every --eval_interval/k, at the same tokens seen, on the same val windows). Its wall time is counted from the process's start (imports,
-data, model build included) to the line that prints the evaluation, read from its stdout as it comes.
+evaluates every --eval_interval/k, at the same tokens seen, on the same val windows). Its wall time is
+counted from the process's start (imports, data, model build included) to the line that prints the evaluation, read from its stdout as it comes.
 The target is the mean over seeds of the reference recipe's final val loss; a recipe reaches it at its
 first evaluation at or below it.
 
 Load: on a shared machine the recipes of one seed run at the same time, one process each with one thread
-(--threads), and the seeds follow each other: every recipe meets the same load at the same moment. On a
+(--threads), and the seeds follow each other: every recipe meets the same load at the same moment. A run
+that ends first leaves its core to the others, so under other work the longer run's end goes faster
+(bench/RESULTS.md measured it); --step_share's step costs, one process taking turns, do not depend on it. On a
 quiet machine, --serial --threads 0 runs one process at a time with every core, as a user would.
 Prints one JSON line per run, then one summary line per recipe (medians over seeds) and the table.
 """
