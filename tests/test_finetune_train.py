@@ -150,8 +150,10 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
 
 
 def test_schedule_refactor_steps_and_rewarm():
-    """The LoRA guide's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
-    a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
+    """The LoRA guide's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59 from 0 as HF Trainer's (step k at
+    peak * k / 59; tests/test_finetune_vs_hf.py checks it against the Trainer), then loop.get_lr's cosine;
+    refactors every 100 steps after warmup; a resetting refactor re-warms the LR linearly over
+    refactor_rewarm_steps; keep does not."""
     import loop as shared
 
     cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
@@ -163,7 +165,8 @@ def test_schedule_refactor_steps_and_rewarm():
     lr = ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100, 200],
                     spectral.rewarm_steps(tr.refactor_opt_state, tr.refactor_rewarm_steps))
     base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
-    assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
+    assert lr(0) == 0 and lr(1) == 3e-4 / 59 and lr(58) == 3e-4 * 58 / 59 and lr(59) == base[59] == 3e-4
+    assert lr(99) == base[99] and lr(585) == base[585]
     assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
     keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                        ["trainer.refactor_opt_state=keep"])
