@@ -175,6 +175,50 @@ def test_schedule_refactor_steps_and_rewarm():
                       spectral.rewarm_steps(k.refactor_opt_state, k.refactor_rewarm_steps))(100) == base[100]
 
 
+def test_accumulation_weighs_micro_batches_by_their_targets():
+    """loop.forward_backward: 2 micro-batches of 2 padded SFT rows (4 and 24 targets) give the loss and gradients
+    of the 4 rows in one batch, the mean over the step's targets (HF Trainer's num_items_in_batch). Planted
+    here: the mean of the two micro-batch means (each weighed 1 / accum) is 0.017 off that loss, so fails."""
+    import torch.nn.functional as F
+    from conftest import tiny_gpt
+
+    import loop
+    import parallel
+
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    y[:2, :14] = -1  # two short answers, 2 targets each
+    y[2:, -4:] = -1  # two long ones, 12 targets each, then padding
+
+    class Batches:
+        def __init__(self, batches: list) -> None:
+            self.batches = batches
+
+        def next_batch(self):
+            return self.batches.pop(0)
+
+    def step(accum: int, batches: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        lp = loop.Loop(parallel.Dist(0, 0, 1, torch.device("cpu")), model, model, None, Batches(batches), None,
+                       accum=accum, max_iters=1, lr_at=float, evaluate_and_save=None, save=None)
+        loss, tokens = loop.forward_backward(lp)
+        assert tokens == 64
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    one, grads_one = step(1, [(x, y)])
+    two, grads_two = step(2, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert (y[:2] != -1).sum() == 4 and (y[2:] != -1).sum() == 24
+    assert two == pytest.approx(one, abs=1e-6)
+    for a, b in zip(grads_one, grads_two):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        means = [F.cross_entropy(model(x[i:i + 2])[0].flatten(0, 1), y[i:i + 2].flatten(), ignore_index=-1)
+                 for i in (0, 2)]
+    assert abs((means[0] + means[1]).item() / 2 - one) > 0.01
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.learnig_rate=1e-4", "unknown config key 'training.learnig_rate' (did you mean 'learning_rate'?)"),
     ("trainr.name=Trainer", "(did you mean 'trainer'?)"),
