@@ -127,7 +127,8 @@ def test_same_losses_as_hf_trainer_with_peft(assets, tmp_path, monkeypatch):  # 
     # (which drops the last token: it targets nothing) to 8k, and a dropout mask's draws follow its shape:
     # such examples are left out, so every micro-batch has the same shape on both sides.
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
-    rows = [json.loads(line) for line in open(assets["train"])]
+    with open(assets["train"]) as f:
+        rows = [json.loads(line) for line in f]
     lengths = [len(r["input_ids"]) for r in lora_sft_vs_hf.hf_examples(assets["train"], None, None, tokenizer, 256)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r, n in zip(rows, lengths) if n % 8 != 1))
