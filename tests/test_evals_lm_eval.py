@@ -277,3 +277,47 @@ def test_lm_eval_cli_runs_nanollm(exported, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "hs_local" in p.stdout and "acc_norm" in p.stdout
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_nanollm_rolling_loglikelihood_and_generation_match_lm_eval_hf(exported, tmp_path):
+    """The two request types multiple-choice tasks never send: `loglikelihood_rolling` (perplexity tasks such
+    as wikitext) on texts longer than the model's 32-token context, so several windows are scored, and
+    `generate_until` (greedy, cut at a stop string; contexts longer than the context, so left-truncated), from
+    our `nanollm` model on a checkpoint and lm-eval's `hf` model on the same weights exported. Planted: scoring
+    only the first window (`get_rolling_token_windows` cut to one) fails the rolling sums; keeping the context's
+    start instead of its end, or not cutting at the stop string, fails the generations (on the llama model,
+    whose greedy text here reaches " castle" and depends on the context's last tokens)."""
+    from dataclasses import asdict
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    import checkpoint
+    import lm_eval_nanollm
+
+    model, folder, _ = exported
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    checkpoint.save_tensor_file(model.state_dict(), str(ckpt / "model.pt"))
+    (ckpt / "state.json").write_text(json.dumps({"iter_num": 0, "model_config": asdict(model.config)}))
+    ours = lm_eval_nanollm.NanoLLM(checkpoint=str(ckpt), tokenizer=folder)
+    theirs = HFLM(pretrained=folder, dtype="float32", batch_size=1, device="cpu")
+    assert theirs.max_length == ours.max_length == 32
+    rng = np.random.default_rng(7)
+    texts = [sentence(rng, n) for n in (3, 40, 80)]  # 1, 2 and 3 windows of 32 tokens (about a token a word)
+    assert max(len(ours.tok_encode(t)) for t in texts) > 2 * ours.max_length
+
+    def requests(kind: str, args: list[tuple]) -> list[Instance]:
+        return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+    rolling = requests("loglikelihood_rolling", [(t,) for t in texts])
+    got, ref = ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling)
+    assert got == pytest.approx(ref, abs=LL_TOL)
+    assert got[2] < got[1] < got[0] < 0  # longer texts, more tokens scored
+
+    until = {"until": [" castle"], "max_gen_toks": 8, "do_sample": False}
+    prompts = [sentence(rng, 4), sentence(rng, 40), "the king"]
+    gen = requests("generate_until", [(p, dict(until)) for p in prompts])
+    got, ref = ours.generate_until(gen), theirs.generate_until(gen)
+    assert got == ref
+    assert any(len(g.split()) >= 2 for g in got)  # text, not empty strings compared with empty strings
