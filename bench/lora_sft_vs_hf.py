@@ -12,8 +12,10 @@ imports them.
 What both sides do, each in a fresh process: load the base in fp32, add LoRA (the config's r, alpha, rsLoRA,
 init and targets; the bench sets dropout 0, since each library draws its masks from its own RNG: a
 lora.dropout=P of yours wins), read the config's local .json/.jsonl data with its template and evaluate the
-eval loss before training, train max_steps optimizer steps with AdamW, the config's LR, warmup, gradient
-accumulation and clipping and a cosine decay to min_lr_ratio, then evaluate again. Ours tokenizes and batches
+eval loss before training, train max_steps optimizer steps (no spectral refactor) with AdamW, the config's LR,
+warmup, gradient accumulation and clipping and a cosine decay to min_lr_ratio, then evaluate again. The
+Trainer's warmup and loss over accumulated micro-batches are finetune/train.py's (tests/test_finetune_vs_hf.py
+holds every step's LR and loss equal). Ours tokenizes and batches
 with finetune/sft_data.py; the Trainer's side with transformers alone (hf_examples: AutoTokenizer on the
 templated prompt + response + EOS, labels -100 on the prompt; hf_collator: DataCollatorForSeq2Seq, padded to a
 multiple of 8 as ours), reading the examples in our SFTLoader's order, so both see the same batches. Eval loss
@@ -181,7 +183,8 @@ def hf_run(config: str, overrides: list[str], out_dir: str, callbacks: tuple = (
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=t.per_device_train_batch_size,
                              gradient_accumulation_steps=accum, max_steps=t.max_steps, learning_rate=t.learning_rate,
                              lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
-                             warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+                             warmup_steps=t.warmup_ratio,  # below 1 (load_config): the Trainer's ceil(ratio x steps)
+                             weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
                              adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=t.seed,
                              disable_tqdm=True)
@@ -197,7 +200,7 @@ def hf_run(config: str, overrides: list[str], out_dir: str, callbacks: tuple = (
 
 def profile_ours(config: str, overrides: list[str], steps: int, warmup: int = 2) -> dict:
     """Where our step's time goes: `steps` of loop.train_step (the step finetune/train.py runs, on its
-    batches in its order, with the bench's shared settings) under torch.profiler after `warmup` steps.
+    batches in its order, with the bench's settings: dropout 0 unless yours) under torch.profiler after `warmup` steps.
     Returns the seconds of loading the base and of apply_lora (PiSSA's SVDs), ms per step, the share of CPU
     time in aten::mm/addmm, the share of targets that are prompt or padding (-1: the output head's work
     there is spent on nothing), and the top ops by self time."""
@@ -275,13 +278,14 @@ def run(argv: list[str]) -> int:
     if a.side == "hf":
         print(json.dumps(hf_run(a.config, a.overrides, a.out_dir)))
         return 0
+    overrides = [*BENCH, *a.overrides]  # a user's own lora.dropout wins
     if a.profile:
-        print(json.dumps(profile_ours(a.config, a.overrides, a.profile)))
+        print(json.dumps(profile_ours(a.config, overrides, a.profile)))
         return 0
     if a.rounds < 1:
         raise errors.ConfigError(f"--rounds={a.rounds} must be >= 1")
-    overrides = [*BENCH, *a.overrides]  # a user's own lora.dropout wins
-    cfg_training(a.config, overrides)  # a bad config is one error line here, before any run
+    if cfg_training(a.config, overrides).max_steps <= 0:  # a bad config is one error line here, before any run
+        raise errors.ConfigError("the bench runs a set number of steps: add training.max_steps=N")
     runs: dict[str, list[dict]] = {"ours": [], "hf": []}
     with tempfile.TemporaryDirectory(prefix="lora_sft_vs_hf_") as tmp:
         for r in range(1 if a.smoke else a.rounds):
