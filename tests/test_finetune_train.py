@@ -382,7 +382,9 @@ sys.exit(ft.main(sys.argv[1:]))
 def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     """2 gloo processes x 1 micro-step = 1 process x 2: the loss curve within 1e-5 through two refactors
     (dropout off: its masks depend on the rank), and every rank holds the same factors after each refactor.
-    FSDP2 also resumes exactly from checkpoint-4."""
+    FSDP2 also resumes exactly from checkpoint-4. The ranks' batches hold unequal target counts, so each rank
+    must weigh its loss by the step's targets over both ranks: planted once in loop.forward_backward, each rank's
+    own mean (DDP then averaging the two) is 1.0e-3 off at step 0, and no sum over ranks 5.5."""
     single, multi = tmp_path / "single", tmp_path / mode
     no_dropout = {"lora": {"dropout": 0.0}, "dataset": {"answer_eval_samples": 0}}
     assert _run(["--config", _config(assets, tmp_path / "s.yaml", single, **no_dropout)]) == 0
