@@ -218,7 +218,7 @@ class Step:
     """One optimizer step's results, on device until a log interval reads them."""
 
     lr: float
-    loss: torch.Tensor  # this rank's mean loss over its micro-batches
+    loss: torch.Tensor  # this rank's share of the step's mean loss (forward_backward); all_reduce_mean: the mean
     grad_norm: torch.Tensor  # global, before clipping
     found_inf: torch.Tensor  # 1 where the step was skipped (non-finite loss or gradient), equal on every rank
     tokens: int  # tokens of the global batch
@@ -229,22 +229,29 @@ def set_lr(loop: Loop, lr: float) -> None:
 
 
 def forward_backward(loop: Loop) -> tuple[torch.Tensor, int]:
-    """The micro-steps of one optimizer step: (this rank's mean loss, tokens of the global batch).
+    """The micro-steps of one optimizer step: (this rank's share of the step's mean loss, tokens of the global batch).
 
-    Tokens are counted from the batches (x.numel() per micro-batch, times the world size), so padded
-    SFT batches count too.
+    The loss is the mean over every target of the step (y != -1, on every micro-batch of every rank), so the
+    gradient is the same however the step is split into micro-batches and ranks: each micro-batch's mean is
+    weighted by its share of the step's targets, as HF Trainer's num_items_in_batch does (transformers >= 4.46).
+    Pretraining's batches have equal target counts, so each weighs 1 / accum. Tokens are counted from the
+    batches (x.numel() per micro-batch, times the world size), so padded SFT batches count too.
     """
+    batches = [loop.loader.next_batch() for _ in range(loop.accum)]  # all first: their targets set the weights
+    targets = torch.stack([(y != -1).sum() for _, y in batches]).float()  # (accum,) on device, no host sync
+    total = parallel.all_reduce_sum(targets.sum(), loop.d)  # the step's targets, over every rank
+    # gradients are averaged over ranks, so each rank's weights sum to world_size x its share
+    weights = targets * loop.d.world_size / total
     loss_sum = torch.zeros((), device=loop.d.device)
     tokens = 0
-    for micro in range(loop.accum):
-        x, y = loop.loader.next_batch()
+    for micro, (x, y) in enumerate(batches):
         tokens += x.numel() * loop.d.world_size
         with parallel.no_sync(loop.train_model, sync=micro == loop.accum - 1):
             if loop.use_cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with loop.autocast:
                 _, loss = loop.train_model(x, y)
-            loss = loss / loop.accum  # the mean over this rank's micro-batches
+            loss = loss * weights[micro]  # (targets of this micro-batch) / (targets of the step), x world_size
             (loop.scaler.scale(loss) if loop.scaler else loss).backward()
         loss_sum += loss.detach()
     return loss_sum, tokens

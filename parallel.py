@@ -162,6 +162,12 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def wrap(model: nn.Module, d: Dist, *, fsdp: bool, compile: bool, cuda_graphs: bool, dtype: torch.dtype,
          compile_mode: str = "model", activation_checkpointing: bool = False) -> nn.Module:
     """The module to train. `model` stays the raw module (FSDP shards it in place; "blocks" compiles in place).

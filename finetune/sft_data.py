@@ -25,8 +25,8 @@ Sampling, as token_loader.TokenLoader (same interface, same keyed bijection):
 - the G examples of a step are sorted by length (then by index), and micro-step m of rank r takes
   the batch_size examples starting at (m * world_size + r) * batch_size. Which examples a step sees
   depends on seed and G only: 1 rank x 4 micro-steps and 2 ranks x 2 see the same G examples. Their
-  micro-batches differ, so for a loss that is independent of the split too, weigh each micro-batch
-  by its number of targets, (y != -1).sum(), over the step's total;
+  micro-batches differ; loop.forward_backward weighs each by its number of targets, (y != -1).sum(),
+  over the step's total, so the loss is independent of the split too;
 - the state is one counter (micro-steps taken): state_dict()/load_state_dict() resume mid-epoch exactly.
 """
 

@@ -88,11 +88,14 @@ SINK_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "t
 
 def make_lr(scheduler: str, peak: float, floor: float, total: int, warmup: int, refactors: list[int],
             rewarm: int) -> Callable[[int], float]:
-    """lr_at(it): the schedule of training.lr_scheduler_type (cosine, linear or constant) from peak to floor,
-    re-warmed linearly over `rewarm` steps after each refactor (0: a refactor that keeps the moments)."""
+    """lr_at(it): Hugging Face Trainer's schedules (get_scheduler): step it < warmup at peak * it / warmup (0 at
+    step 0), then training.lr_scheduler_type (cosine, linear or constant) from peak to floor; re-warmed linearly
+    over `rewarm` steps after each refactor (0: a refactor that keeps the moments)."""
 
     def lr_at(it: int) -> float:
-        if scheduler == "linear" and it >= warmup:
+        if it < warmup:
+            lr = peak * it / warmup  # HF's ramp, not loop.get_lr's (it + 1) / (warmup + 1): its keys, its steps
+        elif scheduler == "linear":
             lr = floor + (peak - floor) * max(0.0, 1 - (it - warmup) / max(1, total - warmup))
         else:
             lr = loop.get_lr(it, peak, warmup, total, floor, decay_lr=scheduler == "cosine")

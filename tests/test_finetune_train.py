@@ -150,8 +150,10 @@ def test_config_types_overrides_and_derived_counts(assets, tmp_path):
 
 
 def test_schedule_refactor_steps_and_rewarm():
-    """The LoRA guide's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59, refactors every 100 steps after warmup;
-    a resetting refactor re-warms the LR linearly over refactor_rewarm_steps; keep does not."""
+    """The LoRA guide's GSM8K run: 586 steps, warmup ceil(0.1 x 586) = 59 from 0 as HF Trainer's (step k at
+    peak * k / 59; tests/test_finetune_vs_hf.py checks it against the Trainer), then loop.get_lr's cosine;
+    refactors every 100 steps after warmup; a resetting refactor re-warms the LR linearly over
+    refactor_rewarm_steps; keep does not."""
     import loop as shared
 
     cfg = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
@@ -163,13 +165,58 @@ def test_schedule_refactor_steps_and_rewarm():
     lr = ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100, 200],
                     spectral.rewarm_steps(tr.refactor_opt_state, tr.refactor_rewarm_steps))
     base = [shared.get_lr(it, 3e-4, 59, 586, 0.0) for it in range(total)]
-    assert lr(0) == base[0] == 3e-4 / 60 and lr(99) == base[99] and lr(585) == base[585]
+    assert lr(0) == 0 and lr(1) == 3e-4 / 59 and lr(58) == 3e-4 * 58 / 59 and lr(59) == base[59] == 3e-4
+    assert lr(99) == base[99] and lr(585) == base[585]
     assert [lr(100 + k) for k in range(5)] == [base[100 + k] * (k + 1) / 5 for k in range(4)] + [base[104]]
     keep = load_config(os.path.join(FINETUNE, "configs", "Llama-3.1", "llama3.1_8b_gsm8k.yaml"),
                        ["trainer.refactor_opt_state=keep"])
     k = keep.trainer
     assert ft.make_lr(t.lr_scheduler_type, t.learning_rate, t.learning_rate * t.min_lr_ratio, total, warmup, [100],
                       spectral.rewarm_steps(k.refactor_opt_state, k.refactor_rewarm_steps))(100) == base[100]
+
+
+def test_accumulation_weighs_micro_batches_by_their_targets():
+    """loop.forward_backward: 2 micro-batches of 2 padded SFT rows (4 and 24 targets) give the loss and gradients
+    of the 4 rows in one batch, the mean over the step's targets (HF Trainer's num_items_in_batch). Planted
+    here: the mean of the two micro-batch means (each weighed 1 / accum) is 0.017 off that loss, so fails."""
+    import torch.nn.functional as F
+    from conftest import tiny_gpt
+
+    import loop
+    import parallel
+
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    y[:2, :14] = -1  # two short answers, 2 targets each
+    y[2:, -4:] = -1  # two long ones, 12 targets each, then padding
+
+    class Batches:
+        def __init__(self, batches: list) -> None:
+            self.batches = batches
+
+        def next_batch(self):
+            return self.batches.pop(0)
+
+    def step(accum: int, batches: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        lp = loop.Loop(parallel.Dist(0, 0, 1, torch.device("cpu")), model, model, None, Batches(batches), None,
+                       accum=accum, max_iters=1, lr_at=float, evaluate_and_save=None, save=None)
+        loss, tokens = loop.forward_backward(lp)
+        assert tokens == 64
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    one, grads_one = step(1, [(x, y)])
+    two, grads_two = step(2, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert (y[:2] != -1).sum() == 4 and (y[2:] != -1).sum() == 24
+    assert two == pytest.approx(one, abs=1e-6)
+    for a, b in zip(grads_one, grads_two):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        means = [F.cross_entropy(model(x[i:i + 2])[0].flatten(0, 1), y[i:i + 2].flatten(), ignore_index=-1)
+                 for i in (0, 2)]
+    assert abs((means[0] + means[1]).item() / 2 - one) > 0.01
 
 
 @pytest.mark.parametrize("override, message", [
@@ -335,7 +382,9 @@ sys.exit(ft.main(sys.argv[1:]))
 def test_parallel_lora_matches_single_process(mode, assets, tmp_path):
     """2 gloo processes x 1 micro-step = 1 process x 2: the loss curve within 1e-5 through two refactors
     (dropout off: its masks depend on the rank), and every rank holds the same factors after each refactor.
-    FSDP2 also resumes exactly from checkpoint-4."""
+    FSDP2 also resumes exactly from checkpoint-4. The ranks' batches hold unequal target counts, so each rank
+    must weigh its loss by the step's targets over both ranks: planted once in loop.forward_backward, each rank's
+    own mean (DDP then averaging the two) is 1.0e-3 off at step 0, and no sum over ranks 5.5."""
     single, multi = tmp_path / "single", tmp_path / mode
     no_dropout = {"lora": {"dropout": 0.0}, "dataset": {"answer_eval_samples": 0}}
     assert _run(["--config", _config(assets, tmp_path / "s.yaml", single, **no_dropout)]) == 0
