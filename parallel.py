@@ -132,11 +132,17 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of t over ranks (in place for world size > 1)."""
+    if d.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Mean of t over ranks (in place for world size > 1)."""
     if d.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= d.world_size
+        all_reduce_sum(t, d).div_(d.world_size)
     return t
 
 
@@ -159,12 +165,6 @@ def on_master(fn, d: Dist):
 def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
